@@ -1,0 +1,49 @@
+# Every target creates .venv on first use and installs the project into it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN ?= runs
+CKPT ?= $(RUN)/ddpm/version_0/checkpoints/last.ckpt
+
+.PHONY: venv demo test test-all lint format tensorboard eval bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## demo: train configs/ddpm.yaml on the embedded digits, then write 64 DDIM-50 samples
+demo: $(STAMP)
+	$(PY) -m diffusion_apps fit --config configs/ddpm.yaml --trainer.logger.init_args.version 0
+	$(PY) -m diffusion_apps sample --ckpt_path $(CKPT) --num_samples 64 --out_dir $(RUN)/ddpm/version_0/samples_demo
+
+## test: the test suite without the slow quality checks
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check diffusion_apps tests benchmarks
+	$(PY) -m ruff format --check diffusion_apps tests benchmarks
+
+format: $(STAMP)
+	$(PY) -m ruff format diffusion_apps tests benchmarks
+	$(PY) -m ruff check --fix diffusion_apps tests benchmarks
+
+tensorboard: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir $(RUN)
+
+## eval / bench: filled by the evaluation and performance issues
+eval: $(STAMP)
+	@echo "make eval: not implemented yet (evaluation issue #3)"; exit 1
+
+bench: $(STAMP)
+	@echo "make bench: not implemented yet (performance issue #4)"; exit 1
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

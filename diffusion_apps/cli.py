@@ -1,0 +1,45 @@
+"""Command line: ``python -m diffusion_apps {fit,validate,test,predict,sample} ...``.
+
+fit/validate/test/predict are LightningCLI subcommands; the model and the data are chosen by
+``class_path`` in the YAML config. ``sample`` draws images from a checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from lightning import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+
+class DiffusionCLI(LightningCLI):
+    """LightningCLI whose subclass-mode model and data come from the YAML ``class_path``."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+
+
+def _sample_cli(args: Sequence[str]) -> None:
+    from jsonargparse import auto_cli
+
+    from diffusion_apps.sample import sample
+
+    auto_cli(sample, args=list(args), as_positional=False)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point; ``args`` replaces ``sys.argv[1:]`` (tests call ``main([...])`` in-process)."""
+    args = list(sys.argv[1:] if args is None else args)
+    if args and args[0] == "sample":
+        _sample_cli(args[1:])
+    else:
+        DiffusionCLI(args=args)

@@ -1,0 +1,32 @@
+"""Pure-torch diffusion maths: noise schedules, samplers and guidance wrappers (no Lightning)."""
+
+from diffusion_apps.diffusion.guidance import (
+    GradFn,
+    classifier_free_guidance,
+    classifier_log_prob_grad,
+    eps_shift_guidance,
+    mean_shift_guidance,
+)
+from diffusion_apps.diffusion.samplers import (
+    EpsFn,
+    ddim_invert,
+    ddim_sample,
+    ddpm_sample,
+    timestep_subsequence,
+)
+from diffusion_apps.diffusion.schedule import NoiseSchedule, ScheduleKind
+
+__all__ = [
+    "EpsFn",
+    "GradFn",
+    "NoiseSchedule",
+    "ScheduleKind",
+    "classifier_free_guidance",
+    "classifier_log_prob_grad",
+    "ddim_invert",
+    "ddim_sample",
+    "ddpm_sample",
+    "eps_shift_guidance",
+    "mean_shift_guidance",
+    "timestep_subsequence",
+]

@@ -1,0 +1,100 @@
+"""Guidance as model wrappers ``eps_fn -> eps_fn``: every sampler takes them unchanged.
+
+A ``grad_fn(x_t, t, **cond)`` returns g = ∇_{x_t} log p(y | x_t), or a learned shift such as PDAE's
+G_ψ. It receives the ORIGINAL timestep index t, as the samplers pass it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffusion_apps.diffusion.samplers import EpsFn, Variance, _respaced_variance, _subsequence
+from diffusion_apps.diffusion.schedule import NoiseSchedule, _per_sample
+
+GradFn = Callable[..., Tensor]
+
+
+def eps_shift_guidance(
+    eps_fn: EpsFn, grad_fn: GradFn, schedule: NoiseSchedule, scale: float = 1.0
+) -> EpsFn:
+    """ε' = ε_θ(x_t, t) − s √(1 − ᾱ_t) g (Dhariwal & Nichol 2021, Algorithm 2).
+
+    With g = ∇ log p(y | x_t), s = 1 gives the ε of p(x_t | y); PDAE samples with g = G_ψ(x_t,z,t).
+    """
+
+    def guided(x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        sigma = _per_sample((1 - schedule.alpha_bar(t)).sqrt(), x_t)
+        return eps_fn(x_t, t, **cond) - scale * sigma * grad_fn(x_t, t, **cond)
+
+    return guided
+
+
+def mean_shift_guidance(
+    eps_fn: EpsFn,
+    grad_fn: GradFn,
+    schedule: NoiseSchedule,
+    scale: float = 1.0,
+    variance: Variance = "beta",
+    timesteps: Tensor | None = None,
+) -> EpsFn:
+    """μ' = μ_θ + s Σ_t g (Dhariwal & Nichol 2021, Algorithm 1), as an ε shift for ``ddpm_sample``.
+
+    ``ddpm_sample`` with the same ``variance`` and ``timesteps`` has
+    μ = (x_t − β'_t/√(1 − ᾱ_t) ε)/√α'_t and Σ_t = β'_t or β̃'_t, so the shift is
+    Δε = −s Σ_t √α'_t √(1 − ᾱ_t)/β'_t · g. With Σ = β̃ this is s c_t g, PDAE's
+    c_t = −√α_t (1 − ᾱ_{t−1})/√(1 − ᾱ_t). Exact when ``clip_x0=False``; indices outside
+    ``timesteps`` give NaN, so a mismatched subsequence cannot pass silently.
+    """
+    ts, alpha_bar, alpha_bar_prev = _subsequence(schedule, timesteps)
+    beta, sigma2 = _respaced_variance(alpha_bar, alpha_bar_prev, variance)
+    shift = torch.full((schedule.num_timesteps,), float("nan"), dtype=torch.float64)
+    shift[ts] = -sigma2 * (1 - beta).sqrt() * (1 - alpha_bar).sqrt() / beta
+    shift = shift.to(schedule.alphas_cumprod)
+
+    def guided(x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        return eps_fn(x_t, t, **cond) + scale * _per_sample(shift[t], x_t) * grad_fn(x_t, t, **cond)
+
+    return guided
+
+
+def classifier_log_prob_grad(classifier: Callable[[Tensor, Tensor], Tensor]) -> GradFn:
+    """g = ∇_{x_t} log softmax(f_φ(x_t, t))_y for a noisy classifier f_φ returning logits (B, K).
+
+    ``grad_fn(x_t, t, y, **_)`` takes the labels from the cond kwarg ``y`` and enables grad on a
+    detached x_t, so it works inside ``torch.no_grad()`` (not inference mode). Samples must not
+    interact inside f_φ (no batch-norm in train mode).
+    """
+
+    def grad_fn(x_t: Tensor, t: Tensor, y: Tensor, **_: Any) -> Tensor:
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_()
+            log_probs = classifier(x, t).log_softmax(dim=-1)
+            selected = log_probs.gather(1, y[:, None]).sum()  # samples are independent
+            return torch.autograd.grad(selected, x)[0]
+
+    return grad_fn
+
+
+def classifier_free_guidance(eps_fn: EpsFn, scale: float, null_cond: Mapping[str, Any]) -> EpsFn:
+    """ε̂ = ε_θ(x_t, ∅) + w (ε_θ(x_t, y) − ε_θ(x_t, ∅)) (Ho & Salimans 2022), in ONE model call.
+
+    Each cond tensor is concatenated along the batch with its ``null_cond`` value (broadcast, e.g. a
+    0-dim null label) or with itself; other cond passes through. w = 0 / 1 give ε(∅) / ε(y) exactly.
+    """
+
+    def pair(name: str, value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return value
+        null = torch.as_tensor(null_cond.get(name, value), device=value.device, dtype=value.dtype)
+        return torch.cat([value, null.expand_as(value)])
+
+    def guided(x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        both = {name: pair(name, value) for name, value in cond.items()}
+        eps_cond, eps_null = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), **both).chunk(2)
+        return torch.lerp(eps_null, eps_cond, scale)
+
+    return guided

@@ -1,0 +1,247 @@
+"""Stateless samplers (k-diffusion style): DDPM ancestral, DDIM and DDIM inversion.
+
+Model contract: ``eps_fn(x_t, t, **cond) -> ε̂`` where ``t`` is an int64 tensor (B,) of ORIGINAL
+schedule indices (respacing never renumbers t) and ``cond`` is passed through unchanged.
+
+Convention: a subsequence t_0 < t_1 < … < t_{S−1} of [0, T) is walked from t_{S−1} down to t_0. The
+level before t_0 is ᾱ_{−1} = 1 (clean data), so the last step returns x̂_0 and adds no noise.
+
+Grad mode is left alone: callers wrap samplers in ``torch.no_grad()``, not
+``torch.inference_mode()``, under which guidance wrappers cannot differentiate a classifier.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from diffusion_apps.diffusion.schedule import NoiseSchedule
+
+EpsFn = Callable[..., Tensor]
+Variance = Literal["beta", "beta_tilde"]
+
+
+def timestep_subsequence(
+    num_timesteps: int, steps: int, kind: Literal["uniform", "quad"] = "uniform"
+) -> Tensor:
+    """The S-step subsequence of [0, T) used by the DDIM paper (Song et al. 2021, Sec. D.2).
+
+    ``uniform``: ``arange(0, T, T // S)[:S]``, i.e. t_i = i·⌊T/S⌋: it starts at 0 and ends at
+    T − T/S when S divides T (the official DDIM code; latent-diffusion adds +1, we do not).
+    ``quad``: t_i = ⌊(i·√(0.8 T)/(S − 1))²⌋, which must come out strictly increasing.
+
+    Args:
+        num_timesteps: T.
+        steps: S, with 1 ≤ S ≤ T.
+        kind: Spacing rule.
+
+    Returns:
+        Increasing int64 tensor (S,).
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, num_timesteps={num_timesteps}], got {steps}")
+    if kind == "uniform":
+        return torch.arange(0, num_timesteps, num_timesteps // steps)[:steps]
+    if kind != "quad":
+        raise ValueError(f"kind must be 'uniform' or 'quad', got {kind!r}")
+    root = torch.linspace(0, math.sqrt(0.8 * num_timesteps), steps, dtype=torch.float64)
+    timesteps = (root**2).long()
+    if (timesteps.diff() <= 0).any():
+        raise ValueError(
+            f"quad spacing repeats a timestep for steps={steps}, num_timesteps={num_timesteps}; "
+            "use fewer steps or kind='uniform'"
+        )
+    return timesteps
+
+
+def _subsequence(
+    schedule: NoiseSchedule, timesteps: Tensor | None
+) -> tuple[list[int], Tensor, Tensor]:
+    """Validated indices [t_0, …, t_{S−1}] and float64 (S,) tables ᾱ_{t_i} and ᾱ_{t_{i−1}}."""
+    T = schedule.num_timesteps
+    ts = torch.arange(T) if timesteps is None else torch.as_tensor(timesteps).cpu().long()
+    if ts.ndim != 1 or len(ts) == 0 or ts[0] < 0 or ts[-1] >= T or (ts.diff() <= 0).any():
+        raise ValueError(
+            f"timesteps must be a non-empty, strictly increasing 1-D subset of [0, {T})"
+        )
+    alpha_bar = schedule.alphas_cumprod.detach().cpu().double()[ts]
+    return ts.tolist(), alpha_bar, torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+
+
+def _respaced_variance(
+    alpha_bar: Tensor, alpha_bar_prev: Tensor, variance: Variance
+) -> tuple[Tensor, Tensor]:
+    """β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i−1}} (improved DDPM respacing) and Σ_i = β'_i or β̃'_i."""
+    if variance not in ("beta", "beta_tilde"):
+        raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}")
+    beta = 1 - alpha_bar / alpha_bar_prev
+    if variance == "beta":
+        return beta, beta
+    return beta, beta * (1 - alpha_bar_prev) / (1 - alpha_bar)
+
+
+def _denoise(
+    eps_fn: EpsFn, x: Tensor, t: int, alpha_bar: float, clip_x0: bool, cond: dict[str, Any]
+) -> tuple[Tensor, Tensor]:
+    """ε̂ = ε_θ(x_t, t) and x̂_0 = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t (DDIM eq. 9).
+
+    With ``clip_x0`` x̂_0 is clamped to [−1, 1] and ε̂ re-derived from it, as guided-diffusion does.
+    """
+    eps = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), **cond)
+    x0 = (x - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - math.sqrt(alpha_bar) * x0) / math.sqrt(1 - alpha_bar)
+    return x0, eps
+
+
+def _run(
+    eps_fn: EpsFn,
+    x: Tensor,
+    ts: Sequence[int],
+    table: Tensor,
+    clip_x0: bool,
+    generator: torch.Generator | None,
+    progress: bool,
+    cond: dict[str, Any],
+) -> Tensor:
+    """For each (t, row) in order: x ← c_x0·x̂_0 + c_x·x + c_ε·ε̂ + σ·z, z ~ N(0, I).
+
+    ``table`` (S, 5) holds the rows (ᾱ_t, c_x0, c_x, c_ε, σ), precomputed once per call as Python
+    floats so the loop needs no host-device synchronisation.
+    """
+    for t, (alpha_bar, c_x0, c_x, c_eps, sigma) in tqdm(
+        list(zip(ts, table.tolist(), strict=True)), disable=not progress
+    ):
+        x0, eps = _denoise(eps_fn, x, t, alpha_bar, clip_x0, cond)
+        x_next = c_x0 * x0 + c_x * x + c_eps * eps
+        if sigma > 0:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x_next = x_next + sigma * noise
+        x = x_next
+    return x
+
+
+def ddpm_sample(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    *,
+    timesteps: Tensor | None = None,
+    variance: Variance = "beta",
+    clip_x0: bool = False,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    **cond: Any,
+) -> Tensor:
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2) on any timestep subsequence.
+
+    Respacing as in improved DDPM: α'_i = ᾱ_{t_i}/ᾱ_{t_{i−1}}, β'_i = 1 − α'_i. Each step draws
+    x_{t_{i−1}} = μ̃_i + σ_i z with the posterior mean (DDPM eq. 7) taken at x̂_0:
+    μ̃_i = √ᾱ_{t_{i−1}} β'_i/(1 − ᾱ_{t_i}) · x̂_0 + √α'_i (1 − ᾱ_{t_{i−1}})/(1 − ᾱ_{t_i}) · x_{t_i},
+    σ_i² = β'_i ("beta", fixed large) or β̃'_i = β'_i (1 − ᾱ_{t_{i−1}})/(1 − ᾱ_{t_i}) ("beta_tilde",
+    fixed small); the last step (t_0 → x̂_0) adds no noise.
+
+    Args:
+        eps_fn: ε-prediction model ``eps_fn(x_t, t, **cond)``.
+        schedule: The noise schedule the model was trained with.
+        x_T: Start noise at level t_{S−1}, shape (B, …).
+        timesteps: Increasing subsequence of [0, T); default all T.
+        variance: σ² choice, see above.
+        clip_x0: Clamp x̂_0 to [−1, 1] before taking the mean.
+        generator: RNG for z, on x_T's device.
+        progress: Show a tqdm bar.
+        **cond: Passed to ``eps_fn`` unchanged.
+
+    Returns:
+        Samples shaped like x_T.
+    """
+    ts, alpha_bar, alpha_bar_prev = _subsequence(schedule, timesteps)
+    beta, sigma2 = _respaced_variance(alpha_bar, alpha_bar_prev, variance)
+    c_x0 = alpha_bar_prev.sqrt() * beta / (1 - alpha_bar)
+    c_x = (1 - beta).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar)
+    sigma = sigma2.sqrt()
+    sigma[0] = 0.0
+    table = torch.stack([alpha_bar, c_x0, c_x, torch.zeros_like(beta), sigma], dim=1)
+    return _run(eps_fn, x_T, ts[::-1], table.flip(0), clip_x0, generator, progress, cond)
+
+
+def ddim_sample(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    *,
+    timesteps: Tensor | None = None,
+    eta: float = 0.0,
+    clip_x0: bool = False,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    **cond: Any,
+) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12) from t = t_i to t' = t_{i−1}.
+
+    x_{t'} = √ᾱ_{t'} x̂_0 + √(1 − ᾱ_{t'} − σ²) ε̂ + σ z with
+    σ = η √((1 − ᾱ_{t'})/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t'}) (eq. 16). η = 0 is the deterministic sampler,
+    η = 1 the DDPM posterior variance β̃.
+
+    Args:
+        eps_fn: ε-prediction model ``eps_fn(x_t, t, **cond)``.
+        schedule: The noise schedule the model was trained with.
+        x_T: Start noise at level t_{S−1}, shape (B, …).
+        timesteps: Increasing subsequence of [0, T); default all T.
+        eta: η ≥ 0.
+        clip_x0: Clamp x̂_0 to [−1, 1] and re-derive ε̂ from it.
+        generator: RNG for z (used only when η > 0), on x_T's device.
+        progress: Show a tqdm bar.
+        **cond: Passed to ``eps_fn`` unchanged.
+
+    Returns:
+        Samples shaped like x_T.
+    """
+    ts, alpha_bar, alpha_bar_prev = _subsequence(schedule, timesteps)
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+    c_eps = (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt()
+    table = torch.stack(
+        [alpha_bar, alpha_bar_prev.sqrt(), torch.zeros_like(sigma), c_eps, sigma], 1
+    )
+    return _run(eps_fn, x_T, ts[::-1], table.flip(0), clip_x0, generator, progress, cond)
+
+
+def ddim_invert(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    *,
+    timesteps: Tensor | None = None,
+    progress: bool = False,
+    **cond: Any,
+) -> Tensor:
+    """Deterministic DDIM encoding x_0 → x_{t_{S−1}}, the inverse of ``ddim_sample`` with η = 0.
+
+    Step i runs the η = 0 update of eq. 12 upwards, from level t_{i−1} (ᾱ_{t_{−1}} = 1: x_0 itself)
+    to level t_i: x_{t_i} = √ᾱ_{t_i} x̂_0 + √(1 − ᾱ_{t_i}) ε̂, where x̂_0 and ε̂ come from the current
+    point at its own index t_{i−1} (t_0 for the clean x_0). Every sampling step i thus has an
+    inverse step i whose only approximation is evaluating ε̂ one level lower, so
+    ``ddim_sample(ddim_invert(x_0))`` approaches x_0 as the steps get finer (S model calls each
+    way).
+
+    Args:
+        eps_fn: ε-prediction model ``eps_fn(x_t, t, **cond)``.
+        schedule: The noise schedule the model was trained with.
+        x0: Clean data, shape (B, …).
+        timesteps: Increasing subsequence of [0, T); default all T. Give ``ddim_sample`` the same.
+        progress: Show a tqdm bar.
+        **cond: Passed to ``eps_fn`` unchanged.
+
+    Returns:
+        The latent x_{t_{S−1}}, shaped like x0.
+    """
+    ts, alpha_bar, alpha_bar_prev = _subsequence(schedule, timesteps)
+    zeros = torch.zeros_like(alpha_bar)
+    table = torch.stack([alpha_bar_prev, alpha_bar.sqrt(), zeros, (1 - alpha_bar).sqrt(), zeros], 1)
+    return _run(eps_fn, x0, [ts[0], *ts[:-1]], table, False, None, progress, cond)

@@ -1,0 +1,6 @@
+"""One thin LightningModule per method, built by composing the shared UNet and diffusion layer."""
+
+from diffusion_apps.methods.base import DiffusionMethod
+from diffusion_apps.methods.ddpm import DDPM
+
+__all__ = ["DDPM", "DiffusionMethod"]

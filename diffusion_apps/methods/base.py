@@ -1,0 +1,71 @@
+"""What every diffusion LightningModule shares: optimiser with warm-up, fp32 losses, image logging."""
+
+from __future__ import annotations
+
+import inspect
+
+import lightning as L
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+import torch
+from torch import Tensor, nn
+
+
+class DiffusionMethod(L.LightningModule):
+    """Base of the method modules: AdamW with linear warm-up, and TensorBoard image grids.
+
+    Subclasses call :meth:`save_config` first thing in ``__init__`` and implement
+    ``training_step``. Their checkpoints hold the YAML config of every part (when built by the
+    CLI) so a checkpoint alone rebuilds the module with ``weights_only=True``.
+
+    Args:
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: steps of linear warm-up from 0 to ``lr`` (DDPM uses 5000 on CIFAR-10).
+        adam_betas: AdamW (β1, β2).
+    """
+
+    def __init__(
+        self,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.adam_betas = tuple(adam_betas)
+
+    def save_config(self) -> None:
+        """Save the constructor arguments as hyper-parameters, never as pickled modules.
+
+        Under the CLI they are the parsed YAML (class paths and init args of every part); a module
+        built in Python keeps only its plain arguments, and nn.Module arguments are dropped.
+        """
+        frame = inspect.currentframe().f_back
+        from_cli = _given_hyperparameters.get() is not None
+        modules = [k for k, v in frame.f_locals.items() if isinstance(v, nn.Module) and k != "self"]
+        self.save_hyperparameters(ignore=None if from_cli else modules, frame=frame, logger=False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            params, lr=self.lr, weight_decay=self.weight_decay, betas=self.adam_betas
+        )
+        warmup = max(self.warmup_steps, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def log_images(self, tag: str, images: Tensor, nrow: int | None = None) -> None:
+        """Log images in [-1, 1] as one grid to TensorBoard (a no-op for other loggers)."""
+        from torchvision.utils import make_grid
+
+        experiment = getattr(self.logger, "experiment", None)
+        if not hasattr(experiment, "add_image"):
+            return
+        nrow = nrow or max(1, int(len(images) ** 0.5))
+        images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+        experiment.add_image(tag, make_grid(images, nrow=nrow, padding=1), self.global_step)

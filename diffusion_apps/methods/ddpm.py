@@ -1,0 +1,160 @@
+"""DDPM (Ho et al. 2020) trained with L_simple, sampled by ancestral DDPM or DDIM (Song et al. 2021)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffusion_apps.diffusion import NoiseSchedule, ddim_sample, ddpm_sample, timestep_subsequence
+from diffusion_apps.methods.base import DiffusionMethod
+from diffusion_apps.nn import UNet
+
+Prediction = Literal["eps", "x0", "v"]
+Sampler = Literal["ddpm", "ddim"]
+
+
+class DDPM(DiffusionMethod):
+    """Denoising diffusion probabilistic model with an ε (or x0, v) parametrised UNet.
+
+    Training minimises L_simple (Ho et al. eq. 14) with t ~ U{0, …, T−1}, ε ~ N(0, I):
+        L = E_{x0, t, ε} ‖target − f_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²,
+    where target is ε (paper), x0, or v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022). The loss
+    is computed in fp32 even under mixed precision.
+
+    Args:
+        unet: the noise-prediction network; its ``in_channels``/``image_size`` fix the sample shape.
+        schedule: the forward process q(x_t | x0).
+        prediction: what the network outputs.
+        sampler: sampler used for validation grids (``sample`` can override it).
+        sample_steps: number of steps of that sampler (DDPM: T means every step).
+        eta: DDIM η (0 deterministic, 1 = DDPM posterior variance).
+        timestep_spacing: DDIM/DDPM timestep subsequence, "uniform" or "quad".
+        variance: ancestral σ²_t, β_t ("beta", the paper's CIFAR-10 choice) or β̃_t.
+        clip_x0: clamp x̂0 to [−1, 1] at each sampling step.
+        num_val_samples: images in the grid drawn at each validation.
+        lr, weight_decay, warmup_steps, adam_betas: see :class:`DiffusionMethod`.
+    """
+
+    def __init__(
+        self,
+        unet: UNet,
+        schedule: NoiseSchedule | None = None,
+        prediction: Prediction = "eps",
+        sampler: Sampler = "ddim",
+        sample_steps: int = 50,
+        eta: float = 0.0,
+        timestep_spacing: Literal["uniform", "quad"] = "uniform",
+        variance: Literal["beta", "beta_tilde"] = "beta",
+        clip_x0: bool = True,
+        num_val_samples: int = 64,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 1000,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+    ) -> None:
+        super().__init__(lr, weight_decay, warmup_steps, adam_betas)
+        self.save_config()
+        self.unet = unet
+        self.schedule = schedule if schedule is not None else NoiseSchedule()
+        self.prediction = prediction
+        self.sampler, self.sample_steps, self.eta = sampler, sample_steps, eta
+        self.timestep_spacing, self.variance, self.clip_x0 = timestep_spacing, variance, clip_x0
+        self.num_val_samples = num_val_samples
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample."""
+        c, s = self.unet.in_channels, self.unet.image_size
+        return (c, s, s)
+
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        shape = (getattr(data, "channels", None), getattr(data, "image_size", None))
+        if None not in shape and shape != self.sample_shape[:2]:
+            raise ValueError(
+                f"the data gives {shape[0]}-channel {shape[1]}px images but the UNet takes "
+                f"{self.sample_shape[0]}-channel {self.sample_shape[1]}px: set "
+                "model.init_args.unet.init_args.{in_channels,image_size} to match "
+                "data.init_args.{channels,image_size}"
+            )
+
+    def target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """The regression target of the chosen parametrisation."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        return self.schedule.velocity(x0, t, noise)
+
+    def eps(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
+        """ε̂(x_t, t): the network output converted to ε whatever it predicts (the samplers' eps_fn)."""
+        out = self.unet(x_t, t, **cond).float()
+        if self.prediction == "eps":
+            return out
+        if self.prediction == "x0":
+            return self.schedule.predict_eps(x_t, t, out)
+        return self.schedule.eps_from_v(x_t, t, out)
+
+    def diffusion_loss(self, x0: Tensor, **cond) -> Tensor:
+        """L_simple for a batch x0 (B, C, H, W): t uniform, one ε per image."""
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        out = self.unet(x_t, t, **cond)
+        return F.mse_loss(out.float(), self.target(x0, t, noise).float())
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x0, _ = batch
+        loss = self.diffusion_loss(x0)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x0, _ = batch
+        # A fixed generator per batch makes the validation loss comparable across epochs.
+        gen = torch.Generator(x0.device).manual_seed(batch_idx)
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=gen, device=x0.device)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        out = self.unet(self.schedule.q_sample(x0, t, noise), t)
+        loss = F.mse_loss(out.float(), self.target(x0, t, noise).float())
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        if batch_idx == 0 and self.num_val_samples > 0 and self.trainer.is_global_zero:
+            # Runs while the EMA callback has swapped the EMA weights in.
+            gen = torch.Generator(x0.device).manual_seed(0)
+            self.log_images("samples", self.sample(self.num_val_samples, generator=gen))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        sampler: Sampler | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        x_T: Tensor | None = None,
+        **cond,
+    ) -> Tensor:
+        """Draw samples in [−1, 1] of shape (N, C, H, W) with DDPM ancestral or DDIM sampling.
+
+        Unset arguments fall back to the module's configured sampler, steps and η.
+        """
+        sampler = sampler or self.sampler
+        steps = steps or self.sample_steps
+        eta = self.eta if eta is None else eta
+        T = self.schedule.num_timesteps
+        timesteps = timestep_subsequence(T, min(steps, T), self.timestep_spacing).to(self.device)
+        if x_T is None:
+            x_T = torch.randn(
+                (num_samples, *self.sample_shape), generator=generator, device=self.device
+            )
+        common = dict(timesteps=timesteps, clip_x0=self.clip_x0, generator=generator, progress=progress)
+        if sampler == "ddpm":
+            x0 = ddpm_sample(self.eps, self.schedule, x_T, variance=self.variance, **common, **cond)
+        else:
+            x0 = ddim_sample(self.eps, self.schedule, x_T, eta=eta, **common, **cond)
+        return x0.clamp(-1, 1)

@@ -1,0 +1,292 @@
+"""Building blocks of the ADM UNet (Dhariwal & Nichol 2021) and the LDM spatial transformer.
+
+Every attention here runs through ``F.scaled_dot_product_attention`` on tokens laid out as
+``(B, L, C)``, so projections are plain ``nn.Linear`` layers (a 1x1 conv on ``(B, C, H, W)``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in ADM / Transformer.
+
+    emb = [cos(t·ω_0), ..., cos(t·ω_{h-1}), sin(t·ω_0), ..., sin(t·ω_{h-1})],
+    ω_i = max_period^(-i/h), h = dim // 2; a zero column is appended when ``dim`` is odd.
+
+    Args:
+        t: Timesteps, shape (B,), integer or float.
+        dim: Embedding width.
+        max_period: Longest wavelength.
+
+    Returns:
+        Float32 tensor of shape (B, dim).
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters in place (residual branches start as the identity)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """ADM residual block with scale-shift norm and optional AdaGN on a conditioning vector.
+
+    in:  h = conv3x3(SiLU(GN(x)))   (resampled between SiLU and conv when ``resample`` is set)
+    out: h = conv3x3_zero(dropout(SiLU(m(h)))),  return skip(x) + h, where
+        m(h) = GN(h)                                          without emb,
+        m(h) = GN(h)·(1 + t_s) + t_b                           (ADM),   (t_s, t_b) = W_t SiLU(emb)
+        m(h) = (GN(h)·(1 + t_s) + t_b)·(1 + z_s)               (DiffAE), z_s = W_z SiLU(cond)
+        m(h) = (1 + z_s)·(GN(h)·(1 + t_s) + t_b) + z_b         (PDAE, ``cond_shift``).
+    All modulations are folded into one per-(sample, channel) affine, so m costs one pass.
+
+    ``forward`` takes ``emb`` and ``cond`` *already passed through SiLU*: the UNet activates them
+    once per call instead of once per block.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        emb_dim: int | None = None,
+        cond_dim: int | None = None,
+        cond_shift: bool = False,
+        dropout: float = 0.0,
+        num_groups: int = 32,
+        resample: Literal["none", "up", "down"] = "none",
+    ) -> None:
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.resample = resample
+        self.cond_shift = cond_shift
+        self.in_norm = nn.GroupNorm(num_groups, in_channels)
+        self.in_conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_channels) if emb_dim else None
+        n_cond = 2 * out_channels if cond_shift else out_channels
+        self.cond_proj = nn.Linear(cond_dim, n_cond) if cond_dim else None
+        self.out_norm = nn.GroupNorm(num_groups, out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.out_conv = zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        same = in_channels == out_channels
+        self.skip = nn.Identity() if same else nn.Conv2d(in_channels, out_channels, 1)
+
+    def _resample(self, x: Tensor) -> Tensor:
+        if self.resample == "down":
+            return F.avg_pool2d(x, 2)
+        if self.resample == "up":
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x
+
+    def forward(self, x: Tensor, emb: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
+        """Apply the block; ``emb`` (B, emb_dim) and ``cond`` (B, cond_dim) are post-SiLU."""
+        h = F.silu(self.in_norm(x))
+        if self.resample != "none":
+            h, x = self._resample(h), self._resample(x)
+        h = self.in_conv(h)
+        if self.emb_proj is None:
+            h = self.out_norm(h)
+        else:
+            if emb is None:
+                raise ValueError("ResBlock was built with emb_dim but called without emb")
+            # ((GN0(h)·γ + β)(1 + t_s) + t_b)(1 + z_s) + z_b  =  GN0(h)·a + b
+            t_s, t_b = self.emb_proj(emb).chunk(2, dim=1)  # (B, C) each
+            a = self.out_norm.weight * (1 + t_s)
+            b = torch.addcmul(t_b, self.out_norm.bias, 1 + t_s)
+            if self.cond_proj is not None:
+                if cond is None:
+                    raise ValueError("ResBlock was built with cond_dim but called without cond")
+                z = self.cond_proj(cond)
+                z_s, z_b = z.chunk(2, dim=1) if self.cond_shift else (z, None)
+                a, b = a * (1 + z_s), b * (1 + z_s)
+                if z_b is not None:
+                    b = b + z_b
+            h = F.group_norm(h, self.out_norm.num_groups, eps=self.out_norm.eps)
+            h = torch.addcmul(b[:, :, None, None], h, a[:, :, None, None])
+        h = self.out_conv(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def downsample(channels: int) -> nn.Conv2d:
+    """Strided 3x3 conv halving the resolution."""
+    return nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention softmax(QKᵀ/√d)·V on tokens (B, L, dim), heads = dim // head_dim.
+
+    Self-attention uses one fused qkv projection; with ``context_dim`` Q comes from the tokens
+    and K, V from the context (B, L_c, context_dim) (LDM cross-attention).
+    """
+
+    def __init__(
+        self, dim: int, head_dim: int, context_dim: int | None = None, qkv_bias: bool = False
+    ) -> None:
+        super().__init__()
+        self.heads = dim // head_dim
+        if context_dim is None:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        else:
+            self.q = nn.Linear(dim, dim, bias=qkv_bias)
+            self.kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        B, L, C = x.shape
+        if context is None:
+            qkv = self.qkv(x).view(B, L, 3, self.heads, -1)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, heads, L, d)
+        else:
+            q = self.q(x).view(B, L, self.heads, -1).transpose(1, 2)  # (B, heads, L, d)
+            kv = self.kv(context).view(B, context.shape[1], 2, self.heads, -1)
+            k, v = kv.permute(2, 0, 3, 1, 4)  # 2 x (B, heads, L_c, d)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, d)
+        return self.out(h.transpose(1, 2).reshape(B, L, C))
+
+
+class AttentionBlock(nn.Module):
+    """ADM self-attention block: x + proj_zero(MHA(GN(x))) over the H·W positions."""
+
+    def __init__(self, channels: int, head_dim: int, num_groups: int = 32) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(num_groups, channels)
+        self.attn = Attention(channels, head_dim, qkv_bias=True)
+        zero_(self.attn.out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.attn(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C)
+        return x + h.transpose(1, 2).view(B, C, H, W)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward (Shazeer 2020): W_2·dropout(a ⊙ GELU(g)), [a, g] = W_1·x."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(dim, 2 * mult * dim)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, g = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(self.dropout(a * F.gelu(g)))
+
+
+class TransformerBlock(nn.Module):
+    """LDM transformer block: pre-LayerNorm self-attn, cross-attn and GEGLU, each residual."""
+
+    def __init__(self, dim: int, head_dim: int, context_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, head_dim)
+        self.cross_attn = Attention(dim, head_dim, context_dim=context_dim)
+        self.ff = FeedForward(dim, dropout=dropout)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """LDM spatial transformer: x + proj_out_zero(blocks(proj_in(GN(x)), context)).
+
+    proj_in / proj_out are 1x1 convs applied as Linear layers on the (B, HW, C) tokens; the
+    zero-initialised proj_out makes the whole block the identity at initialisation.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        head_dim: int,
+        context_dim: int,
+        depth: int = 1,
+        num_groups: int = 32,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(num_groups, channels)
+        self.proj_in = nn.Linear(channels, channels)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(channels, head_dim, context_dim, dropout) for _ in range(depth)
+        )
+        self.proj_out = zero_(nn.Linear(channels, channels))
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C)
+        for block in self.blocks:
+            h = block(h, context)
+        return x + self.proj_out(h).transpose(1, 2).view(B, C, H, W)
+
+
+class AttentionPool2d(nn.Module):
+    """ADM attention pooling (after CLIP): the mean token, plus a learned positional embedding,
+    attends over all H·W tokens; its output is projected to ``out_dim``.
+
+    Only the mean token's query is computed, since only its output is kept.
+    """
+
+    def __init__(self, spatial_size: int, channels: int, head_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(spatial_size**2 + 1, channels) / channels**0.5)
+        self.heads = channels // head_dim
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(channels, 2 * channels)
+        self.out = nn.Linear(channels, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C = x.shape[:2]
+        tokens = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1) + self.pos  # (B, L, C)
+        L = tokens.shape[1]
+        q = self.q(tokens[:, :1]).view(B, 1, self.heads, -1).transpose(1, 2)  # (B, heads, 1, d)
+        k, v = self.kv(tokens).view(B, L, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, d)
+        return self.out(h.reshape(B, C))
+
+
+class CondSequential(nn.Sequential):
+    """A sequence of layers: ResBlocks get (emb, cond), spatial transformers get context."""
+
+    def forward(
+        self,
+        h: Tensor,
+        emb: Tensor | None = None,
+        cond: Tensor | None = None,
+        context: Tensor | None = None,
+    ) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb, cond)
+            elif isinstance(layer, SpatialTransformer):
+                h = layer(h, context)
+            else:
+                h = layer(h)
+        return h

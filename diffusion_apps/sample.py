@@ -1,0 +1,68 @@
+"""``python -m diffusion_apps sample``: draw N samples from a checkpoint, as PNG files and one grid."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+
+def sample(
+    ckpt_path: str,
+    num_samples: int = 64,
+    sampler: Literal["ddpm", "ddim"] | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    out_dir: str | None = None,
+    device: str = "auto",
+) -> Path:
+    """Write ``num_samples`` images drawn from the model in ``ckpt_path``.
+
+    The model and its default sampler come from the config stored in the checkpoint.
+
+    Args:
+        ckpt_path: checkpoint written by ``fit``.
+        num_samples: how many images.
+        sampler: "ddpm" (ancestral) or "ddim"; default: the checkpoint's.
+        steps: sampler steps (DDPM with fewer than T steps is respaced); default: the checkpoint's.
+        eta: DDIM η; default: the checkpoint's.
+        seed: seed of the generator that draws x_T and the sampler noise.
+        batch_size: images per forward pass.
+        out_dir: where to write; default ``<run dir>/samples/<ckpt>_<sampler><steps>_seed<seed>``.
+        device: "auto" (CUDA when available), "cpu", "cuda", …
+
+    Returns:
+        The output folder, holding ``000000.png``… and ``grid.png``.
+    """
+    from torchvision.utils import save_image
+    from tqdm.auto import tqdm
+
+    from diffusion_apps.checkpoint import load_module
+
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    module = load_module(ckpt_path).to(dev)
+    sampler = sampler or module.sampler
+    steps = steps or module.sample_steps
+    ckpt = Path(ckpt_path)
+    out = Path(out_dir or ckpt.parent.parent / "samples" / f"{ckpt.stem}_{sampler}{steps}_seed{seed}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    generator = torch.Generator(dev).manual_seed(seed)
+    images = []
+    for start in tqdm(range(0, num_samples, batch_size), desc=f"{sampler}-{steps}", unit="batch"):
+        n = min(batch_size, num_samples - start)
+        batch = module.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator)
+        batch = ((batch.float().cpu() + 1) / 2).clamp(0, 1)
+        for i, img in enumerate(batch):
+            save_image(img, out / f"{start + i:06d}.png")
+        images.append(batch)
+    grid = torch.cat(images)
+    save_image(grid, out / "grid.png", nrow=math.ceil(math.sqrt(len(grid))), padding=1)
+    print(f"wrote {num_samples} samples and grid.png to {out}")
+    return out

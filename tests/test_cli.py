@@ -1,0 +1,90 @@
+"""The CLI in-process: configs parse, bad input is named, fit -> checkpoint -> sample works."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_apps.checkpoint import read_checkpoint
+from diffusion_apps.cli import main
+from tests.conftest import CONFIGS
+
+ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+TINY = CONFIGS / "tiny" / "ddpm.yaml"
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_.value.code in (0, None)
+    assert "class_path: diffusion_apps.methods" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        (["--model.init_args.lrr", "1e-3"], "lrr"),
+        (["--model.init_args.prediction", "noise"], "prediction"),
+        (["--model.init_args.unet.init_args.base_channels", "many"], "base_channels"),
+        (["--data.init_args.dataset", "imagenet"], "dataset"),
+    ],
+)
+def test_bad_key_or_value_is_named(override, named, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(TINY), *override])
+    assert exit_.value.code not in (0, None)
+    assert named in capsys.readouterr().err
+
+
+def test_fast_dev_run(in_tmp):
+    main(["fit", "--config", str(TINY), "--trainer.fast_dev_run", "true"])
+
+
+def test_fit_then_sample_from_checkpoint_alone(in_tmp):
+    main(["fit", "--config", str(TINY)])
+    ckpt = in_tmp / "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"
+    saved = read_checkpoint(ckpt)  # weights_only=True
+    assert saved["hyper_parameters"]["_class_path"] == "diffusion_apps.methods.DDPM"
+    # The EMA callback puts the averaged weights in state_dict and the raw ones aside.
+    raw, ema = saved["current_model_state"], saved["state_dict"]
+    assert any(not torch.equal(raw[k], ema[k]) for k in ema)
+
+    out = in_tmp / "samples"
+    main(["sample", "--ckpt_path", str(ckpt), "--num_samples", "5", "--batch_size", "2",
+          "--sampler", "ddim", "--steps", "3", "--out_dir", str(out)])
+    pngs = sorted(out.glob("0*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
+    assert Image.open(pngs[0]).size == (16, 16)
+    assert (out / "grid.png").is_file()
+
+
+def test_sample_is_reproducible_and_seed_dependent(in_tmp):
+    main(["fit", "--config", str(TINY), "--trainer.max_steps", "1"])
+    ckpt = str(in_tmp / "runs/tiny_ddpm/version_0/checkpoints/last.ckpt")
+
+    def draw(seed, name):
+        main(["sample", "--ckpt_path", ckpt, "--num_samples", "2", "--steps", "2",
+              "--sampler", "ddpm", "--seed", str(seed), "--out_dir", name])
+        return [Image.open(in_tmp / name / f"{i:06d}.png").tobytes() for i in range(2)]
+
+    assert draw(1, "a") == draw(1, "b")
+    assert draw(1, "a") != draw(2, "c")
+
+
+def test_sample_rejects_missing_checkpoint(in_tmp):
+    with pytest.raises(ValueError, match="checkpoint not found: .*nope.ckpt"):
+        main(["sample", "--ckpt_path", "nope.ckpt"])
+
+
+def test_startup_imports_nothing_beyond_lightning_and_the_cli_parser():
+    code = (
+        "import sys, lightning; before = {m.split('.')[0] for m in sys.modules};"
+        "import diffusion_apps.cli, diffusion_apps.methods, diffusion_apps.data;"
+        "print(sorted({m.split('.')[0] for m in sys.modules} - before))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    new = set(eval(out.stdout))
+    assert new <= {"diffusion_apps", "jsonargparse", "docstring_parser", "typeshed_client"}, new
