@@ -31,10 +31,12 @@ class EMA(WeightAveraging):
 
     def decay_at(self, num_updates: int) -> float:
         """d_n for the n-th update."""
-        return min(self.decay, (1 + num_updates) / (10 + num_updates)) if self.warmup else self.decay
+        return (
+            min(self.decay, (1 + num_updates) / (10 + num_updates)) if self.warmup else self.decay
+        )
 
     def _update(self, averaged: list, current: list, num_averaged: torch.Tensor) -> None:
-        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
         if floats:
             weight = 1.0 - self.decay_at(int(num_averaged))
             torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)

@@ -1,4 +1,4 @@
-"""``python -m diffusion_apps sample``: draw N samples from a checkpoint, as PNG files and one grid."""
+"""``python -m diffusion_apps sample``: N samples from a checkpoint, as PNG files and a grid."""
 
 from __future__ import annotations
 
@@ -44,13 +44,19 @@ def sample(
     from diffusion_apps.checkpoint import load_module
 
     if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        raise ValueError(
+            f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}"
+        )
+    dev = (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    )
     module = load_module(ckpt_path).to(dev)
     sampler = sampler or module.sampler
     steps = steps or module.sample_steps
     ckpt = Path(ckpt_path)
-    out = Path(out_dir or ckpt.parent.parent / "samples" / f"{ckpt.stem}_{sampler}{steps}_seed{seed}")
+    out = Path(
+        out_dir or ckpt.parent.parent / "samples" / f"{ckpt.stem}_{sampler}{steps}_seed{seed}"
+    )
     out.mkdir(parents=True, exist_ok=True)
 
     generator = torch.Generator(dev).manual_seed(seed)

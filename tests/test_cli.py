@@ -53,8 +53,23 @@ def test_fit_then_sample_from_checkpoint_alone(in_tmp):
     assert any(not torch.equal(raw[k], ema[k]) for k in ema)
 
     out = in_tmp / "samples"
-    main(["sample", "--ckpt_path", str(ckpt), "--num_samples", "5", "--batch_size", "2",
-          "--sampler", "ddim", "--steps", "3", "--out_dir", str(out)])
+    main(
+        [
+            "sample",
+            "--ckpt_path",
+            str(ckpt),
+            "--num_samples",
+            "5",
+            "--batch_size",
+            "2",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "3",
+            "--out_dir",
+            str(out),
+        ]
+    )
     pngs = sorted(out.glob("0*.png"))
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
     assert Image.open(pngs[0]).size == (16, 16)
@@ -66,8 +81,23 @@ def test_sample_is_reproducible_and_seed_dependent(in_tmp):
     ckpt = str(in_tmp / "runs/tiny_ddpm/version_0/checkpoints/last.ckpt")
 
     def draw(seed, name):
-        main(["sample", "--ckpt_path", ckpt, "--num_samples", "2", "--steps", "2",
-              "--sampler", "ddpm", "--seed", str(seed), "--out_dir", name])
+        main(
+            [
+                "sample",
+                "--ckpt_path",
+                ckpt,
+                "--num_samples",
+                "2",
+                "--steps",
+                "2",
+                "--sampler",
+                "ddpm",
+                "--seed",
+                str(seed),
+                "--out_dir",
+                name,
+            ]
+        )
         return [Image.open(in_tmp / name / f"{i:06d}.png").tobytes() for i in range(2)]
 
     assert draw(1, "a") == draw(1, "b")

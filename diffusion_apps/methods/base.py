@@ -1,12 +1,12 @@
-"""What every diffusion LightningModule shares: optimiser with warm-up, fp32 losses, image logging."""
+"""What every method module shares: AdamW with warm-up, the saved config, image logging."""
 
 from __future__ import annotations
 
 import inspect
 
 import lightning as L
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
 

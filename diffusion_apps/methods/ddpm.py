@@ -1,4 +1,4 @@
-"""DDPM (Ho et al. 2020) trained with L_simple, sampled by ancestral DDPM or DDIM (Song et al. 2021)."""
+"""DDPM (Ho et al. 2020) trained with L_simple; ancestral or DDIM (Song et al. 2021) sampling."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class DDPM(DiffusionMethod):
         return self.schedule.velocity(x0, t, noise)
 
     def eps(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
-        """ε̂(x_t, t): the network output converted to ε whatever it predicts (the samplers' eps_fn)."""
+        """ε̂(x_t, t), the samplers' eps_fn: the network output converted to ε."""
         out = self.unet(x_t, t, **cond).float()
         if self.prediction == "eps":
             return out
@@ -113,19 +113,31 @@ class DDPM(DiffusionMethod):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         return loss
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        x0, _ = batch
-        # A fixed generator per batch makes the validation loss comparable across epochs.
+    def _heldout_loss(self, x0: Tensor, batch_idx: int) -> Tensor:
+        """L_simple with t and ε drawn from a generator seeded by the batch index, so the
+        validation loss is comparable across epochs."""
         gen = torch.Generator(x0.device).manual_seed(batch_idx)
-        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=gen, device=x0.device)
+        t = torch.randint(
+            0, self.schedule.num_timesteps, (x0.shape[0],), generator=gen, device=x0.device
+        )
         noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
         out = self.unet(self.schedule.q_sample(x0, t, noise), t)
-        loss = F.mse_loss(out.float(), self.target(x0, t, noise).float())
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return F.mse_loss(out.float(), self.target(x0, t, noise).float())
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.log("val/loss", self._heldout_loss(batch[0], batch_idx), prog_bar=True, sync_dist=True)
         if batch_idx == 0 and self.num_val_samples > 0 and self.trainer.is_global_zero:
             # Runs while the EMA callback has swapped the EMA weights in.
-            gen = torch.Generator(x0.device).manual_seed(0)
+            gen = torch.Generator(self.device).manual_seed(0)
             self.log_images("samples", self.sample(self.num_val_samples, generator=gen))
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.log("test/loss", self._heldout_loss(batch[0], batch_idx), sync_dist=True)
+
+    def predict_step(self, batch, batch_idx: int) -> Tensor:
+        """One sample per item of the batch, seeded by the batch index (``sample`` writes files)."""
+        gen = torch.Generator(self.device).manual_seed(batch_idx)
+        return self.sample(len(batch[0]), generator=gen)
 
     @torch.no_grad()
     def sample(
@@ -152,7 +164,9 @@ class DDPM(DiffusionMethod):
             x_T = torch.randn(
                 (num_samples, *self.sample_shape), generator=generator, device=self.device
             )
-        common = dict(timesteps=timesteps, clip_x0=self.clip_x0, generator=generator, progress=progress)
+        common = dict(
+            timesteps=timesteps, clip_x0=self.clip_x0, generator=generator, progress=progress
+        )
         if sampler == "ddpm":
             x0 = ddpm_sample(self.eps, self.schedule, x_T, variance=self.variance, **common, **cond)
         else:

@@ -1,0 +1,81 @@
+"""Checkpoints load with weights_only=True, rebuild their module, and fail loudly when wrong."""
+
+import pytest
+import torch
+from lightning import LightningModule
+
+from diffusion_apps.checkpoint import CheckpointError, load_module, read_checkpoint
+from diffusion_apps.cli import main
+from diffusion_apps.methods import DDPM
+from tests.conftest import CONFIGS
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "tiny/ddpm.yaml"),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.logger.init_args.save_dir",
+            str(root),
+        ]
+    )
+    return root / "tiny_ddpm/version_0/checkpoints/last.ckpt"
+
+
+def test_load_module_rebuilds_the_model_with_its_ema_weights(ckpt):
+    module = load_module(ckpt, DDPM)
+    assert isinstance(module, DDPM) and not module.training
+    assert module.unet.base_channels == 8 and module.schedule.num_timesteps == 100
+    saved = read_checkpoint(ckpt)["state_dict"]
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*absent.ckpt"):
+        load_module(tmp_path / "absent.ckpt")
+
+
+def test_truncated_file_is_named(ckpt, tmp_path):
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*cut.ckpt: truncated"):
+        load_module(cut)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    bad = tmp_path / "pickle.ckpt"
+    torch.save({"state_dict": {}, "payload": object()}, bad)
+    with pytest.raises(CheckpointError, match="weights_only=True refuses"):
+        read_checkpoint(bad)
+
+
+def test_another_kind_is_named(ckpt):
+    class Classifier(LightningModule):
+        pass
+
+    with pytest.raises(CheckpointError, match="holds a DDPM checkpoint, but a Classifier"):
+        load_module(ckpt, Classifier)
+
+
+def test_checkpoint_without_config_is_refused(ckpt, tmp_path):
+    saved = read_checkpoint(ckpt)
+    saved.pop("hyper_parameters")
+    bare = tmp_path / "bare.ckpt"
+    torch.save(saved, bare)
+    with pytest.raises(CheckpointError, match="holds no model config"):
+        load_module(bare)
+
+
+def test_mismatched_shapes_are_named(ckpt, tmp_path):
+    saved = read_checkpoint(ckpt)
+    saved["hyper_parameters"]["unet"]["init_args"]["base_channels"] = 16
+    other = tmp_path / "other.ckpt"
+    torch.save(saved, other)
+    with pytest.raises(CheckpointError, match="do not fit the DDPM(.|\n)*size mismatch"):
+        load_module(other)
