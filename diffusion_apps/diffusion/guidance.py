@@ -80,11 +80,11 @@ def classifier_log_prob_grad(classifier: Callable[[Tensor, Tensor], Tensor]) -> 
 
 
 def classifier_free_guidance(eps_fn: EpsFn, scale: float, null_cond: Mapping[str, Any]) -> EpsFn:
-    """ε̂ = ε_θ(x_t, ∅) + w (ε_θ(x_t, y) − ε_θ(x_t, ∅)) (Ho & Salimans 2022), in ONE model call.
+    """ε̂ = ε_θ(x_t, ∅) + w (ε_θ(x_t, y) − ε_θ(x_t, ∅)), batched into ONE model call.
 
-    Each cond tensor is concatenated along the batch with its ``null_cond`` value (broadcast, e.g. a
-    0-dim null label) or with itself; other cond passes through. w = 0 / 1 give ε(∅) / ε(y) exactly.
-    """
+    Ho & Salimans 2022 (their w + 1 is our w; LDM's form). Each cond tensor is concatenated along
+    the batch with its ``null_cond`` value (broadcast, e.g. a 0-dim null label) or with itself;
+    other cond passes through. w = 0 and w = 1 give ε(∅) and ε(y) exactly."""
 
     def pair(name: str, value: Any) -> Any:
         if not isinstance(value, Tensor):

@@ -29,7 +29,7 @@ Variance = Literal["beta", "beta_tilde"]
 def timestep_subsequence(
     num_timesteps: int, steps: int, kind: Literal["uniform", "quad"] = "uniform"
 ) -> Tensor:
-    """The S-step subsequence of [0, T) used by the DDIM paper (Song et al. 2021, Sec. D.2).
+    """The S-step subsequences of [0, T) of DDIM (Song et al. 2021; official ermongroup/ddim).
 
     ``uniform``: ``arange(0, T, T // S)[:S]``, i.e. t_i = i·⌊T/S⌋: it starts at 0 and ends at
     T − T/S when S divides T (the official DDIM code; latent-diffusion adds +1, we do not).

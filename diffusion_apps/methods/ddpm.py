@@ -159,7 +159,7 @@ class DDPM(DiffusionMethod):
         steps = steps or self.sample_steps
         eta = self.eta if eta is None else eta
         T = self.schedule.num_timesteps
-        timesteps = timestep_subsequence(T, min(steps, T), self.timestep_spacing).to(self.device)
+        timesteps = timestep_subsequence(T, min(steps, T), self.timestep_spacing)
         if x_T is None:
             x_T = torch.randn(
                 (num_samples, *self.sample_shape), generator=generator, device=self.device

@@ -192,7 +192,7 @@ def test_mean_shift_ddpm_samples_the_class_conditional(variance, assert_gaussian
 
 
 def test_eps_shift_ddim_samples_the_class_conditional(assert_gaussian):
-    """All 1000 steps: η = 0 has an O(1/S) variance bias (see test_samplers), ~0.5% here."""
+    """All 1000 steps: η = 0 has an O(1/S) variance bias (test_diffusion_samplers), ~0.5% here."""
     guided = eps_shift_guidance(mixture_eps, classifier_log_prob_grad(log_likelihoods), SCHEDULE)
     x = ddim_sample(guided, SCHEDULE, randn(N, 2), y=LABELS)
     assert_class_conditional(x, assert_gaussian)
