@@ -38,9 +38,18 @@ format: $(STAMP)
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir $(RUN)
 
-## eval / bench: filled by the evaluation and performance issues
+## eval: score every checkpoint under $(RUN) (or CKPT=a.ckpt,b.ckpt) -> reports/eval.md, eval.json, grids
+##   make eval N=1000 SAMPLERS=ddpm:1000,ddim:100,ddim:50,ddim:20,ddim:10 SPACE=digits
+N ?= 1000
+SAMPLERS ?= ddpm:1000,ddim:100,ddim:50,ddim:20,ddim:10
+SPACE ?= digits
+REPORTS ?= reports
 eval: $(STAMP)
-	@echo "make eval: not implemented yet (evaluation issue #3)"; exit 1
+	$(PY) -m diffusion_apps eval --run_dir $(RUN) --num_samples $(N) --samplers $(SAMPLERS) \
+		--space $(SPACE) --out_dir $(REPORTS) \
+		$(if $(filter command line environment,$(origin CKPT)),--ckpt_paths '[$(CKPT)]')
+
+## bench: filled by the performance issue
 
 bench: $(STAMP)
 	@echo "make bench: not implemented yet (performance issue #4)"; exit 1

@@ -1,7 +1,8 @@
-"""Command line: ``python -m diffusion_apps {fit,validate,test,predict,sample} ...``.
+"""Command line: ``python -m diffusion_apps {fit,validate,test,predict,sample,eval} ...``.
 
 fit/validate/test/predict are LightningCLI subcommands; the model and the data are chosen by
-``class_path`` in the YAML config. ``sample`` draws images from a checkpoint alone.
+``class_path`` in the YAML config. ``sample`` draws images from a checkpoint alone; ``eval``
+scores every checkpoint under a run directory and writes ``reports/eval.md``.
 """
 
 from __future__ import annotations
@@ -36,10 +37,20 @@ def _sample_cli(args: Sequence[str]) -> None:
     auto_cli(sample, args=list(args), as_positional=False)
 
 
+def _eval_cli(args: Sequence[str]) -> None:
+    from jsonargparse import auto_cli
+
+    from diffusion_apps.evaluation.evaluate import evaluate
+
+    auto_cli(evaluate, args=list(args), as_positional=False)
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point; ``args`` replaces ``sys.argv[1:]`` (tests call ``main([...])`` in-process)."""
     args = list(sys.argv[1:] if args is None else args)
     if args and args[0] == "sample":
         _sample_cli(args[1:])
+    elif args and args[0] == "eval":
+        _eval_cli(args[1:])
     else:
         DiffusionCLI(args=args)

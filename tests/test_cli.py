@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from diffusion_apps.checkpoint import read_checkpoint
-from diffusion_apps.cli import main
+from diffusion_apps.cli import DiffusionCLI, main
 from tests.conftest import CONFIGS
 
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
@@ -118,3 +118,25 @@ def test_startup_imports_nothing_beyond_lightning_and_the_cli_parser():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     new = set(eval(out.stdout))
     assert new <= {"diffusion_apps", "jsonargparse", "docstring_parser", "typeshed_client"}, new
+
+
+def test_validate_test_predict_from_a_checkpoint(in_tmp):
+    main(["fit", "--config", str(TINY), "--trainer.max_steps", "1"])
+    ckpt = str(in_tmp / "runs/tiny_ddpm/version_0/checkpoints/last.ckpt")
+    common = [
+        "--config",
+        str(TINY),
+        "--ckpt_path",
+        ckpt,
+        "--trainer.limit_test_batches",
+        "1",
+        "--trainer.limit_predict_batches",
+        "1",
+        "--trainer.logger",
+        "false",
+    ]
+    main(["validate", *common])
+    main(["test", *common])
+    cli = DiffusionCLI(args=["predict", *common])
+    (samples,) = cli.trainer.predict_loop.predictions
+    assert samples.shape == (8, 1, 16, 16) and samples.abs().max() <= 1

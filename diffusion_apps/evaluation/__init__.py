@@ -1,0 +1,34 @@
+"""Evaluation: generation metrics in the digits or Inception feature space, reconstruction metrics.
+
+Importing this package builds no network and reads no weights: that happens on first use.
+"""
+
+from diffusion_apps.evaluation.digits import DigitClassifier, digit_classifier
+from diffusion_apps.evaluation.inception import inception_feature_extractor, standard_metrics
+from diffusion_apps.evaluation.metrics import (
+    FeatureStats,
+    digits_floor,
+    frechet_distance,
+    inception_score,
+    kernel_distance,
+    mean_cov,
+    precision_recall,
+    reference_features,
+)
+from diffusion_apps.evaluation.reconstruction import ReconstructionMetrics
+
+__all__ = [
+    "DigitClassifier",
+    "FeatureStats",
+    "ReconstructionMetrics",
+    "digit_classifier",
+    "digits_floor",
+    "frechet_distance",
+    "inception_feature_extractor",
+    "inception_score",
+    "kernel_distance",
+    "mean_cov",
+    "precision_recall",
+    "reference_features",
+    "standard_metrics",
+]

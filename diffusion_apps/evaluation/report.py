@@ -1,0 +1,118 @@
+"""The evaluation report: ``eval.md`` (a table) and ``eval.json`` (the same rows), and PNG grids."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch import Tensor
+
+# Column order of the metrics; a metric not listed here comes after them, alphabetically.
+METRIC_ORDER = (
+    "fd_digits",
+    "kid_digits",
+    "precision_digits",
+    "recall_digits",
+    "accuracy",
+    "confidence",
+    "class_entropy",
+    "fid",
+    "kid",
+    "precision",
+    "recall",
+    "inception_score",
+    "mse",
+    "psnr",
+    "ssim",
+    "lpips",
+)
+# Shown as "mean ± std" in the mean's column.
+STD_OF = {
+    "kid_digits": "kid_digits_std",
+    "kid": "kid_std",
+    "inception_score": "inception_score_std",
+}
+# Already in their own columns (N) or in the header (the reference size).
+NOT_COLUMNS = {"n", "n_real", "n_fake", *STD_OF.values()}
+
+
+@dataclass
+class Row:
+    """One line of the report: a checkpoint under one sampler setting, or the real-data floor."""
+
+    checkpoint: str
+    method: str
+    steps_trained: int | None
+    sampler: str
+    nfe: int | None
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float | None = None
+
+
+def _fmt(value: float | int | None) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    value += 0.0  # no "-0"
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def metric_columns(rows: list[Row]) -> list[str]:
+    """The metrics any row has, in :data:`METRIC_ORDER`, std and counts folded away."""
+    present = {k for row in rows for k in row.metrics} - NOT_COLUMNS
+    known = [k for k in METRIC_ORDER if k in present]
+    return known + sorted(present - set(known))
+
+
+def markdown(rows: list[Row], header: list[str]) -> str:
+    """The report as markdown: title, the protocol lines, then one table row per :class:`Row`."""
+    columns = metric_columns(rows)
+    names = ["checkpoint", "method", "steps", "sampler", "NFE", "N", *columns, "seconds"]
+    lines = ["# Evaluation", "", *header, ""]
+    lines += ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for row in rows:
+        cells = [
+            f"`{row.checkpoint}`" if row.method != "FLOOR" else f"**{row.checkpoint}**",
+            row.method,
+            _fmt(row.steps_trained),
+            row.sampler,
+            _fmt(row.nfe),
+            _fmt(row.num_samples),
+        ]
+        for key in columns:
+            value = row.metrics.get(key)
+            cell = _fmt(value)
+            if value is not None and STD_OF.get(key) in row.metrics:
+                cell += f" ± {_fmt(row.metrics[STD_OF[key]])}"
+            cells.append(cell)
+        cells.append("–" if row.seconds is None else f"{row.seconds:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rows: list[Row], header: list[str], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``eval.md`` and ``eval.json`` (``{"header": [...], "rows": [...]}``) to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / "eval.md", out / "eval.json"
+    md.write_text(markdown(rows, header))
+    payload = {"header": header, "rows": [asdict(row) for row in rows]}
+    js.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    return md, js
+
+
+def save_grid(images: Tensor, path: str | Path) -> Path:
+    """Save images in [-1, 1] (N, C, H, W) as one square-ish PNG grid."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    save_image(images, path, nrow=math.ceil(math.sqrt(len(images))), padding=1)
+    return path
