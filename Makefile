@@ -47,7 +47,7 @@ REPORTS ?= reports
 eval: $(STAMP)
 	$(PY) -m diffusion_apps eval --run_dir $(RUN) --num_samples $(N) --samplers $(SAMPLERS) \
 		--space $(SPACE) --out_dir $(REPORTS) \
-		$(if $(filter command line environment,$(origin CKPT)),--ckpt_paths '[$(CKPT)]')
+		$(if $(filter command line environment,$(origin CKPT)),--ckpt_paths $(CKPT))
 
 ## bench: filled by the performance issue
 

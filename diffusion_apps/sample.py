@@ -19,6 +19,7 @@ def sample(
     batch_size: int = 64,
     out_dir: str | None = None,
     device: str = "auto",
+    precision: Literal["32", "bf16"] = "32",
 ) -> Path:
     """Write ``num_samples`` images drawn from the model in ``ckpt_path``.
 
@@ -34,6 +35,7 @@ def sample(
         batch_size: images per forward pass.
         out_dir: where to write; default ``<run dir>/samples/<ckpt>_<sampler><steps>_seed<seed>``.
         device: "auto" (CUDA when available), "cpu", "cuda", …
+        precision: "bf16" runs the network under bfloat16 autocast (the sampler stays fp32).
 
     Returns:
         The output folder, holding ``000000.png``… and ``grid.png``.
@@ -42,14 +44,14 @@ def sample(
     from tqdm.auto import tqdm
 
     from diffusion_apps.checkpoint import load_module
+    from diffusion_apps.evaluation.evaluate import autocast
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(
             f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}"
         )
-    dev = (
-        torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    )
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(auto if device == "auto" else device)
     module = load_module(ckpt_path).to(dev)
     sampler = sampler or module.sampler
     steps = steps or module.sample_steps
@@ -63,7 +65,8 @@ def sample(
     images = []
     for start in tqdm(range(0, num_samples, batch_size), desc=f"{sampler}-{steps}", unit="batch"):
         n = min(batch_size, num_samples - start)
-        batch = module.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator)
+        with autocast(dev, precision):
+            batch = module.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator)
         batch = ((batch.float().cpu() + 1) / 2).clamp(0, 1)
         for i, img in enumerate(batch):
             save_image(img, out / f"{start + i:06d}.png")

@@ -7,12 +7,12 @@ from diffusion_apps.evaluation.digits import DigitClassifier, digit_classifier
 from diffusion_apps.evaluation.inception import inception_feature_extractor, standard_metrics
 from diffusion_apps.evaluation.metrics import (
     FeatureStats,
-    digits_floor,
     frechet_distance,
     inception_score,
     kernel_distance,
     mean_cov,
     precision_recall,
+    real_floor,
     reference_features,
 )
 from diffusion_apps.evaluation.reconstruction import ReconstructionMetrics
@@ -22,7 +22,7 @@ __all__ = [
     "FeatureStats",
     "ReconstructionMetrics",
     "digit_classifier",
-    "digits_floor",
+    "real_floor",
     "frechet_distance",
     "inception_feature_extractor",
     "inception_score",

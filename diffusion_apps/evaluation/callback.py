@@ -21,6 +21,10 @@ from torch import Tensor
 from diffusion_apps.evaluation.evaluate import GRID_SIZE, MIN_SAMPLES, rank_share, set_reference
 
 
+def _can_sample(module: L.LightningModule) -> bool:
+    return callable(getattr(module, "sample", None))
+
+
 class SampleQuality(L.Callback):
     """Every N validations, M samples of the module's ``sample()`` scored against real data.
 
@@ -40,7 +44,8 @@ class SampleQuality(L.Callback):
     DDP: rank r draws its share of M (``M // world`` plus one for the first ``M % world`` ranks)
     with the generator seed ``seed + r``, so no two ranks draw the same noise; the metric gathers
     every rank's features when computing, each rank logs the same numbers and the loggers write
-    them from rank 0.
+    them from rank 0. The metric (and the cached reference features, and on first use the digit
+    classifier) is built in ``setup``, on rank 0 first.
 
     Args:
         every_n_val_epochs: evaluate at every N-th validation run.
@@ -105,6 +110,15 @@ class SampleQuality(L.Callback):
                 f"SampleQuality: num_samples={self.num_samples} is fewer than the "
                 f"{trainer.world_size} processes; every rank must draw at least one sample"
             )
+        # Here, not in a validation hook: building the metric may train the digit classifier,
+        # which validation's inference mode forbids. Rank 0 fills the on-disk caches first,
+        # then the other ranks read them.
+        if stage in ("fit", "validate") and self._metric is None and _can_sample(pl_module):
+            if trainer.is_global_zero:
+                self._metric = self._build_metric()
+            trainer.strategy.barrier("SampleQuality.setup")
+            if not trainer.is_global_zero:
+                self._metric = self._build_metric()
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._due = False
@@ -113,7 +127,7 @@ class SampleQuality(L.Callback):
         self._val_runs += 1
         if self._val_runs % self.every_n_val_epochs:
             return
-        if not callable(getattr(pl_module, "sample", None)):
+        if not _can_sample(pl_module):
             if not self._told_no_sample:
                 rank_zero_info(
                     f"SampleQuality: {type(pl_module).__name__} has no sample() method; skipped"
@@ -154,7 +168,7 @@ class SampleQuality(L.Callback):
 
     @torch.no_grad()
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        metric = self._metric_for(trainer, pl_module.device)
+        metric = self._metric.to(pl_module.device)
         n = rank_share(self.num_samples, trainer.global_rank, trainer.world_size)
         generator = torch.Generator(pl_module.device).manual_seed(self.seed + trainer.global_rank)
         # Sample under the same autocast as validation_step; extract features outside it.
@@ -179,17 +193,6 @@ class SampleQuality(L.Callback):
             suffix = "" if key in ("n_real", "n_fake") else f"@{self.num_samples}"
             results[f"quality/{key}{suffix}"] = float(value)
         return results
-
-    def _metric_for(self, trainer: L.Trainer, device: torch.device):
-        if self._metric is None:
-            # Rank 0 fills the on-disk caches first (it may train the digit classifier), then
-            # the other ranks read them.
-            if trainer.is_global_zero:
-                self._metric = self._build_metric()
-            trainer.strategy.barrier("SampleQuality.reference")
-            if not trainer.is_global_zero:
-                self._metric = self._build_metric()
-        return self._metric.to(device)
 
     def _build_metric(self):
         from diffusion_apps.evaluation import FeatureStats

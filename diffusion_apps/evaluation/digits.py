@@ -146,7 +146,8 @@ def train_digit_classifier(recipe: Recipe = RECIPE, progress: bool = True) -> Di
     images, labels = embedded_split("train")
     steps_per_epoch = len(images) // recipe.batch_size
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
+    # fork_rng keeps the caller's RNG; grad is forced on so callers in no-grad code may train it.
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(recipe.seed)
         torch.use_deterministic_algorithms(True)
         torch.set_num_threads(1)  # CPU reductions split by thread count: same weights everywhere

@@ -44,6 +44,11 @@ def set_reference(metric, space: str, weights_path: str | None = None) -> None:
     metric.set_reference(*mean_cov(feats), feats)  # feats: (N, d)
 
 
+def autocast(device: torch.device, precision: str):
+    """bfloat16 autocast of the network for ``precision == "bf16"``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def parse_samplers(spec: str | Sequence[str]) -> list[tuple[str, int]]:
     """``"ddpm:1000,ddim:50"`` or ``["ddpm:1000", "ddim:50"]`` → ``[("ddpm", 1000), ("ddim", 50)]``.
 
@@ -133,22 +138,14 @@ def _nfe(module, sampler: str, steps: int) -> int:
 
 
 def _floor(space: str, weights_path: str | None):
-    """The floor row: the real val split scored as if generated, against the real train split."""
-    from diffusion_apps.evaluation import FeatureStats, digits_floor
-    from diffusion_apps.evaluation.digits import embedded_split
+    """The floor row: real val against real train (see ``real_floor``)."""
+    from diffusion_apps.evaluation import real_floor
     from diffusion_apps.evaluation.report import Row
 
-    if space == "digits":  # with the val labels, so its accuracy is the classifier's
-        values = digits_floor()
-    else:
-        stats = FeatureStats(space, feature_extractor_weights_path=weights_path)
-        set_reference(stats, space, weights_path)
-        for x in embedded_split("val")[0].split(50):
-            stats.update(x, real=False)
-        values = stats.compute()
-    metrics = _plain(values)
-    n = int(metrics.get("n_fake", 0))
-    return Row("FLOOR: real val vs real train", "FLOOR", None, "–", None, n, metrics, None)
+    metrics = _plain(real_floor(space, feature_extractor_weights_path=weights_path))
+    return Row(
+        "FLOOR: real val vs real train", "FLOOR", None, "–", None, metrics["n_fake"], metrics, None
+    )
 
 
 def _generation_rows(module, name, step, settings, metric, args, rank, world, out_dir):
@@ -178,12 +175,13 @@ def _generation_rows(module, name, step, settings, metric, args, rank, world, ou
             if module.device.type == "cuda":
                 torch.cuda.synchronize(module.device)
             tic = time.perf_counter()
-            x = module.sample(
-                min(args["batch_size"], n - start),
-                sampler=sampler,
-                steps=steps,
-                generator=generator,
-            ).float()  # (B, C, H, W) in [-1, 1]
+            with autocast(module.device, args["precision"]):
+                x = module.sample(
+                    min(args["batch_size"], n - start),
+                    sampler=sampler,
+                    steps=steps,
+                    generator=generator,
+                ).float()  # (B, C, H, W) in [-1, 1]
             if module.device.type == "cuda":
                 torch.cuda.synchronize(module.device)
             seconds += time.perf_counter() - tic
@@ -255,7 +253,7 @@ def _slug(name: str) -> str:
 
 def evaluate(
     run_dir: str = "runs",
-    ckpt_paths: list[str] | None = None,
+    ckpt_paths: list[str] | str | None = None,
     num_samples: int = 1000,
     samplers: list[str] | str = DEFAULT_SAMPLERS,
     space: Literal["digits", "inception"] = "digits",
@@ -263,6 +261,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 250,
     device: str = "auto",
+    precision: Literal["32", "bf16"] = "32",
     feature_extractor_weights_path: str | None = None,
 ) -> Path:
     """Evaluate checkpoints and write ``<out_dir>/eval.md``, ``eval.json`` and sample grids.
@@ -275,7 +274,8 @@ def evaluate(
 
     Args:
         run_dir: searched recursively for ``*.ckpt`` (one per run version, ``last.ckpt`` first).
-        ckpt_paths: checkpoints to evaluate instead of searching ``run_dir``.
+        ckpt_paths: checkpoints to evaluate instead of searching ``run_dir`` (a list, or one
+            path, or comma-separated paths).
         num_samples: N, samples per checkpoint and sampler setting.
         samplers: ``"sampler:steps"`` settings, comma-separated or as a list.
         space: feature space: "digits" (the offline digit classifier; ``fd_digits``) or
@@ -284,6 +284,7 @@ def evaluate(
         seed: base seed of the sampling generator.
         batch_size: samples per forward pass.
         device: "auto" (CUDA when available), "cpu", "cuda", …
+        precision: "bf16" runs the network under bfloat16 autocast (the sampler stays fp32).
         feature_extractor_weights_path: local Inception weights for ``space="inception"`` offline.
 
     Returns:
@@ -299,6 +300,8 @@ def evaluate(
             f"got {num_samples}, {batch_size}"
         )
     settings = parse_samplers(samplers)
+    if isinstance(ckpt_paths, str):
+        ckpt_paths = [p.strip() for p in ckpt_paths.split(",") if p.strip()]
     if ckpt_paths:  # as named, each file once
         named = {Path(p).resolve(): Path(p) for p in reversed(ckpt_paths)}
         paths = list(reversed(named.values()))
@@ -324,6 +327,7 @@ def evaluate(
         num_samples=num_samples,
         seed=seed,
         batch_size=batch_size,
+        precision=precision,
         weights=feature_extractor_weights_path,
     )
 
@@ -370,7 +374,8 @@ def evaluate(
         f"FLOOR row: the real val split ({rows[0].num_samples} images) against the same reference.",
         f"Samples from the checkpoints' EMA weights, generator seed {seed} (+ rank), the same "
         "x_T for every sampler; KID as mean ± std over 100 subsets; precision/recall with "
-        "k = 3 nearest neighbours; seconds: sampling wall time.",
+        f"k = 3 nearest neighbours; seconds: sampling wall time ({precision} network "
+        f"precision on {dev}).",
     ]
     md = out / "eval.md"
     if rank == 0:

@@ -353,12 +353,24 @@ def reference_features(
     return features
 
 
-def digits_floor(cache_dir: str | Path | None = None) -> dict[str, float]:
-    """The "digits" metrics of the real val split (as generated, with its labels) against the
-    real train split: the floor a perfect generator of 500 samples would reach."""
-    real = reference_features("digits", "train", cache_dir)
-    stats = FeatureStats("digits", cache_dir=cache_dir)
+def real_floor(
+    space: Space = "digits",
+    cache_dir: str | Path | None = None,
+    feature_extractor_weights_path: str | None = None,
+) -> dict[str, float]:
+    """The metrics of the real val split, scored as if generated (with its labels in the digits
+    space, so its accuracy is the classifier's), against the real train split: the floor a
+    perfect generator of as many samples reaches. Computed on this process alone (no DDP sync),
+    so every rank may call it without counting the val split twice."""
+    real = reference_features(space, "train", cache_dir, feature_extractor_weights_path)
+    stats = FeatureStats(
+        space,
+        feature_extractor_weights_path=feature_extractor_weights_path,
+        cache_dir=cache_dir,
+        sync_on_compute=False,
+    )
     stats.set_reference(*mean_cov(real), real)
     images, labels = embedded_split("val")
-    stats.update(images, real=False, labels=labels)
+    for x, y in zip(images.split(100), labels.split(100), strict=True):
+        stats.update(x, real=False, labels=y if space == "digits" else None)
     return stats.compute()

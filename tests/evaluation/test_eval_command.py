@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -65,7 +67,7 @@ def test_eval_writes_the_report_with_the_floor(run_dir, tmp_path):
 def test_named_checkpoints_and_a_list_of_samplers(run_dir, tmp_path):
     ckpt = str(run_dir / "tiny_ddpm/version_0/checkpoints/last.ckpt")
     out = tmp_path / "reports"
-    args = ["eval", "--ckpt_paths", f"[{ckpt}, {ckpt}]", "--samplers", "[ddim:1]"]
+    args = ["eval", "--ckpt_paths", f"{ckpt},{ckpt}", "--samplers", "[ddim:1]"]
     main([*args, "--num_samples", "4", "--device", "cpu", "--out_dir", str(out)])
     _, row = json.loads((out / "eval.json").read_text())["rows"]  # the duplicate is dropped
     assert row["checkpoint"] == ckpt and row["sampler"] == "ddim" and row["nfe"] == 1
@@ -83,7 +85,7 @@ def test_without_checkpoints_it_says_how_to_train_one(tmp_path):
     assert "no checkpoint" in message and "make demo" in message
     assert "python -m diffusion_apps fit --config configs/ddpm.yaml" in message
     with pytest.raises(SystemExit, match="checkpoint not found: nope.ckpt"):
-        main(["eval", "--ckpt_paths", "[nope.ckpt]"])
+        main(["eval", "--ckpt_paths", "nope.ckpt"])
 
 
 def test_one_checkpoint_per_run_version_last_first(tmp_path):
@@ -109,3 +111,16 @@ def test_sampler_settings_parse():
     for bad in ("ddim", "ddim:0", ":5", "ddim:x"):
         with pytest.raises(ValueError, match="sampler:steps"):
             parse_samplers(bad)
+
+
+def test_torchrun_ranks_split_the_samples(run_dir, tmp_path):
+    """Under torchrun each of 2 CPU processes draws its share (4 + 3, seeds 0 and 1) and the
+    metric gathers both: n_fake is 7, and the floor is not counted twice."""
+    command = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2"]
+    command += ["-m", "diffusion_apps", "eval", "--run_dir", str(run_dir), "--device", "cpu"]
+    command += ["--num_samples", "7", "--samplers", "ddim:2", "--out_dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    floor, row = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert floor["num_samples"] == 500 and row["metrics"]["n_fake"] == row["num_samples"] == 7

@@ -12,8 +12,8 @@ from diffusion_apps.evaluation import (
     DigitClassifier,
     FeatureStats,
     digit_classifier,
-    digits_floor,
     mean_cov,
+    real_floor,
     reference_features,
 )
 from diffusion_apps.evaluation import digits as digits_module
@@ -27,7 +27,7 @@ def classifier() -> DigitClassifier:
 
 @pytest.fixture(scope="session")
 def floor(classifier) -> dict:
-    return digits_floor()
+    return real_floor()
 
 
 def no_training(*args, **kwargs):
