@@ -39,14 +39,16 @@ tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir $(RUN)
 
 ## eval: score every checkpoint under $(RUN) (or CKPT=a.ckpt,b.ckpt) -> reports/eval.md, eval.json, grids
-##   make eval N=1000 SAMPLERS=ddpm:1000,ddim:100,ddim:50,ddim:20,ddim:10 SPACE=digits
-N ?= 1000
+##   make eval N=500 SAMPLERS=ddpm:1000,ddim:100,ddim:50,ddim:20,ddim:10 SPACE=digits PRECISION=bf16
+##   (N=500 matches the floor's 500 real val images; bf16 halves CPU sampling time)
+N ?= 500
+PRECISION ?= bf16
 SAMPLERS ?= ddpm:1000,ddim:100,ddim:50,ddim:20,ddim:10
 SPACE ?= digits
 REPORTS ?= reports
 eval: $(STAMP)
 	$(PY) -m diffusion_apps eval --run_dir $(RUN) --num_samples $(N) --samplers $(SAMPLERS) \
-		--space $(SPACE) --out_dir $(REPORTS) \
+		--space $(SPACE) --out_dir $(REPORTS) --precision $(PRECISION) \
 		$(if $(filter command line environment,$(origin CKPT)),--ckpt_paths $(CKPT))
 
 ## bench: filled by the performance issue
