@@ -28,12 +28,12 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check diffusion_apps tests benchmarks
-	$(PY) -m ruff format --check diffusion_apps tests benchmarks
+	$(PY) -m ruff check diffusion_apps tests
+	$(PY) -m ruff format --check diffusion_apps tests
 
 format: $(STAMP)
-	$(PY) -m ruff format diffusion_apps tests benchmarks
-	$(PY) -m ruff check --fix diffusion_apps tests benchmarks
+	$(PY) -m ruff format diffusion_apps tests
+	$(PY) -m ruff check --fix diffusion_apps tests
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir $(RUN)
