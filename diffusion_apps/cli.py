@@ -29,28 +29,23 @@ class DiffusionCLI(LightningCLI):
         )
 
 
-def _sample_cli(args: Sequence[str]) -> None:
+def _function_cli(name: str, args: Sequence[str]) -> None:
+    """``sample`` and ``eval``: a jsonargparse CLI of the command's typed function."""
+    from importlib import import_module
+
     from jsonargparse import auto_cli
 
-    from diffusion_apps.sample import sample
-
-    auto_cli(sample, args=list(args), as_positional=False)
-
-
-def _eval_cli(args: Sequence[str]) -> None:
-    from jsonargparse import auto_cli
-
-    from diffusion_apps.evaluation.evaluate import evaluate
-
-    auto_cli(evaluate, args=list(args), as_positional=False)
+    module, function = {
+        "sample": ("diffusion_apps.sample", "sample"),
+        "eval": ("diffusion_apps.evaluation.evaluate", "evaluate"),
+    }[name]
+    auto_cli(getattr(import_module(module), function), args=list(args), as_positional=False)
 
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point; ``args`` replaces ``sys.argv[1:]`` (tests call ``main([...])`` in-process)."""
     args = list(sys.argv[1:] if args is None else args)
-    if args and args[0] == "sample":
-        _sample_cli(args[1:])
-    elif args and args[0] == "eval":
-        _eval_cli(args[1:])
+    if args and args[0] in ("sample", "eval"):
+        _function_cli(args[0], args[1:])
     else:
         DiffusionCLI(args=args)

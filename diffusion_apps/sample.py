@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -44,7 +43,7 @@ def sample(
     from tqdm.auto import tqdm
 
     from diffusion_apps.checkpoint import load_module
-    from diffusion_apps.evaluation.evaluate import autocast
+    from diffusion_apps.images import autocast, save_grid, to_unit
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(
@@ -67,11 +66,9 @@ def sample(
         n = min(batch_size, num_samples - start)
         with autocast(dev, precision):
             batch = module.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator)
-        batch = ((batch.float().cpu() + 1) / 2).clamp(0, 1)
-        for i, img in enumerate(batch):
+        for i, img in enumerate(to_unit(batch)):
             save_image(img, out / f"{start + i:06d}.png")
-        images.append(batch)
-    grid = torch.cat(images)
-    save_image(grid, out / "grid.png", nrow=math.ceil(math.sqrt(len(grid))), padding=1)
+        images.append(batch.cpu())
+    save_grid(torch.cat(images), out / "grid.png")
     print(f"wrote {num_samples} samples and grid.png to {out}")
     return out

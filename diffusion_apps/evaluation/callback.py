@@ -206,14 +206,13 @@ class SampleQuality(L.Callback):
     def _log_images(
         self, trainer: L.Trainer, pl_module: L.LightningModule, results: dict[str, float]
     ) -> None:
-        from torchvision.utils import make_grid
+        from diffusion_apps.images import grid
 
-        images = (self.last_samples.clamp(-1, 1) + 1) / 2
-        grid = make_grid(images, nrow=max(1, int(len(images) ** 0.5)), padding=1)
+        image = grid(self.last_samples)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
-                experiment.add_image("quality/samples", grid, trainer.global_step)
+                experiment.add_image("quality/samples", image, trainer.global_step)
             if not self._told_protocol and hasattr(experiment, "add_text"):
                 experiment.add_text("quality/protocol", self._protocol(pl_module, results))
         self._told_protocol = True

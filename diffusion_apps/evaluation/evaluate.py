@@ -44,11 +44,6 @@ def set_reference(metric, space: str, weights_path: str | None = None) -> None:
     metric.set_reference(*mean_cov(feats), feats)  # feats: (N, d)
 
 
-def autocast(device: torch.device, precision: str):
-    """bfloat16 autocast of the network for ``precision == "bf16"``, else a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def parse_samplers(spec: str | Sequence[str]) -> list[tuple[str, int]]:
     """``"ddpm:1000,ddim:50"`` or ``["ddpm:1000", "ddim:50"]`` → ``[("ddpm", 1000), ("ddim", 50)]``.
 
@@ -153,7 +148,8 @@ def _generation_rows(module, name, step, settings, metric, args, rank, world, ou
     samplers are compared on the same x_T (common random numbers)."""
     from tqdm.auto import tqdm
 
-    from diffusion_apps.evaluation.report import Row, save_grid
+    from diffusion_apps.evaluation.report import Row
+    from diffusion_apps.images import autocast, save_grid
 
     allowed = _sampler_names(module)
     for sampler, _ in settings:

@@ -7,8 +7,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from torch import Tensor
-
 # Column order of the metrics; a metric not listed here comes after them, alphabetically.
 METRIC_ORDER = (
     "fd_digits",
@@ -105,14 +103,3 @@ def write_report(rows: list[Row], header: list[str], out_dir: str | Path) -> tup
     payload = {"header": header, "rows": [asdict(row) for row in rows]}
     js.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
     return md, js
-
-
-def save_grid(images: Tensor, path: str | Path) -> Path:
-    """Save images in [-1, 1] (N, C, H, W) as one square-ish PNG grid."""
-    from torchvision.utils import save_image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
-    save_image(images, path, nrow=math.ceil(math.sqrt(len(images))), padding=1)
-    return path

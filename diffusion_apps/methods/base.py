@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
+from diffusion_apps.images import grid
+
 
 class DiffusionMethod(L.LightningModule):
     """Base of the method modules: AdamW with linear warm-up, and TensorBoard image grids.
@@ -59,13 +61,8 @@ class DiffusionMethod(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def log_images(self, tag: str, images: Tensor, nrow: int | None = None) -> None:
+    def log_images(self, tag: str, images: Tensor) -> None:
         """Log images in [-1, 1] as one grid to TensorBoard (a no-op for other loggers)."""
-        from torchvision.utils import make_grid
-
         experiment = getattr(self.logger, "experiment", None)
-        if not hasattr(experiment, "add_image"):
-            return
-        nrow = nrow or max(1, int(len(images) ** 0.5))
-        images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
-        experiment.add_image(tag, make_grid(images, nrow=nrow, padding=1), self.global_step)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image(tag, grid(images), self.global_step)

@@ -98,12 +98,16 @@ class DDPM(DiffusionMethod):
             return self.schedule.predict_eps(x_t, t, out)
         return self.schedule.eps_from_v(x_t, t, out)
 
-    def diffusion_loss(self, x0: Tensor, **cond) -> Tensor:
-        """L_simple for a batch x0 (B, C, H, W): t uniform, one ε per image."""
-        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
-        x_t = self.schedule.q_sample(x0, t, noise)
-        out = self.unet(x_t, t, **cond)
+    def diffusion_loss(
+        self, x0: Tensor, generator: torch.Generator | None = None, **cond
+    ) -> Tensor:
+        """L_simple for a batch x0 (B, C, H, W): one t ~ U{0, …, T−1} and ε ~ N(0, I) per image,
+        drawn from ``generator`` when given (validation: comparable across epochs)."""
+        t = torch.randint(
+            0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device
+        )
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        out = self.unet(self.schedule.q_sample(x0, t, noise), t, **cond)
         return F.mse_loss(out.float(), self.target(x0, t, noise).float())
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
@@ -114,15 +118,7 @@ class DDPM(DiffusionMethod):
         return loss
 
     def _heldout_loss(self, x0: Tensor, batch_idx: int) -> Tensor:
-        """L_simple with t and ε drawn from a generator seeded by the batch index, so the
-        validation loss is comparable across epochs."""
-        gen = torch.Generator(x0.device).manual_seed(batch_idx)
-        t = torch.randint(
-            0, self.schedule.num_timesteps, (x0.shape[0],), generator=gen, device=x0.device
-        )
-        noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
-        out = self.unet(self.schedule.q_sample(x0, t, noise), t)
-        return F.mse_loss(out.float(), self.target(x0, t, noise).float())
+        return self.diffusion_loss(x0, torch.Generator(x0.device).manual_seed(batch_idx))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.log("val/loss", self._heldout_loss(batch[0], batch_idx), prog_bar=True, sync_dist=True)

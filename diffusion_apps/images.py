@@ -1,0 +1,36 @@
+"""Images in [−1, 1] as grids: for TensorBoard, PNG files and reports."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def to_unit(images: Tensor) -> Tensor:
+    """Map model images in [−1, 1] to [0, 1] on the CPU in fp32, clamping strays: (x + 1)/2."""
+    return (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+
+
+def grid(images: Tensor) -> Tensor:
+    """One square-ish grid (C, H', W') in [0, 1] of images (N, C, H, W) in [−1, 1]."""
+    from torchvision.utils import make_grid
+
+    return make_grid(to_unit(images), nrow=math.ceil(math.sqrt(len(images))), padding=1)
+
+
+def save_grid(images: Tensor, path: str | Path) -> Path:
+    """Save ``grid(images)`` as a PNG, creating its folder."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid(images), path)
+    return path
+
+
+def autocast(device: torch.device, precision: str):
+    """bfloat16 autocast of the network for ``precision == "bf16"``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
