@@ -135,8 +135,15 @@ def test_validate_test_predict_from_a_checkpoint(in_tmp):
         "--trainer.logger",
         "false",
     ]
-    main(["validate", *common])
-    main(["test", *common])
+    for stage, key in (("validate", "val/loss"), ("test", "test/loss")):
+        metrics = DiffusionCLI(args=[stage, *common]).trainer.callback_metrics
+        assert 0 < metrics[key] < 10, (stage, metrics)
     cli = DiffusionCLI(args=["predict", *common])
     (samples,) = cli.trainer.predict_loop.predictions
     assert samples.shape == (8, 1, 16, 16) and samples.abs().max() <= 1
+
+
+def test_data_that_the_unet_cannot_take_is_named(in_tmp):
+    """The tiny UNet takes 16 px images; 32 px data must stop before training, naming both keys."""
+    with pytest.raises(ValueError, match="32px(.|\n)*unet.init_args(.|\n)*data.init_args"):
+        main(["fit", "--config", str(TINY), "--data.init_args.image_size", "32"])
