@@ -28,12 +28,12 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check diffusion_apps tests
-	$(PY) -m ruff format --check diffusion_apps tests
+	$(PY) -m ruff check diffusion_apps tests benchmarks
+	$(PY) -m ruff format --check diffusion_apps tests benchmarks
 
 format: $(STAMP)
-	$(PY) -m ruff format diffusion_apps tests
-	$(PY) -m ruff check --fix diffusion_apps tests
+	$(PY) -m ruff format diffusion_apps tests benchmarks
+	$(PY) -m ruff check --fix diffusion_apps tests benchmarks
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir $(RUN)
@@ -51,10 +51,16 @@ eval: $(STAMP)
 		--space $(SPACE) --out_dir $(REPORTS) --precision $(PRECISION) \
 		$(if $(filter command line environment,$(origin CKPT)),--ckpt_paths $(CKPT))
 
-## bench: filled by the performance issue
+## bench: our UNet against diffusers and denoising-diffusion-pytorch -> benchmarks/results/<device>.md
+##   make bench BENCH_ARGS="--reps 3 --shapes mnist32"   (add --compile for torch.compile rows)
+BENCH_ARGS ?=
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
 
-bench: $(STAMP)
-	@echo "make bench: not implemented yet (performance issue #4)"; exit 1
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/speed.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -31,7 +31,8 @@ class ImageDataModule(L.LightningDataModule):
         seed: seed of that split.
         random_flip: random horizontal flips of training images.
         download: let torchvision download missing files.
-        pin_memory: passed to the loaders.
+        pin_memory: pin batches in page-locked memory for fast host-to-GPU copies; by default
+            (None) exactly when the trainer runs on a CUDA device.
     """
 
     def __init__(
@@ -46,7 +47,7 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         random_flip: bool = False,
         download: bool = True,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
     ):
         super().__init__()
         checks = [
@@ -121,6 +122,13 @@ class ImageDataModule(L.LightningDataModule):
             for base, f in zip(bases, (flip, False), strict=True)
         )
 
+    def _pin_memory(self) -> bool:
+        if self.pin_memory is not None:
+            return self.pin_memory
+        trainer = self.trainer  # None outside a Trainer
+        device = trainer.strategy.root_device if trainer is not None else None
+        return device is not None and device.type == "cuda"
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
@@ -128,7 +136,7 @@ class ImageDataModule(L.LightningDataModule):
             shuffle=train,
             drop_last=train,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pin_memory(),
             persistent_workers=self.num_workers > 0,
         )
 

@@ -80,21 +80,6 @@ def _respaced_variance(
     return beta, beta if variance == "beta" else beta * (1 - alpha_bar_prev) / (1 - alpha_bar)
 
 
-def _denoise(
-    eps_fn: EpsFn, x: Tensor, t: int, alpha_bar: float, clip_x0: bool, cond: dict[str, Any]
-) -> tuple[Tensor, Tensor]:
-    """ε̂ = ε_θ(x_t, t) and x̂_0 = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t (DDIM eq. 9).
-
-    With ``clip_x0`` x̂_0 is clamped to [−1, 1] and ε̂ re-derived from it, as guided-diffusion does.
-    """
-    eps = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), **cond)
-    x0 = (x - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
-    if clip_x0:
-        x0 = x0.clamp(-1, 1)
-        eps = (x - math.sqrt(alpha_bar) * x0) / math.sqrt(1 - alpha_bar)
-    return x0, eps
-
-
 def _run(
     eps_fn: EpsFn,
     x: Tensor,
@@ -105,19 +90,36 @@ def _run(
     progress: bool,
     cond: dict[str, Any],
 ) -> Tensor:
-    """For each (t, row) in order: x ← c_x0·x̂_0 + c_x·x + c_ε·ε̂ + σ·z, z ~ N(0, I).
+    """Walk ``ts``: x ← c_x0·x̂_0 + c_x·x + c_ε·ε̂ + σ·z, z ~ N(0, I), x̂_0 = (x − √(1 − ᾱ)ε̂)/√ᾱ.
 
-    ``table`` (S, 5) holds the rows (ᾱ_t, c_x0, c_x, c_ε, σ), precomputed once per call as Python
-    floats so the loop needs no host-device synchronisation.
+    ``table`` (S, 5) holds the rows (ᾱ_t, c_x0, c_x, c_ε, σ). They are folded once, in float64,
+    into two coefficients on the network's output u = ε̂ and on x:
+        x ← (c_ε − c_x0·√((1 − ᾱ)/ᾱ))·ε̂ + (c_x + c_x0/√ᾱ)·x + σz,
+    or, with ``clip_x0`` (guided-diffusion's ``clip_denoised``: x̂_0 clamped to [−1, 1] and ε̂
+    re-derived from it, ε̂ = (x − √ᾱ x̂_0)/√(1 − ᾱ)), on u = x̂_0 and x:
+        x ← (c_x0 − c_ε·√(ᾱ/(1 − ᾱ)))·x̂_0 + (c_x + c_ε/√(1 − ᾱ))·x + σz.
+    The loop gets them as Python floats: a step is the network call plus two elementwise passes
+    (a third for the noise, two more for clipping), and nothing in it synchronises host and
+    device.
     """
-    for t, (alpha_bar, c_x0, c_x, c_eps, sigma) in tqdm(
-        list(zip(ts, table.tolist(), strict=True)), disable=not progress
-    ):
-        x0, eps = _denoise(eps_fn, x, t, alpha_bar, clip_x0, cond)
-        x_next = c_x0 * x0 + c_x * x + c_eps * eps
-        if sigma > 0:
+    alpha_bar, c_x0, c_x, c_eps, sigma = table.unbind(1)
+    if clip_x0:
+        c_u = c_x0 - c_eps * (alpha_bar / (1 - alpha_bar)).sqrt()
+        c_x = c_x + c_eps / (1 - alpha_bar).sqrt()
+    else:
+        c_u = c_eps - c_x0 * ((1 - alpha_bar) / alpha_bar).sqrt()
+        c_x = c_x + c_x0 / alpha_bar.sqrt()
+    rows = torch.stack([alpha_bar, c_u, c_x, sigma], 1).tolist()
+    t_all = torch.tensor(list(ts), dtype=torch.long, device=x.device)
+    for i, (alpha_bar_t, c_u_t, c_x_t, sigma_t) in enumerate(tqdm(rows, disable=not progress)):
+        u = eps_fn(x, t_all[i].expand(x.shape[0]), **cond)
+        if clip_x0:  # u ← x̂_0 = clamp((x − √(1 − ᾱ)ε̂)/√ᾱ, −1, 1)
+            u = torch.add(x, u, alpha=-math.sqrt(1 - alpha_bar_t))
+            u = u.div_(math.sqrt(alpha_bar_t)).clamp_(-1, 1)
+        x_next = u.mul(c_u_t).add_(x, alpha=c_x_t)
+        if sigma_t > 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x_next = x_next + sigma * noise
+            x_next.add_(noise, alpha=sigma_t)
         x = x_next
     return x
 

@@ -24,6 +24,9 @@ class DiffusionMethod(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: steps of linear warm-up from 0 to ``lr`` (DDPM uses 5000 on CIFAR-10).
         adam_betas: AdamW (β1, β2).
+        compile: ``torch.compile`` the networks (every child module with parameters) when the
+            Trainer configures the model. The first steps then take minutes; it pays for long
+            GPU runs, and on CPU in fp32 only (see README, Performance).
     """
 
     def __init__(
@@ -32,6 +35,7 @@ class DiffusionMethod(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -40,6 +44,7 @@ class DiffusionMethod(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.adam_betas = tuple(adam_betas)
+        self.compile_networks = compile
 
     def save_config(self) -> None:
         """Save the constructor arguments as hyper-parameters, never as pickled modules.
@@ -51,6 +56,17 @@ class DiffusionMethod(L.LightningModule):
         from_cli = _given_hyperparameters.get() is not None
         modules = [k for k, v in frame.f_locals.items() if isinstance(v, nn.Module) and k != "self"]
         self.save_hyperparameters(ignore=None if from_cli else modules, frame=frame, logger=False)
+
+    def networks(self) -> list[nn.Module]:
+        """The trainable networks: the child modules that hold parameters."""
+        return [m for m in self.children() if next(m.parameters(), None) is not None]
+
+    def configure_model(self) -> None:
+        """Compile the networks in place (state-dict keys unchanged) if ``compile`` is set."""
+        if self.compile_networks:
+            for net in self.networks():
+                if getattr(net, "_compiled_call_impl", None) is None:
+                    net.compile()
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

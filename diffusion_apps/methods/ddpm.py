@@ -35,7 +35,7 @@ class DDPM(DiffusionMethod):
         variance: ancestral σ²_t, β_t ("beta", the paper's CIFAR-10 choice) or β̃_t.
         clip_x0: clamp x̂0 to [−1, 1] at each sampling step.
         num_val_samples: images in the grid drawn at each validation.
-        lr, weight_decay, warmup_steps, adam_betas: see :class:`DiffusionMethod`.
+        lr, weight_decay, warmup_steps, adam_betas, compile: see :class:`DiffusionMethod`.
     """
 
     def __init__(
@@ -54,8 +54,9 @@ class DDPM(DiffusionMethod):
         weight_decay: float = 0.0,
         warmup_steps: int = 1000,
         adam_betas: tuple[float, float] = (0.9, 0.999),
+        compile: bool = False,
     ) -> None:
-        super().__init__(lr, weight_decay, warmup_steps, adam_betas)
+        super().__init__(lr, weight_decay, warmup_steps, adam_betas, compile)
         self.save_config()
         self.unet = unet
         self.schedule = schedule if schedule is not None else NoiseSchedule()

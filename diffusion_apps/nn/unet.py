@@ -19,6 +19,7 @@ from diffusion_apps.nn.layers import (
     AttentionBlock,
     AttentionPool2d,
     CondSequential,
+    GroupNorm,
     ResBlock,
     SpatialTransformer,
     Upsample,
@@ -210,6 +211,10 @@ class UNet(nn.Module):
         cond_shift: Use PDAE's scale-and-shift AdaGN instead of DiffAE's scale-only one.
         context_dim: Width of a context sequence; attention blocks become spatial transformers.
         transformer_depth: Transformer blocks per spatial transformer.
+        channels_last: Keep the weights, and so every activation, in channels-last (NHWC)
+            memory. The same numbers, faster: on CPU bf16 convolutions run about 2x faster
+            (oneDNN otherwise reorders every input), and attention reads its tokens without a
+            copy. See benchmarks/results.
     """
 
     def __init__(
@@ -230,6 +235,7 @@ class UNet(nn.Module):
         cond_shift: bool = False,
         context_dim: int | None = None,
         transformer_depth: int = 1,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         _check_positive(num_classes=num_classes, out_channels=out_channels)
@@ -263,8 +269,10 @@ class UNet(nn.Module):
                     layers.append(up)
                     res *= 2
                 self.up.append(CondSequential(*layers))
-        self.out_norm = nn.GroupNorm(num_groups, ch)
+        self.out_norm = GroupNorm(num_groups, ch)
         self.out_conv = zero_(nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def _check_conditioning(
         self, batch: int, y: Tensor | None, cond: Tensor | None, context: Tensor | None
@@ -362,6 +370,7 @@ class EncoderUNet(nn.Module):
         resblock_updown: bool = False,
         time_conditioned: bool = True,
         pool: Literal["avg", "attention"] = "avg",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if pool not in ("avg", "attention"):
@@ -376,11 +385,13 @@ class EncoderUNet(nn.Module):
             emb_dim=4 * base_channels if time_conditioned else None,
         )  # fmt: skip
         ch = self.down.out_channels
-        self.out_norm = nn.GroupNorm(num_groups, ch)
+        self.out_norm = GroupNorm(num_groups, ch)
         if pool == "avg":
             self.head: nn.Module = nn.Linear(ch, out_dim)
         else:
             self.head = AttentionPool2d(self.down.out_resolution, ch, num_head_channels, out_dim)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         """Encode x (B, in_channels, H, W) [at timesteps t (B,)] to (B, out_dim)."""

@@ -57,3 +57,14 @@ def test_mnist_from_local_files(tmp_path):
     assert (x[:, 2:-2, 2:-2] == 1.0).all() and x[:, :2].eq(-1.0).all()
     xb, yb = next(iter(dm.val_dataloader()))
     assert xb.shape == (2, 3, 32, 32) and yb.tolist() == [0, 1]
+
+
+def test_pin_memory_follows_the_trainer_device():
+    """Pinned batches only pay for host-to-GPU copies: by default they are off without a CUDA
+    trainer, and an explicit setting wins."""
+    dm = ImageDataModule(batch_size=8)
+    dm.setup("fit")
+    assert dm.pin_memory is None and dm.train_dataloader().pin_memory is False
+    dm = ImageDataModule(batch_size=8, pin_memory=True)
+    dm.setup("fit")
+    assert dm.train_dataloader().pin_memory is True

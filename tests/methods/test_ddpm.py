@@ -89,3 +89,22 @@ def test_sample_is_clamped_to_the_data_range():
     model = make("eps")
     x = model.sample(8, steps=5, x_T=10 * torch.randn(8, 1, 8, 8))
     assert x.min() >= -1 and x.max() <= 1
+
+
+def test_compile_option_compiles_the_networks_in_place():
+    """``compile=True`` compiles each network once when the Trainer configures the model; the
+    checkpoint keys stay those of the plain module."""
+    from diffusion_apps.nn import UNet
+
+    unet = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=(1,),
+                attention_resolutions=(), num_head_channels=8, num_groups=2)  # fmt: skip
+    plain, compiled = DDPM(unet), DDPM(unet, compile=True)
+    assert plain.networks() == [unet]  # the schedule holds no parameters
+    plain.configure_model()
+    assert getattr(unet, "_compiled_call_impl", None) is None
+    keys = set(plain.state_dict())
+    compiled.configure_model()
+    impl = unet._compiled_call_impl
+    assert impl is not None
+    compiled.configure_model()  # called again on every fit/validate: compiles once
+    assert unet._compiled_call_impl is impl and set(compiled.state_dict()) == keys
