@@ -481,7 +481,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shapes", nargs="+", default=None, help=f"of {list(SHAPES)}")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--compile", action="store_true", help="add ours + torch.compile (fp32 on CPU, bf16 on GPU)")
+    p.add_argument(
+        "--compile", action="store_true", help="add ours + torch.compile (fp32 on CPU, bf16 on GPU)"
+    )
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
