@@ -472,6 +472,32 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, path: Path) -> None:
+    """Bar chart of training images/s (batch 64, median with min–max whiskers) per shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = result["shapes"]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
+    for ax, (shape, r) in zip(axes[0], shapes.items(), strict=True):
+        names = list(r["contenders"])
+        t = [r["timings"]["train-64"][n] for n in names]
+        mid = [64 / x["median"] for x in t]
+        err = [
+            [m - 64 / x["max"] for m, x in zip(mid, t, strict=True)],
+            [64 / x["min"] - m for m, x in zip(mid, t, strict=True)],
+        ]
+        colors = ["tab:blue" if n.startswith("ours") else "tab:gray" for n in names]
+        ax.barh(names[::-1], mid[::-1], xerr=[e[::-1] for e in err], color=colors[::-1])
+        ax.set_xlabel("training images/s, batch 64 (median, min–max)")
+        ax.set_title(f"{shape}, {result['machine'].get('gpu', result['machine']['cpu'])}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def loader_seconds_per_batch(reps: int) -> list[float]:
     """Seconds per batch of the default data module's training loader."""
     from diffusion_apps.data import ImageDataModule
@@ -554,8 +580,9 @@ def main(argv: list[str] | None = None) -> None:
     stem = args.out / (args.name or args.device)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     stem.with_suffix(".md").write_text(markdown(result))
+    plot(result, stem.with_suffix(".png"))
     print(markdown(result))
-    print(f"wrote {stem}.md and {stem}.json")
+    print(f"wrote {stem}.md, {stem}.json and {stem}.png")
 
 
 if __name__ == "__main__":

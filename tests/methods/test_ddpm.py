@@ -67,6 +67,28 @@ def test_loss_of_the_optimal_denoiser_is_the_posterior_variance():
     assert losses.mean().item() == pytest.approx(expected.item(), rel=0.03)
 
 
+class BF16Output(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t):
+        return self.net(x, t).bfloat16()
+
+
+def test_loss_is_computed_in_fp32_under_bf16_autocast():
+    """bf16-mixed: the network may answer in bf16, the squared error is summed in fp32."""
+    model = make("eps")
+    oracle = model.unet
+    x0 = MU + SIGMA * torch.randn(512, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    exact = model.diffusion_loss(x0, torch.Generator().manual_seed(1))
+    model.unet = BF16Output(oracle)
+    with torch.autocast("cpu", torch.bfloat16):
+        mixed = model.diffusion_loss(x0, torch.Generator().manual_seed(1))
+    assert mixed.dtype == torch.float32
+    assert mixed.item() == pytest.approx(exact.item(), rel=1e-2)  # bf16 rounding of ε̂ only
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_sample_draws_the_data_distribution(sampler):
     """sample() with the exact denoiser and T = 1000 steps returns N(μ, σ²) images.
