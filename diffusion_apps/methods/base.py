@@ -25,8 +25,8 @@ class DiffusionMethod(L.LightningModule):
         warmup_steps: steps of linear warm-up from 0 to ``lr`` (DDPM uses 5000 on CIFAR-10).
         adam_betas: AdamW (β1, β2).
         compile: ``torch.compile`` the networks (every child module with parameters) when the
-            Trainer configures the model. The first steps then take minutes; it pays for long
-            GPU runs, and on CPU in fp32 only (see README, Performance).
+            Trainer configures the model. The first steps then take minutes; meant for long GPU
+            runs (on our CPU it gained nothing: README, Performance).
     """
 
     def __init__(
