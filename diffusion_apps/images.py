@@ -14,11 +14,13 @@ def to_unit(images: Tensor) -> Tensor:
     return (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
 
 
-def grid(images: Tensor) -> Tensor:
-    """One square-ish grid (C, H', W') in [0, 1] of images (N, C, H, W) in [−1, 1]."""
+def grid(images: Tensor, nrow: int | None = None) -> Tensor:
+    """One grid (C, H', W') in [0, 1] of images (N, C, H, W) in [−1, 1], ``nrow`` images a row
+    (default: square-ish)."""
     from torchvision.utils import make_grid
 
-    return make_grid(to_unit(images), nrow=math.ceil(math.sqrt(len(images))), padding=1)
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    return make_grid(to_unit(images), nrow=nrow, padding=1)
 
 
 def save_grid(images: Tensor, path: str | Path) -> Path:

@@ -7,6 +7,7 @@ from diffusion_apps.diffusion.guidance import (
     eps_shift_guidance,
     mean_shift_guidance,
 )
+from diffusion_apps.diffusion.interpolation import slerp
 from diffusion_apps.diffusion.samplers import (
     EpsFn,
     ddim_invert,
@@ -28,5 +29,6 @@ __all__ = [
     "ddpm_sample",
     "eps_shift_guidance",
     "mean_shift_guidance",
+    "slerp",
     "timestep_subsequence",
 ]

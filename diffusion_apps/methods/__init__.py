@@ -2,5 +2,6 @@
 
 from diffusion_apps.methods.base import DiffusionMethod
 from diffusion_apps.methods.ddpm import DDPM
+from diffusion_apps.methods.diffae import DiffAE
 
-__all__ = ["DDPM", "DiffusionMethod"]
+__all__ = ["DDPM", "DiffAE", "DiffusionMethod"]

@@ -53,6 +53,11 @@ class DiffusionMethod(L.LightningModule):
         built in Python keeps only its plain arguments, and nn.Module arguments are dropped.
         """
         frame = inspect.currentframe().f_back
+        # A subclass's __init__ calls its parent's: save the outermost one's arguments.
+        while (outer := frame.f_back) is not None and (
+            outer.f_code.co_name == "__init__" and outer.f_locals.get("self") is self
+        ):
+            frame = outer
         from_cli = _given_hyperparameters.get() is not None
         modules = [k for k, v in frame.f_locals.items() if isinstance(v, nn.Module) and k != "self"]
         self.save_hyperparameters(ignore=None if from_cli else modules, frame=frame, logger=False)
@@ -77,8 +82,9 @@ class DiffusionMethod(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def log_images(self, tag: str, images: Tensor) -> None:
-        """Log images in [-1, 1] as one grid to TensorBoard (a no-op for other loggers)."""
+    def log_images(self, tag: str, images: Tensor, nrow: int | None = None) -> None:
+        """Log images in [-1, 1] as one grid, ``nrow`` a row, to TensorBoard (a no-op for other
+        loggers)."""
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
-            experiment.add_image(tag, grid(images), self.global_step)
+            experiment.add_image(tag, grid(images, nrow), self.global_step)

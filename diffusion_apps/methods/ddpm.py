@@ -111,22 +111,31 @@ class DDPM(DiffusionMethod):
         out = self.unet(self.schedule.q_sample(x0, t, noise), t, **cond)
         return F.mse_loss(out.float(), self.target(x0, t, noise).float())
 
+    def conditioning(self, x0: Tensor) -> dict[str, Tensor]:
+        """The network's inputs besides (x_t, t) for clean images x0: none for DDPM."""
+        return {}
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        x0, _ = batch
-        loss = self.diffusion_loss(x0)
+        x0 = batch[0]
+        loss = self.diffusion_loss(x0, **self.conditioning(x0))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         return loss
 
     def _heldout_loss(self, x0: Tensor, batch_idx: int) -> Tensor:
-        return self.diffusion_loss(x0, torch.Generator(x0.device).manual_seed(batch_idx))
+        gen = torch.Generator(x0.device).manual_seed(batch_idx)
+        return self.diffusion_loss(x0, gen, **self.conditioning(x0))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.log("val/loss", self._heldout_loss(batch[0], batch_idx), prog_bar=True, sync_dist=True)
         if batch_idx == 0 and self.num_val_samples > 0 and self.trainer.is_global_zero:
             # Runs while the EMA callback has swapped the EMA weights in.
-            gen = torch.Generator(self.device).manual_seed(0)
-            self.log_images("samples", self.sample(self.num_val_samples, generator=gen))
+            self.log_validation_images(batch[0])
+
+    def log_validation_images(self, x0: Tensor) -> None:
+        """TensorBoard pictures of the first validation batch x0: a grid of fixed-seed samples."""
+        gen = torch.Generator(self.device).manual_seed(0)
+        self.log_images("samples", self.sample(self.num_val_samples, generator=gen))
 
     def test_step(self, batch, batch_idx: int) -> None:
         self.log("test/loss", self._heldout_loss(batch[0], batch_idx), sync_dist=True)

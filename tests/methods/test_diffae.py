@@ -1,0 +1,114 @@
+"""DiffAE: deterministic encoding, z_sem conditioning, inversion, interpolation, the CLI."""
+
+import pytest
+import torch
+
+from diffusion_apps.checkpoint import load_module
+from diffusion_apps.cli import main
+from diffusion_apps.data import load_embedded_digits
+from diffusion_apps.methods import DiffAE
+from diffusion_apps.nn import EncoderUNet, UNet
+from tests.conftest import CONFIGS
+
+TINY = CONFIGS / "tiny" / "diffae.yaml"
+NET = dict(in_channels=1, image_size=16, base_channels=8, channel_mult=(1, 2),
+           num_res_blocks=1, num_head_channels=8, num_groups=2)  # fmt: skip
+
+
+def build(cond_dim=16, **kw):
+    unet = UNet(**NET, attention_resolutions=(8,), cond_dim=cond_dim)
+    encoder = EncoderUNet(**NET, attention_resolutions=(), out_dim=16, time_conditioned=False)
+    return DiffAE(unet, encoder, **kw)
+
+
+def randomize_(module, std=0.1):
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, std)
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny config trained for 60 steps through the CLI, reloaded from its checkpoint."""
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("diffae"))
+    try:
+        steps = ["--trainer.max_steps", "60", "--trainer.val_check_interval", "60"]
+        main(["fit", "--config", str(TINY), *steps, "--trainer.enable_progress_bar", "false"])
+        module = load_module("runs/tiny_diffae/version_0/checkpoints/last.ckpt", DiffAE)
+    finally:
+        os.chdir(cwd)
+    return module.eval()
+
+
+def digits(n=8, size=16):
+    """n real digits of different classes (the set is sorted by label), in [-1, 1]."""
+    x = load_embedded_digits()[0][::500][:n, None].float() / 127.5 - 1  # (n, 1, 28, 28)
+    return torch.nn.functional.interpolate(x, size=size, mode="area")
+
+
+def test_bad_parts_are_named():
+    with pytest.raises(ValueError, match="cond_dim=8 must equal the encoder's out_dim=16"):
+        build(cond_dim=8)
+    unet = UNet(**NET, attention_resolutions=(8,), cond_dim=16)
+    timed = EncoderUNet(**NET, attention_resolutions=(), out_dim=16)
+    with pytest.raises(ValueError, match="time_conditioned=False"):
+        DiffAE(unet, timed)
+
+
+def test_python_built_module_saves_its_own_arguments():
+    model = build(encode_steps=7, sample_steps=9)
+    assert model.hparams["encode_steps"] == 7 and model.hparams["sample_steps"] == 9
+    assert "unet" not in model.hparams and "encoder" not in model.hparams
+
+
+def test_encoding_is_deterministic_and_z_sem_steers_the_decoder():
+    model = randomize_(build(sample_steps=5))
+    x = digits(4)
+    z = model.encode(x)
+    assert z.shape == (4, 16) and torch.equal(z, model.encode(x))
+    x_T = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.decode(z, x_T), model.decode(z, x_T))  # DDIM η = 0
+    t = torch.full((4,), 50)
+    other_z = 3 * torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+    eps, other = model.eps(x_T, t, cond=z), model.eps(x_T, t, cond=other_z)
+    assert (eps - other).abs().mean() > 1e-2 * eps.abs().mean()
+
+
+def test_training_trains_the_encoder_through_the_diffusion_loss():
+    model = build()
+    randomize_(model.unet)  # at init its zero output convs pass no gradient back
+    loss = model.diffusion_loss(digits(4), **model.conditioning(digits(4)))
+    loss.backward()
+    grads = [p.grad for p in model.encoder.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_inversion_then_decoding_reconstructs_better_with_more_steps(trained):
+    x = digits(8)
+    z = trained.encode(x)
+    errors = []
+    for steps in (5, 20, 100):
+        x_T = trained.encode_stochastic(x, z, steps=steps)
+        errors.append((trained.decode(z, x_T, steps=steps) - x).square().mean().item())
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.1 * errors[0]
+    random = trained.reconstruct(x, inferred=False, generator=torch.Generator().manual_seed(0))
+    assert errors[2] < (random - x).square().mean().item()  # x_T carries what z_sem does not
+
+
+def test_interpolation_endpoints_are_the_reconstructions(trained):
+    x = digits(4)
+    frames = trained.interpolate(x[:2], x[2:], num=3)
+    assert frames.shape == (2, 3, 1, 16, 16)
+    torch.testing.assert_close(frames[:, 0], trained.reconstruct(x[:2]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(frames[:, -1], trained.reconstruct(x[2:]), atol=1e-5, rtol=0)
+    assert (frames[:, 1] - frames[:, 0]).abs().mean() > 1e-3
+
+
+def test_fast_dev_run_logs_reconstruction_grids(in_tmp):
+    main(["fit", "--config", str(TINY), "--trainer.fast_dev_run", "true"])
