@@ -26,7 +26,9 @@ class EMA(WeightAveraging):
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         if update_every_n_steps < 1:
             raise ValueError(f"update_every_n_steps must be >= 1, got {update_every_n_steps}")
-        super().__init__(use_buffers=True, multi_avg_fn=self._update)
+        # Buffers (normalisation statistics and the like) are state, not weights: they are
+        # copied from the live model at every update instead of averaged.
+        super().__init__(use_buffers=False, multi_avg_fn=self._update)
         self.decay, self.warmup, self.update_every_n_steps = decay, warmup, update_every_n_steps
 
     def decay_at(self, num_updates: int) -> float:
@@ -36,10 +38,8 @@ class EMA(WeightAveraging):
         )
 
     def _update(self, averaged: list, current: list, num_averaged: torch.Tensor) -> None:
-        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
-        if floats:
-            weight = 1.0 - self.decay_at(int(num_averaged))
-            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
+        weight = 1.0 - self.decay_at(int(num_averaged))
+        torch._foreach_lerp_(averaged, current, weight)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0

@@ -3,5 +3,6 @@
 from diffusion_apps.methods.base import DiffusionMethod
 from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.methods.diffae import DiffAE
+from diffusion_apps.methods.latent_ddim import LatentDDIM
 
-__all__ = ["DDPM", "DiffAE", "DiffusionMethod"]
+__all__ = ["DDPM", "DiffAE", "DiffusionMethod", "LatentDDIM"]

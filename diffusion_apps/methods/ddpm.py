@@ -35,6 +35,7 @@ class DDPM(DiffusionMethod):
         variance: ancestral σ²_t, β_t ("beta", the paper's CIFAR-10 choice) or β̃_t.
         clip_x0: clamp x̂0 to [−1, 1] at each sampling step.
         num_val_samples: images in the grid drawn at each validation.
+        loss: squared error (L_simple) or absolute error (DiffAE's latent DDIM).
         lr, weight_decay, warmup_steps, adam_betas, compile: see :class:`DiffusionMethod`.
     """
 
@@ -50,6 +51,7 @@ class DDPM(DiffusionMethod):
         variance: Literal["beta", "beta_tilde"] = "beta",
         clip_x0: bool = True,
         num_val_samples: int = 64,
+        loss: Literal["mse", "l1"] = "mse",
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 1000,
@@ -64,12 +66,14 @@ class DDPM(DiffusionMethod):
         self.sampler, self.sample_steps, self.eta = sampler, sample_steps, eta
         self.timestep_spacing, self.variance, self.clip_x0 = timestep_spacing, variance, clip_x0
         self.num_val_samples = num_val_samples
+        if loss not in ("mse", "l1"):
+            raise ValueError(f"loss must be 'mse' or 'l1', got {loss!r}")
+        self.loss = loss
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one sample."""
-        c, s = self.unet.in_channels, self.unet.image_size
-        return (c, s, s)
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample: the network's ``sample_shape``, (C, H, W) for the UNet."""
+        return tuple(self.unet.sample_shape)
 
     def setup(self, stage: str) -> None:
         data = getattr(self.trainer, "datamodule", None)
@@ -102,27 +106,33 @@ class DDPM(DiffusionMethod):
     def diffusion_loss(
         self, x0: Tensor, generator: torch.Generator | None = None, **cond
     ) -> Tensor:
-        """L_simple for a batch x0 (B, C, H, W): one t ~ U{0, …, T−1} and ε ~ N(0, I) per image,
+        """L_simple for a batch x0 (B, …): one t ~ U{0, …, T−1} and ε ~ N(0, I) per sample,
         drawn from ``generator`` when given (validation: comparable across epochs)."""
         t = torch.randint(
             0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device
         )
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         out = self.unet(self.schedule.q_sample(x0, t, noise), t, **cond)
-        return F.mse_loss(out.float(), self.target(x0, t, noise).float())
+        error = F.mse_loss if self.loss == "mse" else F.l1_loss
+        return error(out.float(), self.target(x0, t, noise).float())
+
+    def diffused(self, images: Tensor) -> Tensor:
+        """What the model diffuses, from a batch of images: the images themselves for DDPM."""
+        return images
 
     def conditioning(self, x0: Tensor) -> dict[str, Tensor]:
-        """The network's inputs besides (x_t, t) for clean images x0: none for DDPM."""
+        """The network's inputs besides (x_t, t) for clean data x0: none for DDPM."""
         return {}
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        x0 = batch[0]
+        x0 = self.diffused(batch[0])
         loss = self.diffusion_loss(x0, **self.conditioning(x0))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         return loss
 
-    def _heldout_loss(self, x0: Tensor, batch_idx: int) -> Tensor:
+    def _heldout_loss(self, images: Tensor, batch_idx: int) -> Tensor:
+        x0 = self.diffused(images)
         gen = torch.Generator(x0.device).manual_seed(batch_idx)
         return self.diffusion_loss(x0, gen, **self.conditioning(x0))
 
@@ -145,8 +155,12 @@ class DDPM(DiffusionMethod):
         gen = torch.Generator(self.device).manual_seed(batch_idx)
         return self.sample(len(batch[0]), generator=gen)
 
+    def sample(self, *args, **kwargs) -> Tensor:
+        """Samples in [−1, 1], (N, C, H, W): :meth:`draw` (same arguments) clamped."""
+        return self.draw(*args, **kwargs).clamp(-1, 1)
+
     @torch.no_grad()
-    def sample(
+    def draw(
         self,
         num_samples: int,
         sampler: Sampler | None = None,
@@ -157,7 +171,7 @@ class DDPM(DiffusionMethod):
         x_T: Tensor | None = None,
         **cond,
     ) -> Tensor:
-        """Draw samples in [−1, 1] of shape (N, C, H, W) with DDPM ancestral or DDIM sampling.
+        """x̂_0 (N, *sample_shape) by DDPM ancestral or DDIM sampling, not clamped.
 
         Unset arguments fall back to the module's configured sampler, steps and η.
         """
@@ -177,4 +191,4 @@ class DDPM(DiffusionMethod):
             x0 = ddpm_sample(self.eps, self.schedule, x_T, variance=self.variance, **common, **cond)
         else:
             x0 = ddim_sample(self.eps, self.schedule, x_T, eta=eta, **common, **cond)
-        return x0.clamp(-1, 1)
+        return x0

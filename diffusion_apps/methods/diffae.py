@@ -70,7 +70,7 @@ class DiffAE(DDPM):
             raise ValueError(f"encode_steps must be >= 1, got {encode_steps}")
         super().__init__(
             unet, schedule, "eps", "ddim", sample_steps, 0.0, timestep_spacing, "beta", clip_x0,
-            num_val_samples, lr, weight_decay, warmup_steps, adam_betas, compile,
+            num_val_samples, "mse", lr, weight_decay, warmup_steps, adam_betas, compile,
         )  # fmt: skip
         self.encoder = encoder
         self.encode_steps = encode_steps

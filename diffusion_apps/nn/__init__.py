@@ -1,6 +1,7 @@
 """Neural networks: plain ``nn.Module``s with no training logic."""
 
 from diffusion_apps.nn.layers import timestep_embedding
+from diffusion_apps.nn.mlp import SkipMLP
 from diffusion_apps.nn.unet import EncoderUNet, UNet
 
-__all__ = ["EncoderUNet", "UNet", "timestep_embedding"]
+__all__ = ["EncoderUNet", "SkipMLP", "UNet", "timestep_embedding"]

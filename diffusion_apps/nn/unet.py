@@ -274,6 +274,11 @@ class UNet(nn.Module):
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Shape of one input: (C, H, W)."""
+        return (self.in_channels, self.image_size, self.image_size)
+
     def _check_conditioning(
         self, batch: int, y: Tensor | None, cond: Tensor | None, context: Tensor | None
     ) -> None:

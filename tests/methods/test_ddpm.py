@@ -20,6 +20,7 @@ class GaussianOracle(nn.Module):
         super().__init__()
         self.schedule, self.prediction = schedule, prediction
         self.in_channels, self.image_size = 1, size
+        self.sample_shape = (1, size, size)
         self.dummy = nn.Parameter(torch.zeros(()))  # so the module has something to optimise
 
     def forward(self, x_t, t):

@@ -1,0 +1,154 @@
+"""DiffAE's latent DDIM (Preechakul et al. 2022, Sec. 3.3): unconditional samples of z_sem.
+
+A second stage on top of a trained autoencoder (DiffAE, and PDAE's encoder likewise): a DDPM on
+the autoencoder's codes, normalised per dimension by the training set's mean and std, whose
+samples are decoded with a random x_T.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from diffusion_apps.checkpoint import load_module
+from diffusion_apps.diffusion import NoiseSchedule
+from diffusion_apps.methods.ddpm import DDPM, Sampler
+from diffusion_apps.methods.diffae import DiffAE
+from diffusion_apps.nn import SkipMLP
+
+
+class LatentDDIM(DDPM):
+    """ε_ω(z_t, t) trained with L = E‖ε_ω(√ᾱ_t z + √(1−ᾱ_t) ε, t) − ε‖₁ on normalised codes
+    z = (Enc(x_0) − μ)/σ, μ and σ per dimension over the training set (saved as buffers).
+
+    DiffAE's constants are the defaults: constant β = 0.008, T = 1000, L1 loss, ε-prediction,
+    AdamW with weight decay 0.01. The autoencoder is frozen (eval mode, no gradients).
+
+    ``sample`` returns decoded images, so validation grids, the SampleQuality callback and
+    ``make eval`` score latent-DDIM generations like any other model's; ``sample_latents``
+    returns the codes.
+
+    Args:
+        net: the latent denoiser; its ``dim`` must equal the encoder's ``out_dim``.
+        autoencoder: path of the trained DiffAE checkpoint (read with ``weights_only=True``);
+            its weights are also kept in this module's checkpoint.
+        schedule: the latent forward process; default constant β = 0.008.
+        decode_steps: DDIM steps of the image decoder (default: the autoencoder's own).
+        stats_batches: train batches used for μ and σ (default: the whole train split).
+        Other arguments: see :class:`DDPM`.
+    """
+
+    def __init__(
+        self,
+        net: SkipMLP,
+        autoencoder: str,
+        schedule: NoiseSchedule | None = None,
+        sampler: Sampler = "ddim",
+        sample_steps: int = 50,
+        decode_steps: int | None = None,
+        stats_batches: int | None = None,
+        num_val_samples: int = 64,
+        loss: Literal["mse", "l1"] = "l1",
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        compile: bool = False,
+    ) -> None:
+        schedule = schedule or NoiseSchedule("constant", 1000, constant_beta=0.008)
+        super().__init__(
+            net, schedule, "eps", sampler, sample_steps, 0.0, "uniform", "beta", False,
+            num_val_samples, loss, lr, weight_decay, warmup_steps, adam_betas, compile,
+        )  # fmt: skip
+        self.autoencoder = load_module(autoencoder, DiffAE).requires_grad_(False).eval()
+        if self.autoencoder.encoder.out_dim != net.dim:
+            raise ValueError(
+                f"the latent net's dim={net.dim} must equal the autoencoder's z_sem width "
+                f"{self.autoencoder.encoder.out_dim}"
+            )
+        self.decode_steps, self.stats_batches = decode_steps, stats_batches
+        self.register_buffer("z_mean", torch.zeros(net.dim))
+        self.register_buffer("z_std", torch.ones(net.dim))
+        self.register_buffer("stats_ready", torch.tensor(False))
+
+    def networks(self) -> list[torch.nn.Module]:
+        return [self.unet]  # the frozen autoencoder is not trained (nor compiled)
+
+    def configure_optimizers(self):
+        self.autoencoder.requires_grad_(False)
+        return super().configure_optimizers()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.autoencoder.eval()  # frozen: dropout and the like stay off
+        return self
+
+    def setup(self, stage: str) -> None:
+        """No image-shape check: the data feed the frozen autoencoder, which checks them."""
+
+    def on_fit_start(self) -> None:
+        """Measure μ and σ of z_sem over the training images, once: they are saved with the
+        weights, so a resumed run keeps them."""
+        if not bool(self.stats_ready):
+            self.measure_statistics(self.trainer.datamodule.train_dataloader())
+
+    @torch.no_grad()
+    def measure_statistics(self, loader) -> None:
+        """μ and σ per dimension of Enc(x_0) over ``loader``'s images, in float64."""
+        total, total_sq, n = 0.0, 0.0, 0
+        device = self.z_mean.device
+        batches = tqdm(loader, desc="z_sem statistics", total=self.stats_batches, leave=False)
+        for i, batch in enumerate(batches):
+            if self.stats_batches is not None and i >= self.stats_batches:
+                break
+            z = self.autoencoder.encode(batch[0].to(device)).double()
+            total, total_sq, n = total + z.sum(0), total_sq + z.square().sum(0), n + len(z)
+        if n < 2:
+            raise ValueError("LatentDDIM needs at least 2 training images for z statistics")
+        mean = total / n
+        var = (total_sq / n - mean.square()).clamp(min=0) * n / (n - 1)
+        self.z_mean.copy_(mean.float())
+        self.z_std.copy_(var.sqrt().clamp(min=1e-6).float())
+        self.stats_ready.fill_(True)
+
+    def normalize(self, z: Tensor) -> Tensor:
+        return (z - self.z_mean) / self.z_std
+
+    def denormalize(self, z: Tensor) -> Tensor:
+        return z * self.z_std + self.z_mean
+
+    def diffused(self, images: Tensor) -> Tensor:
+        """The normalised codes (Enc(x_0) − μ)/σ of a batch of images."""
+        return self.normalize(self.autoencoder.encode(images))
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        num_samples: int,
+        sampler: Sampler | None = None,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """z_sem samples (N, D), denormalised."""
+        z = self.draw(num_samples, sampler, steps, None, generator, progress)
+        return self.denormalize(z)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        sampler: Sampler | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Images in [−1, 1]: latent samples decoded by the autoencoder from a random x_T."""
+        z = self.sample_latents(num_samples, sampler, steps, generator, progress)
+        shape = (num_samples, *self.autoencoder.sample_shape)
+        x_T = torch.randn(shape, generator=generator, device=z.device)
+        return self.autoencoder.decode(z, x_T, self.decode_steps)

@@ -1,0 +1,99 @@
+"""The latent DDIM: recovers a Gaussian latent set; its statistics survive the checkpoint."""
+
+import pytest
+import torch
+
+from diffusion_apps.checkpoint import load_module
+from diffusion_apps.cli import main
+from diffusion_apps.diffusion import NoiseSchedule
+from diffusion_apps.methods import DDPM, LatentDDIM
+from diffusion_apps.nn import SkipMLP
+from tests.conftest import CONFIGS
+
+MEAN = torch.tensor([1.0, -2.0])
+COV = torch.tensor([[1.0, 0.6], [0.6, 0.5]])
+
+
+def test_skip_mlp_is_zero_at_init_and_checks_its_input():
+    net = SkipMLP(dim=3, hidden=8, num_layers=3, time_dim=4)
+    z, t = torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 999])
+    assert torch.equal(net(z, t), torch.zeros(5, 3))  # zero output layer: starts at ε̂ = 0
+    with pytest.raises(ValueError, match=r"expected z of shape \(B, 3\)"):
+        net(torch.randn(5, 4), t)
+
+
+def test_latent_ddpm_recovers_a_gaussian_latent_set():
+    """The skip MLP trained with DiffAE's latent recipe (constant β, L1, ε-prediction) on
+    z ~ N(μ, Σ) samples that mean and covariance back."""
+    torch.manual_seed(0)
+    model = DDPM(
+        SkipMLP(dim=2, hidden=64, num_layers=4, time_dim=16),
+        NoiseSchedule("constant", 1000, constant_beta=0.008),
+        clip_x0=False,
+        loss="l1",
+        sample_steps=200,
+    )
+    opt = torch.optim.Adam(model.unet.parameters(), lr=1e-2)
+    latents = MEAN + torch.randn(20000, 2) @ torch.linalg.cholesky(COV).T  # the "training set"
+    mu, sigma = latents.mean(0), latents.std(0)  # normalised per dimension, as LatentDDIM does
+    for _ in range(2000):
+        z = latents[torch.randint(0, len(latents), (256,))]
+        loss = model.diffusion_loss((z - mu) / sigma)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    samples = model.draw(4000, generator=torch.Generator().manual_seed(1)) * sigma + mu
+    assert samples.shape == (4000, 2)
+    torch.testing.assert_close(samples.mean(0), MEAN, atol=0.1, rtol=0)
+    # A 2,000-step fit still shrinks the variance ~10% (less with more training): 0.2 of slack.
+    torch.testing.assert_close(torch.cov(samples.T), COV, atol=0.2, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory):
+    """A tiny DiffAE, then the tiny latent stage on it, both through the CLI; the latent
+    checkpoint names the DiffAE one by its path relative to the run directory."""
+    import os
+
+    run_dir = tmp_path_factory.mktemp("latent")
+    cwd = os.getcwd()
+    os.chdir(run_dir)
+    try:
+        main(["fit", "--config", str(CONFIGS / "tiny" / "diffae.yaml")])
+        main(["fit", "--config", str(CONFIGS / "tiny" / "diffae_latent.yaml")])
+    finally:
+        os.chdir(cwd)
+    return run_dir
+
+
+def load_latent(run_dir, monkeypatch):
+    monkeypatch.chdir(run_dir)
+    return load_module("runs/tiny_diffae_latent/version_0/checkpoints/last.ckpt", LatentDDIM)
+
+
+def test_statistics_are_measured_and_round_trip_through_the_checkpoint(latent_run, monkeypatch):
+    module = load_latent(latent_run, monkeypatch)
+    assert bool(module.stats_ready)
+    # Recompute μ, σ of z_sem over the same batches with the loaded (frozen) encoder.
+    from diffusion_apps.data import ImageDataModule
+
+    data = ImageDataModule(image_size=16, batch_size=8)
+    data.setup("fit")
+    torch.manual_seed(0)  # the loader shuffles; sums do not care about the order
+    z = torch.cat([module.autoencoder.encode(x) for x, _ in data.val_dataloader()])
+    assert z.shape[1] == 16 and module.z_mean.shape == (16,)
+    # 4 train batches of 8 give μ, σ; the val split's must agree to sampling error.
+    assert (module.z_mean - z.mean(0)).abs().max() < 4 * z.std(0).max()
+    assert torch.all(module.z_std > 0)
+    normalized = module.normalize(z)
+    torch.testing.assert_close(module.denormalize(normalized), z, atol=1e-5, rtol=1e-5)
+
+
+def test_latent_samples_are_decoded_images(latent_run, monkeypatch):
+    module = load_latent(latent_run, monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    images = module.sample(3, generator=gen)
+    assert images.shape == (3, 1, 16, 16) and images.abs().max() <= 1
+    codes = module.sample_latents(3, generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (3, 16)
+    assert all(not p.requires_grad for p in module.autoencoder.parameters())
