@@ -101,9 +101,13 @@ def _max_over_ranks(value: float, world: int) -> float:
 
 
 def _sampler_names(module) -> tuple[str, ...] | None:
-    """The values ``sample(sampler=...)`` accepts, read from its ``Literal`` annotation."""
+    """The values ``sample(sampler=...)`` accepts, read from its (or ``draw``'s) ``Literal``
+    annotation."""
+    cls = type(module)
     try:
-        hint = typing.get_type_hints(type(module).sample).get("sampler")
+        hint = typing.get_type_hints(cls.sample).get("sampler")
+        if hint is None and hasattr(cls, "draw"):  # sample(*args) forwarding to draw(...)
+            hint = typing.get_type_hints(cls.draw).get("sampler")
     except Exception:  # unresolvable annotations: let sample() judge
         return None
     names, stack = [], [hint]

@@ -176,6 +176,8 @@ class DDPM(DiffusionMethod):
         Unset arguments fall back to the module's configured sampler, steps and η.
         """
         sampler = sampler or self.sampler
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         steps = steps or self.sample_steps
         eta = self.eta if eta is None else eta
         T = self.schedule.num_timesteps
