@@ -30,6 +30,8 @@ class DiffAE(DDPM):
         ``decode``             (z_sem, x_T) → x_0 by DDIM (``sample_steps`` steps)
         ``reconstruct``        decode(encode(x_0), x_T), x_T inferred or random
         ``interpolate``        lerp on z_sem, slerp on x_T, decoded
+        ``stochastic_variations``  z_sem fixed, x_T random
+        ``semantic_variations``    x_T (inferred) fixed, z_sem varied
 
     Args:
         unet: the conditional noise predictor (``cond_dim`` = ``encoder.out_dim``).
@@ -135,9 +137,34 @@ class DiffAE(DDPM):
             frames.append(self.decode(torch.lerp(z_a, z_b, w), slerp(t_a, t_b, w), steps))
         return torch.stack(frames, dim=1)
 
+    @torch.no_grad()
+    def stochastic_variations(
+        self,
+        x0: Tensor,
+        num: int = 4,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """(B, num, C, H, W): each image's z_sem decoded from ``num`` random x_T — what the
+        stochastic code holds (pose, stroke) varies, the semantics stay."""
+        z_sem = self.encode(x0)
+        frames = []
+        for _ in range(num):
+            x_T = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            frames.append(self.decode(z_sem, x_T, steps))
+        return torch.stack(frames, dim=1)
+
+    @torch.no_grad()
+    def semantic_variations(self, x0: Tensor, z_sem: Tensor, steps: int | None = None) -> Tensor:
+        """(B, K, C, H, W): each image's inferred x_T decoded with each of the K codes z_sem
+        (K, D) — the stochastic detail stays, the semantics change."""
+        x_T = self.encode_stochastic(x0)
+        frames = [self.decode(z.expand(len(x0), -1), x_T, steps) for z in z_sem]
+        return torch.stack(frames, dim=1)
+
     def log_validation_images(self, x0: Tensor) -> None:
-        """Originals over their reconstructions with inferred and with random x_T; and
-        interpolation strips between the two halves of the batch."""
+        """Originals over their reconstructions with inferred and with random x_T; interpolation
+        strips between the two halves of the batch; x_T- and z_sem-variation grids."""
         x0 = x0[: self.num_val_samples]
         gen = torch.Generator(self.device).manual_seed(0)
         rows = [x0, self.reconstruct(x0), self.reconstruct(x0, inferred=False, generator=gen)]
@@ -147,3 +174,14 @@ class DiffAE(DDPM):
         if half:
             strip = self.interpolate(x0[:half], x0[half : 2 * half])  # (half, num, C, H, W)
             self.log_images("interpolations", strip.flatten(0, 1), nrow=strip.shape[1])
+        first = x0[: max(half, 1)]
+        grids = {
+            "x_T variations (rows: one z_sem, random x_T)": self.stochastic_variations(
+                first, generator=gen
+            ),
+            "z_sem variations (rows: one x_T, the batch's z_sem)": self.semantic_variations(
+                first, self.encode(x0)
+            ),
+        }
+        for tag, frames in grids.items():
+            self.log_images(tag, frames.flatten(0, 1), nrow=frames.shape[1])

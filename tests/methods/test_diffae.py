@@ -112,3 +112,18 @@ def test_interpolation_endpoints_are_the_reconstructions(trained):
 
 def test_fast_dev_run_logs_reconstruction_grids(in_tmp):
     main(["fit", "--config", str(TINY), "--trainer.fast_dev_run", "true"])
+
+
+def test_variations_vary_the_right_code(trained):
+    x = digits(3)
+    gen = torch.Generator().manual_seed(0)
+    stochastic = trained.stochastic_variations(x, num=2, generator=gen)
+    assert stochastic.shape == (3, 2, 1, 16, 16)
+    again = trained.stochastic_variations(x, num=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(stochastic, again)  # reproducible from the generator
+    assert (stochastic[:, 0] - stochastic[:, 1]).abs().mean() > 1e-3  # x_T matters
+    # With the images' own codes the semantic variations' diagonal is the reconstruction.
+    semantic = trained.semantic_variations(x, trained.encode(x))
+    assert semantic.shape == (3, 3, 1, 16, 16)
+    diagonal = semantic[torch.arange(3), torch.arange(3)]
+    torch.testing.assert_close(diagonal, trained.reconstruct(x), atol=1e-5, rtol=0)
