@@ -24,7 +24,7 @@ class DiffusionMethod(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: steps of linear warm-up from 0 to ``lr`` (DDPM uses 5000 on CIFAR-10).
         adam_betas: AdamW (β1, β2).
-        compile: ``torch.compile`` the networks (every child module with parameters) when the
+        compile: ``torch.compile`` the trainable networks (:meth:`networks`) when the
             Trainer configures the model. The first steps then take minutes; meant for long GPU
             runs (on our CPU it gained nothing: README, Performance).
     """
@@ -63,8 +63,8 @@ class DiffusionMethod(L.LightningModule):
         self.save_hyperparameters(ignore=None if from_cli else modules, frame=frame, logger=False)
 
     def networks(self) -> list[nn.Module]:
-        """The trainable networks: the child modules that hold parameters."""
-        return [m for m in self.children() if next(m.parameters(), None) is not None]
+        """The trainable networks: the child modules with parameters that require gradients."""
+        return [m for m in self.children() if any(p.requires_grad for p in m.parameters())]
 
     def configure_model(self) -> None:
         """Compile the networks in place (state-dict keys unchanged) if ``compile`` is set."""

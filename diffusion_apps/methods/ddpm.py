@@ -106,8 +106,9 @@ class DDPM(DiffusionMethod):
     def diffusion_loss(
         self, x0: Tensor, generator: torch.Generator | None = None, **cond
     ) -> Tensor:
-        """L_simple for a batch x0 (B, …): one t ~ U{0, …, T−1} and ε ~ N(0, I) per sample,
-        drawn from ``generator`` when given (validation: comparable across epochs)."""
+        """L_simple, E‖target − f_θ(x_t, t)‖² (or ‖·‖₁ with ``loss="l1"``), for a batch x0 (B, …):
+        one t ~ U{0, …, T−1} and ε ~ N(0, I) per sample, drawn from ``generator`` when given
+        (validation: comparable across epochs)."""
         t = torch.randint(
             0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device
         )
@@ -155,6 +156,11 @@ class DDPM(DiffusionMethod):
         gen = torch.Generator(self.device).manual_seed(batch_idx)
         return self.sample(len(batch[0]), generator=gen)
 
+    def timesteps(self, steps: int) -> Tensor:
+        """The ``timestep_spacing`` subsequence of min(steps, T) of the T training steps."""
+        T = self.schedule.num_timesteps
+        return timestep_subsequence(T, min(steps, T), self.timestep_spacing)
+
     def sample(self, *args, **kwargs) -> Tensor:
         """Samples in [−1, 1], (N, C, H, W): :meth:`draw` (same arguments) clamped."""
         return self.draw(*args, **kwargs).clamp(-1, 1)
@@ -178,10 +184,8 @@ class DDPM(DiffusionMethod):
         sampler = sampler or self.sampler
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        steps = steps or self.sample_steps
         eta = self.eta if eta is None else eta
-        T = self.schedule.num_timesteps
-        timesteps = timestep_subsequence(T, min(steps, T), self.timestep_spacing)
+        timesteps = self.timesteps(steps or self.sample_steps)
         if x_T is None:
             x_T = torch.randn(
                 (num_samples, *self.sample_shape), generator=generator, device=self.device

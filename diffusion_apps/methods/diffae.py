@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffusion_apps.diffusion import NoiseSchedule, ddim_invert, slerp, timestep_subsequence
+from diffusion_apps.diffusion import NoiseSchedule, ddim_invert, slerp
 from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.nn import EncoderUNet, UNet
 
@@ -81,10 +81,6 @@ class DiffAE(DDPM):
         """z_sem = Enc_φ(x_0), trained through the diffusion loss."""
         return {"cond": self.encoder(x0)}
 
-    def _timesteps(self, steps: int | None, default: int) -> Tensor:
-        T = self.schedule.num_timesteps
-        return timestep_subsequence(T, min(steps or default, T), self.timestep_spacing)
-
     @torch.no_grad()
     def encode(self, x0: Tensor) -> Tensor:
         """z_sem (B, D) of images x0 (B, C, H, W) in [−1, 1]."""
@@ -96,7 +92,7 @@ class DiffAE(DDPM):
     ) -> Tensor:
         """x_T by deterministic DDIM inversion of x0 conditioned on z_sem (DiffAE eq. 8)."""
         z_sem = self.encode(x0) if z_sem is None else z_sem
-        ts = self._timesteps(steps, self.encode_steps)
+        ts = self.timesteps(steps or self.encode_steps)
         return ddim_invert(self.eps, self.schedule, x0, timesteps=ts, cond=z_sem)
 
     @torch.no_grad()

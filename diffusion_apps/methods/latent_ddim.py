@@ -74,13 +74,6 @@ class LatentDDIM(DDPM):
         self.register_buffer("z_std", torch.ones(net.dim))
         self.register_buffer("stats_ready", torch.tensor(False))
 
-    def networks(self) -> list[torch.nn.Module]:
-        return [self.unet]  # the frozen autoencoder is not trained (nor compiled)
-
-    def configure_optimizers(self):
-        self.autoencoder.requires_grad_(False)
-        return super().configure_optimizers()
-
     def train(self, mode: bool = True):
         super().train(mode)
         self.autoencoder.eval()  # frozen: dropout and the like stay off
@@ -97,7 +90,8 @@ class LatentDDIM(DDPM):
 
     @torch.no_grad()
     def measure_statistics(self, loader) -> None:
-        """μ and σ per dimension of Enc(x_0) over ``loader``'s images, in float64."""
+        """μ = Σz/n and σ = √((Σz² − nμ²)/(n − 1)) per dimension of z = Enc(x_0) over
+        ``loader``'s images (the first ``stats_batches``), accumulated in float64."""
         total, total_sq, n = 0.0, 0.0, 0
         device = self.z_mean.device
         batches = tqdm(loader, desc="z_sem statistics", total=self.stats_batches, leave=False)
@@ -125,30 +119,17 @@ class LatentDDIM(DDPM):
         return self.normalize(self.autoencoder.encode(images))
 
     @torch.no_grad()
-    def sample_latents(
-        self,
-        num_samples: int,
-        sampler: Sampler | None = None,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> Tensor:
-        """z_sem samples (N, D), denormalised."""
-        z = self.draw(num_samples, sampler, steps, None, generator, progress)
-        return self.denormalize(z)
+    def sample_latents(self, num_samples: int, *args, **kwargs) -> Tensor:
+        """z_sem samples (N, D): :meth:`draw` (same arguments) denormalised, σ·z + μ."""
+        return self.denormalize(self.draw(num_samples, *args, **kwargs))
 
     @torch.no_grad()
     def sample(
-        self,
-        num_samples: int,
-        sampler: Sampler | None = None,
-        steps: int | None = None,
-        eta: float | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
+        self, num_samples: int, *args, generator: torch.Generator | None = None, **kwargs
     ) -> Tensor:
-        """Images in [−1, 1]: latent samples decoded by the autoencoder from a random x_T."""
-        z = self.sample_latents(num_samples, sampler, steps, generator, progress)
+        """Images in [−1, 1]: :meth:`sample_latents` (same arguments) decoded by the
+        autoencoder from x_T ~ N(0, I), both drawn from ``generator``."""
+        z = self.sample_latents(num_samples, *args, generator=generator, **kwargs)
         shape = (num_samples, *self.autoencoder.sample_shape)
         x_T = torch.randn(shape, generator=generator, device=z.device)
         return self.autoencoder.decode(z, x_T, self.decode_steps)

@@ -212,9 +212,8 @@ class UNet(nn.Module):
         context_dim: Width of a context sequence; attention blocks become spatial transformers.
         transformer_depth: Transformer blocks per spatial transformer.
         channels_last: Keep the weights, and so every activation, in channels-last (NHWC)
-            memory. The same numbers, faster: on CPU bf16 convolutions run about 2x faster
-            (oneDNN otherwise reorders every input), and attention reads its tokens without a
-            copy. See benchmarks/results.
+            memory: the same numbers in another layout. On our CPU it pays in fp32 only (+3-7%);
+            under bf16 PyTorch's NHWC group norm is slow (README, Performance).
     """
 
     def __init__(

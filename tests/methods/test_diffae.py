@@ -30,19 +30,25 @@ def randomize_(module, std=0.1):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The tiny config trained for 60 steps through the CLI, reloaded from its checkpoint."""
+def trained_run(tmp_path_factory):
+    """The run directory of the tiny config trained for 60 steps (one validation) by the CLI."""
     import os
 
+    run_dir = tmp_path_factory.mktemp("diffae")
     cwd = os.getcwd()
-    os.chdir(tmp_path_factory.mktemp("diffae"))
+    os.chdir(run_dir)
     try:
         steps = ["--trainer.max_steps", "60", "--trainer.val_check_interval", "60"]
         main(["fit", "--config", str(TINY), *steps, "--trainer.enable_progress_bar", "false"])
-        module = load_module("runs/tiny_diffae/version_0/checkpoints/last.ckpt", DiffAE)
     finally:
         os.chdir(cwd)
-    return module.eval()
+    return run_dir / "runs/tiny_diffae/version_0"
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run):
+    """That run's model, reloaded from its checkpoint."""
+    return load_module(trained_run / "checkpoints/last.ckpt", DiffAE).eval()
 
 
 def digits(n=8, size=16):
@@ -110,8 +116,18 @@ def test_interpolation_endpoints_are_the_reconstructions(trained):
     assert (frames[:, 1] - frames[:, 0]).abs().mean() > 1e-3
 
 
-def test_fast_dev_run_logs_reconstruction_grids(in_tmp):
+def test_fast_dev_run_of_the_tiny_config(in_tmp):
     main(["fit", "--config", str(TINY), "--trainer.fast_dev_run", "true"])
+
+
+def test_validation_logs_the_dashboards(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained_run), size_guidance={"images": 0})
+    events.Reload()
+    tags = set(events.Tags()["images"])
+    for prefix in ("reconstructions", "interpolations", "x_T variations", "z_sem variations"):
+        assert any(tag.startswith(prefix) for tag in tags), (prefix, tags)
 
 
 def test_variations_vary_the_right_code(trained):

@@ -89,7 +89,7 @@ def test_unet_channels_last_gives_the_same_outputs_and_gradients(conditioning):
 
 
 def test_encoder_channels_last_gives_the_same_outputs():
-    kw = {k: v for k, v in TINY.items()}
+    kw = dict(TINY)
     dense = randomize_(EncoderUNet(**kw, out_dim=5, pool="attention"))
     fast = EncoderUNet(**kw, out_dim=5, pool="attention", channels_last=True)
     fast.load_state_dict(dense.state_dict())
