@@ -43,6 +43,7 @@ def sample(
     from tqdm.auto import tqdm
 
     from diffusion_apps.checkpoint import load_module
+    from diffusion_apps.evaluation.evaluate import can_sample
     from diffusion_apps.images import autocast, save_grid, to_unit
 
     if num_samples < 1 or batch_size < 1:
@@ -52,6 +53,12 @@ def sample(
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(auto if device == "auto" else device)
     module = load_module(ckpt_path).to(dev)
+    if not can_sample(module):
+        raise SystemExit(
+            f"sample: {ckpt_path} holds a {type(module).__name__} autoencoder, which decodes "
+            "given codes and does not sample on its own: train its latent stage (for DiffAE "
+            "configs/diffae_latent.yaml) and sample from that checkpoint"
+        )
     sampler = sampler or module.sampler
     steps = steps or module.sample_steps
     ckpt = Path(ckpt_path)

@@ -18,11 +18,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from diffusion_apps.evaluation.evaluate import GRID_SIZE, MIN_SAMPLES, rank_share, set_reference
-
-
-def _can_sample(module: L.LightningModule) -> bool:
-    return callable(getattr(module, "sample", None))
+from diffusion_apps.evaluation.evaluate import (
+    GRID_SIZE,
+    MIN_SAMPLES,
+    can_sample,
+    rank_share,
+    set_reference,
+)
 
 
 class SampleQuality(L.Callback):
@@ -113,7 +115,7 @@ class SampleQuality(L.Callback):
         # Here, not in a validation hook: building the metric may train the digit classifier,
         # which validation's inference mode forbids. Rank 0 fills the on-disk caches first,
         # then the other ranks read them.
-        if stage in ("fit", "validate") and self._metric is None and _can_sample(pl_module):
+        if stage in ("fit", "validate") and self._metric is None and can_sample(pl_module):
             if trainer.is_global_zero:
                 self._metric = self._build_metric()
             trainer.strategy.barrier("SampleQuality.setup")
@@ -127,7 +129,7 @@ class SampleQuality(L.Callback):
         self._val_runs += 1
         if self._val_runs % self.every_n_val_epochs:
             return
-        if not _can_sample(pl_module):
+        if not can_sample(pl_module):
             if not self._told_no_sample:
                 rank_zero_info(
                     f"SampleQuality: {type(pl_module).__name__} has no sample() method; skipped"

@@ -3,7 +3,8 @@
 Generation (a module with ``sample``): for each sampler setting, N samples from the checkpoint's
 EMA weights, scored against the cached features of the real training split. Autoencoding (a
 module with ``reconstruct``): the val split reconstructed, scored by MSE/PSNR/SSIM (LPIPS when its
-weights are local). The report's first row is always the floor: real val against real train.
+weights are local), and a linear probe of its codes (``evaluation.autoencoding``). The report's
+first row is always the floor: real val against real train.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def rank_share(n: int, rank: int, world: int) -> int:
     """Rank ``rank``'s share of ``n`` samples: ``n // world``, plus one for the first ``n % world``
     ranks, so the shares add up to ``n``."""
     return n // world + (rank < n % world)
+
+
+def can_sample(module) -> bool:
+    """Whether ``module.sample(n)`` draws images from nothing (DiffAE's needs a z_sem)."""
+    return callable(getattr(module, "sample", None)) and getattr(
+        module, "generates_unconditionally", True
+    )
 
 
 def set_reference(metric, space: str, weights_path: str | None = None) -> None:
@@ -201,49 +209,6 @@ def _generation_rows(module, name, step, settings, metric, args, rank, world, ou
     return rows
 
 
-def _val_images(ckpt: dict, module):
-    """The val split of the checkpoint's data module (rebuilt from its saved config)."""
-    from lightning.pytorch.cli import instantiate_module
-
-    from diffusion_apps.checkpoint import _import_class
-    from diffusion_apps.data import ImageDataModule
-
-    hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    class_path = hparams.pop("_class_path", None)
-    hparams.pop("_instantiator", None)
-    if class_path is not None:
-        data = instantiate_module(_import_class(class_path), hparams)
-    else:
-        c, s, _ = module.sample_shape
-        data = ImageDataModule(dataset="digits", image_size=s, channels=c)
-    data.setup("validate")
-    return data.val_dataloader()
-
-
-def _reconstruction_row(module, ckpt, name, step, rank, world):
-    from tqdm.auto import tqdm
-
-    from diffusion_apps.evaluation import ReconstructionMetrics
-    from diffusion_apps.evaluation.report import Row
-
-    metric = ReconstructionMetrics().to(module.device)
-    loader = _val_images(ckpt, module)
-    seconds = 0.0
-    for i, (x, _) in enumerate(tqdm(loader, desc=f"{name} reconstruct", disable=rank != 0)):
-        if i % world != rank:  # batches split across ranks
-            continue
-        x = x.to(module.device)
-        tic = time.perf_counter()
-        with torch.no_grad():
-            x_hat = module.reconstruct(x)
-        seconds += time.perf_counter() - tic
-        metric.update(x_hat.float(), x)
-    metrics = _plain(metric.compute())
-    seconds = _max_over_ranks(seconds, world)
-    method = type(module).__name__
-    return Row(name, method, step, "reconstruct", None, int(metrics["n"]), metrics, seconds)
-
-
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in name).strip("_")
 
@@ -292,6 +257,11 @@ def evaluate(
     """
     from diffusion_apps.checkpoint import CheckpointError, load_module, read_checkpoint
     from diffusion_apps.evaluation import FeatureStats
+    from diffusion_apps.evaluation.autoencoding import (
+        checkpoint_data,
+        probe_row,
+        reconstruction_rows,
+    )
     from diffusion_apps.evaluation.report import Row, write_report
 
     if num_samples < MIN_SAMPLES or batch_size < 1:
@@ -347,13 +317,15 @@ def evaluate(
             continue
         method, step = type(module).__name__, int(ckpt.get("global_step", 0))
         new: list[Row] = []
-        if callable(getattr(module, "sample", None)):
+        if can_sample(module):
             if metric is None:
                 metric = FeatureStats(space, feature_extractor_weights_path=args["weights"])
                 set_reference(metric, space, args["weights"])
             new += _generation_rows(module, name, step, settings, metric, args, rank, world, out)
         if callable(getattr(module, "reconstruct", None)):
-            new.append(_reconstruction_row(module, ckpt, name, step, rank, world))
+            data = checkpoint_data(ckpt, module)
+            new += reconstruction_rows(module, data, name, step, rank, world, seed)
+            new += [row for row in [probe_row(module, data, name, step)] if row is not None]
         if not new and rank == 0:
             print(f"eval: {path}: {method} has neither sample() nor reconstruct(); skipped")
         rows += new
@@ -377,6 +349,14 @@ def evaluate(
         f"k = 3 nearest neighbours; seconds: sampling wall time ({precision} network "
         f"precision on {dev}).",
     ]
+    if any(row.sampler.startswith("reconstruct") for row in rows):
+        header.append(
+            "Reconstruction rows: the val split through the EMA weights in fp32, images on [0, 1] "
+            "(MSE per pixel value, PSNR from it); DiffAE: x_T by DDIM inversion (NFE counts "
+            "inversion and decoding) or x_T ~ N(0, I), encode_s/invert_s/decode_s seconds per val "
+            "batch. Linear probe: val accuracy of one-vs-rest logistic regression fitted on the "
+            "train split's codes (probe_acc) and on its raw pixels (probe_acc_pixels)."
+        )
     md = out / "eval.md"
     if rank == 0:
         md, js = write_report(rows, header, out)

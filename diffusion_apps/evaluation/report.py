@@ -25,6 +25,11 @@ METRIC_ORDER = (
     "psnr",
     "ssim",
     "lpips",
+    "encode_s",
+    "invert_s",
+    "decode_s",
+    "probe_acc",
+    "probe_acc_pixels",
 )
 # Shown as "mean ± std" in the mean's column.
 STD_OF = {

@@ -39,6 +39,8 @@ class DDPM(DiffusionMethod):
         lr, weight_decay, warmup_steps, adam_betas, compile: see :class:`DiffusionMethod`.
     """
 
+    generates_unconditionally = True  # ``sample(n)`` needs nothing but n
+
     def __init__(
         self,
         unet: UNet,

@@ -12,8 +12,14 @@ import torch
 from torch import Tensor
 
 from diffusion_apps.diffusion import NoiseSchedule, ddim_invert, slerp
+from diffusion_apps.evaluation.probe import LinearProbe, encode_all
 from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.nn import EncoderUNet, UNet
+
+LATENT_HINT = (
+    "DiffAE decodes given codes: call decode(z_sem, x_T); for unconditional samples train its "
+    "latent DDIM stage (configs/diffae_latent.yaml) and sample from that checkpoint"
+)
 
 
 class DiffAE(DDPM):
@@ -32,6 +38,11 @@ class DiffAE(DDPM):
         ``interpolate``        lerp on z_sem, slerp on x_T, decoded
         ``stochastic_variations``  z_sem fixed, x_T random
         ``semantic_variations``    x_T (inferred) fixed, z_sem varied
+        ``fit_probe``          a linear classifier on normalised z_sem (attribute directions)
+        ``manipulate``         decode(z', x_T), z' = denorm(norm(z) + s·√d·w/‖w‖)
+
+    Unconditional samples need a model of z_sem: the latent DDIM stage
+    (:class:`~diffusion_apps.methods.LatentDDIM`, ``configs/diffae_latent.yaml``).
 
     Args:
         unet: the conditional noise predictor (``cond_dim`` = ``encoder.out_dim``).
@@ -42,6 +53,8 @@ class DiffAE(DDPM):
             decoding no longer its inverse.
         Other arguments: see :class:`DDPM`; the sampler is always DDIM.
     """
+
+    generates_unconditionally = False  # x_0 needs a z_sem: see LatentDDIM
 
     def __init__(
         self,
@@ -76,6 +89,17 @@ class DiffAE(DDPM):
         )  # fmt: skip
         self.encoder = encoder
         self.encode_steps = encode_steps
+
+    def draw(self, num_samples: int, *args, cond: Tensor | None = None, **kwargs) -> Tensor:
+        """:meth:`DDPM.draw` given ``cond`` = z_sem (N, D); without it, an error that says how
+        to sample unconditionally."""
+        if cond is None:
+            raise ValueError(LATENT_HINT)
+        return super().draw(num_samples, *args, cond=cond, **kwargs)
+
+    def predict_step(self, batch, batch_idx: int) -> Tensor:
+        """Reconstructions (inferred x_T) of the batch's images."""
+        return self.reconstruct(batch[0])
 
     def conditioning(self, x0: Tensor) -> dict[str, Tensor]:
         """z_sem = Enc_φ(x_0), trained through the diffusion loss."""
@@ -156,6 +180,31 @@ class DiffAE(DDPM):
         (K, D) — the stochastic detail stays, the semantics change."""
         x_T = self.encode_stochastic(x0)
         frames = [self.decode(z.expand(len(x0), -1), x_T, steps) for z in z_sem]
+        return torch.stack(frames, dim=1)
+
+    @torch.no_grad()
+    def fit_probe(self, batches) -> LinearProbe:
+        """A :class:`LinearProbe` fitted on the z_sem of every (images, labels) batch: one
+        logistic regression per class (attribute) on z_sem normalised by its mean and std."""
+        return LinearProbe.fit(*encode_all(self.encode, batches, self.device))
+
+    @torch.no_grad()
+    def manipulate(
+        self,
+        x0: Tensor,
+        probe: LinearProbe,
+        attribute: int,
+        scales: list[float] | tuple[float, ...] = (0.3,),
+        steps: int | None = None,
+    ) -> Tensor:
+        """(B, S, C, H, W): each image decoded from its inferred x_T with z_sem moved along
+        ``attribute``'s direction by each of the S ``scales`` (DiffAE Sec. 4.2),
+            z' = denorm(norm(z_sem) + s·√d · w/‖w‖),
+        w the probe's weights for the attribute, norm/denorm its training-set statistics.
+        Scale 0 is the reconstruction; the paper uses s = 0.3 on CelebA-HQ."""
+        z_sem = self.encode(x0)
+        x_T = self.encode_stochastic(x0, z_sem)
+        frames = [self.decode(probe.shift(z_sem, attribute, s), x_T, steps) for s in scales]
         return torch.stack(frames, dim=1)
 
     def log_validation_images(self, x0: Tensor) -> None:

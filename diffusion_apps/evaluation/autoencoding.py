@@ -1,0 +1,137 @@
+"""``make eval``'s autoencoding protocol: val reconstructions, and a linear probe of the codes.
+
+For a module with ``reconstruct(x)``: MSE, PSNR, SSIM (LPIPS when local) of the val split's
+reconstructions. A module with DiffAE's ``encode`` / ``encode_stochastic`` / ``decode`` gets two
+rows, x_T inferred by DDIM inversion and x_T ~ N(0, I), each stage timed per batch. A module with
+``encode`` and labelled data gets a linear-probe row: the accuracy of a one-vs-rest logistic probe
+fitted on the train split's codes, scored on val, next to the same probe on raw pixels.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from diffusion_apps.evaluation.probe import LinearProbe, encode_all
+from diffusion_apps.evaluation.reconstruction import ReconstructionMetrics
+from diffusion_apps.evaluation.report import Row
+
+
+def checkpoint_data(ckpt: dict, module):
+    """The checkpoint's data module, rebuilt from its saved config and set up (default: the
+    embedded digits at the module's sample shape)."""
+    from lightning.pytorch.cli import instantiate_module
+
+    from diffusion_apps.checkpoint import _import_class
+    from diffusion_apps.data import ImageDataModule
+
+    hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    class_path = hparams.pop("_class_path", None)
+    hparams.pop("_instantiator", None)
+    if class_path is not None:
+        data = instantiate_module(_import_class(class_path), hparams)
+    else:
+        c, s, _ = module.sample_shape
+        data = ImageDataModule(dataset="digits", image_size=s, channels=c)
+    data.setup("validate")
+    return data
+
+
+def _is_diffae_like(module) -> bool:
+    return all(
+        callable(getattr(module, m, None)) for m in ("encode", "encode_stochastic", "decode")
+    )
+
+
+def _synced(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _timed_reconstruction(module, x, inferred: bool, generator, times: dict) -> torch.Tensor:
+    """decode(encode(x), x_T) stage by stage, adding each stage's seconds to ``times``."""
+    tic = _synced(x.device)
+    z_sem = module.encode(x)
+    times["encode_s"] += (toc := _synced(x.device)) - tic
+    if inferred:
+        x_T = module.encode_stochastic(x, z_sem)
+        times["invert_s"] += (tic := _synced(x.device)) - toc
+    else:
+        x_T = torch.randn(x.shape, generator=generator, device=x.device)
+        tic = toc
+    x_hat = module.decode(z_sem, x_T)
+    times["decode_s"] += _synced(x.device) - tic
+    return x_hat
+
+
+def reconstruction_rows(module, data, name, step, rank, world, seed: int = 0) -> list[Row]:
+    """One row per x_T mode (inferred, random) for DiffAE-like modules, else one row of
+    ``reconstruct(x)``. Batches are split across ranks; seconds are each rank's wall time, the
+    slowest rank's reported; ``*_s`` metrics are seconds per val batch of that stage."""
+    from tqdm.auto import tqdm
+
+    from diffusion_apps.evaluation.evaluate import _max_over_ranks, _plain
+
+    staged = _is_diffae_like(module)
+    modes = [("inferred x_T", True), ("random x_T", False)] if staged else [("", None)]
+    method = type(module).__name__
+    rows = []
+    for label, inferred in modes:
+        metric = ReconstructionMetrics().to(module.device)
+        stages = ("encode_s", "invert_s", "decode_s") if inferred else ("encode_s", "decode_s")
+        times = dict.fromkeys(stages, 0.0) if staged else {}
+        generator = torch.Generator(module.device).manual_seed(seed + rank)
+        loader, batches, seconds = data.val_dataloader(), 0, 0.0
+        desc = f"{name} reconstruct {label}".strip()
+        for i, (x, _) in enumerate(tqdm(loader, desc=desc, disable=rank != 0, leave=False)):
+            if i % world != rank:
+                continue
+            x = x.to(module.device)
+            tic = _synced(module.device)
+            with torch.no_grad():
+                if staged:
+                    x_hat = _timed_reconstruction(module, x, inferred, generator, times)
+                else:
+                    x_hat = module.reconstruct(x)
+            seconds += _synced(module.device) - tic
+            batches += 1
+            metric.update(x_hat.float(), x)
+        metrics = _plain(metric.compute())
+        metrics.update({k: _max_over_ranks(v, world) / max(batches, 1) for k, v in times.items()})
+        sampler = f"reconstruct, {label}" if label else "reconstruct"
+        nfe = _reconstruction_nfe(module, inferred) if staged else None
+        seconds = _max_over_ranks(seconds, world)
+        rows.append(Row(name, method, step, sampler, nfe, int(metrics["n"]), metrics, seconds))
+    return rows
+
+
+def _reconstruction_nfe(module, inferred: bool) -> int:
+    """Network evaluations per image: the decoder's DDIM steps, plus the inversion's."""
+    steps = len(module.timesteps(module.sample_steps))
+    return steps + len(module.timesteps(module.encode_steps)) if inferred else steps
+
+
+def probe_row(module, data, name, step, batch_size: int = 250) -> Row | None:
+    """Val accuracy of a linear probe on the codes ``module.encode(x)`` against one on the raw
+    pixels, both fitted on the train split; None without ``encode`` or labels."""
+    if not callable(getattr(module, "encode", None)) or not data.num_classes:
+        return None
+    loaders = [DataLoader(s, batch_size=batch_size) for s in (data.train_set, data.val_set)]
+    tic = time.perf_counter()
+    (z_train, y_train), (z_val, y_val) = (
+        encode_all(module.encode, b, module.device) for b in loaders
+    )
+    (p_train, _), (p_val, _) = (encode_all(lambda x: x, b) for b in loaders)
+    k = data.num_classes
+    metrics = {
+        "probe_acc": LinearProbe.fit(z_train, y_train, k).accuracy(z_val, y_val),
+        "probe_acc_pixels": LinearProbe.fit(p_train, y_train, k).accuracy(p_val, y_val),
+        "n": len(y_val),
+    }
+    seconds = time.perf_counter() - tic
+    return Row(
+        name, type(module).__name__, step, "linear probe", None, len(y_val), metrics, seconds
+    )
