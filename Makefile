@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs
 CKPT ?= $(RUN)/ddpm/version_0/checkpoints/last.ckpt
 
-.PHONY: venv demo test test-all lint format tensorboard eval bench clean
+.PHONY: venv demo test test-all lint format tensorboard eval bench bench-diffae clean
 
 venv: $(STAMP)
 
@@ -61,6 +61,25 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/speed.py $(BENCH_ARGS)
+
+## bench-diffae: DiffAE's quality run: trains both stages unless their checkpoints exist (about
+##   45 min on 2 CPU cores), scores them beside the DDPM checkpoint $(CKPT) when it exists
+##   -> benchmarks/results/diffae/{eval,extras}.md, and draws docs/diffae/*.png
+DIFFAE := $(RUN)/diffae/version_0/checkpoints/last.ckpt
+LATENT := $(RUN)/diffae_latent/version_0/checkpoints/last.ckpt
+comma := ,
+bench-diffae: $(STAMP)
+	test -f $(DIFFAE) || $(PY) -m diffusion_apps fit --config configs/diffae.yaml \
+		--trainer.logger.init_args.version 0
+	test -f $(LATENT) || $(PY) -m diffusion_apps fit --config configs/diffae_latent.yaml \
+		--model.init_args.autoencoder $(DIFFAE) --trainer.logger.init_args.version 0
+	$(PY) -m diffusion_apps eval --ckpt_paths $(DIFFAE),$(LATENT)$(if $(wildcard $(CKPT)),$(comma)$(CKPT)) \
+		--num_samples 500 --samplers ddim:50 --precision bf16 --out_dir benchmarks/results/diffae
+	$(PY) benchmarks/diffae_extras.py --ckpt $(DIFFAE)
+	for mode in reconstruct interpolate variations; do \
+		$(PY) -m diffusion_apps autoencode --ckpt_path $(DIFFAE) --mode $$mode --out_dir docs/diffae; done
+	$(PY) -m diffusion_apps autoencode --ckpt_path $(DIFFAE) --mode manipulate --attribute 8 --scales "[0, 1, 2, 3, 4]" \
+		--out_dir docs/diffae
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import pickle
 import zipfile
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TypeVar
 
@@ -12,6 +13,8 @@ import torch
 from lightning import LightningModule
 
 M = TypeVar("M", bound=LightningModule)
+PARTS_KEY = "part_configs"  # {path: hyper_parameters} of the parts a module loaded by path
+_parts: ContextVar[dict[str, dict] | None] = ContextVar("parts", default=None)
 
 
 class CheckpointError(ValueError):
@@ -40,6 +43,26 @@ def _import_class(class_path: str) -> type:
     return getattr(importlib.import_module(module_name), name)
 
 
+def _build(hparams: dict, expected: type[M], what: str, parts: dict | None) -> M:
+    """The module a saved config (``hyper_parameters`` with ``_class_path``) describes, built
+    while ``parts`` (``PARTS_KEY`` of its checkpoint) are what :func:`load_part` finds."""
+    from lightning.pytorch.cli import instantiate_module
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    cls = _import_class(hparams["_class_path"])
+    if not issubclass(cls, expected):
+        raise CheckpointError(
+            f"{what} holds a {cls.__name__} checkpoint, but a {expected.__name__} is expected"
+        )
+    token = _parts.set(parts)
+    try:  # the module saves this config as its hyper-parameters, as under the CLI
+        with _given_hyperparameters_context(hparams, "lightning.pytorch.cli.instantiate_module"):
+            return instantiate_module(cls, hparams)
+    finally:
+        _parts.reset(token)
+
+
 def load_module(path: str | Path, expected: type[M] = LightningModule) -> M:
     """Rebuild the LightningModule saved at ``path`` from the config inside it, with its weights.
 
@@ -54,26 +77,43 @@ def load_module(path: str | Path, expected: type[M] = LightningModule) -> M:
     Returns:
         The module in eval mode on the CPU.
     """
-    from lightning.pytorch.cli import instantiate_module
-
     ckpt = read_checkpoint(path)
-    hparams = dict(ckpt.get("hyper_parameters") or {})
-    class_path = hparams.get("_class_path")
-    if class_path is None:
+    hparams = ckpt.get("hyper_parameters") or {}
+    if "_class_path" not in hparams:
         raise CheckpointError(
             f"{path} holds no model config: it was not written by `python -m diffusion_apps fit`"
         )
-    cls = _import_class(class_path)
-    if not issubclass(cls, expected):
-        raise CheckpointError(
-            f"{path} holds a {cls.__name__} checkpoint, but a {expected.__name__} is expected"
-        )
-    hparams.pop("_instantiator", None)
-    module = instantiate_module(cls, hparams)
+    module = _build(hparams, expected, str(path), dict(ckpt.get(PARTS_KEY) or {}))
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:
         raise CheckpointError(
-            f"weights in {path} do not fit the {cls.__name__} its config builds:\n{err}"
+            f"weights in {path} do not fit the {type(module).__name__} its config builds:\n{err}"
         ) from None
     return module.eval()
+
+
+def load_part(path: str | Path, expected: type[M] = LightningModule) -> M:
+    """A trained module another one builds on, named by its checkpoint path (LatentDDIM's
+    autoencoder, a guided sampler's diffusion model…).
+
+    While :func:`load_module` rebuilds a module whose checkpoint saved this part's config under
+    ``PARTS_KEY`` (see :func:`part_configs`), the part is built from that config and gets its
+    weights from the enclosing state dict: such a checkpoint stands alone, whatever became of
+    the file at ``path``. Otherwise the part is :func:`load_module` of ``path``.
+    """
+    hparams = (_parts.get() or {}).get(str(path))
+    if hparams is None or "_class_path" not in hparams:
+        return load_module(path, expected)
+    return _build(hparams, expected, f"the part saved for {path}", None).eval()
+
+
+def part_configs(parts: dict[str, LightningModule]) -> dict[str, dict]:
+    """``{path: hyper_parameters}`` of parts loaded with :func:`load_part`, for a checkpoint's
+    ``PARTS_KEY`` (in ``on_save_checkpoint``); a part built in Python (no saved class path) is
+    left to its file."""
+    return {
+        str(path): dict(part.hparams)
+        for path, part in parts.items()
+        if "_class_path" in part.hparams
+    }

@@ -1,8 +1,9 @@
-"""Command line: ``python -m diffusion_apps {fit,validate,test,predict,sample,eval} ...``.
+"""Command line: ``python -m diffusion_apps {fit,validate,test,predict,sample,eval,autoencode}``.
 
 fit/validate/test/predict are LightningCLI subcommands; the model and the data are chosen by
 ``class_path`` in the YAML config. ``sample`` draws images from a checkpoint alone; ``eval``
-scores every checkpoint under a run directory and writes ``reports/eval.md``.
+scores every checkpoint under a run directory and writes ``reports/eval.md``; ``autoencode``
+draws an autoencoder's reconstructions, interpolations, variations or manipulations.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class DiffusionCLI(LightningCLI):
 
 
 def _function_cli(name: str, args: Sequence[str]) -> None:
-    """``sample`` and ``eval``: a jsonargparse CLI of the command's typed function."""
+    """``sample``, ``eval``, ``autoencode``: a jsonargparse CLI of the command's typed function."""
     from importlib import import_module
 
     from jsonargparse import auto_cli
@@ -38,6 +39,7 @@ def _function_cli(name: str, args: Sequence[str]) -> None:
     module, function = {
         "sample": ("diffusion_apps.sample", "sample"),
         "eval": ("diffusion_apps.evaluation.evaluate", "evaluate"),
+        "autoencode": ("diffusion_apps.autoencode", "autoencode"),
     }[name]
     auto_cli(getattr(import_module(module), function), args=list(args), as_positional=False)
 
@@ -45,7 +47,7 @@ def _function_cli(name: str, args: Sequence[str]) -> None:
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point; ``args`` replaces ``sys.argv[1:]`` (tests call ``main([...])`` in-process)."""
     args = list(sys.argv[1:] if args is None else args)
-    if args and args[0] in ("sample", "eval"):
+    if args and args[0] in ("sample", "eval", "autoencode"):
         _function_cli(args[0], args[1:])
     else:
         DiffusionCLI(args=args)

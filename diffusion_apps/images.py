@@ -23,13 +23,13 @@ def grid(images: Tensor, nrow: int | None = None) -> Tensor:
     return make_grid(to_unit(images), nrow=nrow, padding=1)
 
 
-def save_grid(images: Tensor, path: str | Path) -> Path:
-    """Save ``grid(images)`` as a PNG, creating its folder."""
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Save ``grid(images, nrow)`` as a PNG, creating its folder."""
     from torchvision.utils import save_image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid(images), path)
+    save_image(grid(images, nrow), path)
     return path
 
 

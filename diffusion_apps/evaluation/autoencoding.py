@@ -39,7 +39,8 @@ def checkpoint_data(ckpt: dict, module):
     return data
 
 
-def _is_diffae_like(module) -> bool:
+def is_diffae_like(module) -> bool:
+    """Whether ``module`` has DiffAE's inference API (encode, encode_stochastic, decode)."""
     return all(
         callable(getattr(module, m, None)) for m in ("encode", "encode_stochastic", "decode")
     )
@@ -75,7 +76,7 @@ def reconstruction_rows(module, data, name, step, rank, world, seed: int = 0) ->
 
     from diffusion_apps.evaluation.evaluate import _max_over_ranks, _plain
 
-    staged = _is_diffae_like(module)
+    staged = is_diffae_like(module)
     modes = [("inferred x_T", True), ("random x_T", False)] if staged else [("", None)]
     method = type(module).__name__
     rows = []

@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from diffusion_apps.checkpoint import load_module
+from diffusion_apps.checkpoint import PARTS_KEY, load_part, part_configs
 from diffusion_apps.diffusion import NoiseSchedule
+from diffusion_apps.evaluation.autoencoding import is_diffae_like
 from diffusion_apps.methods.ddpm import DDPM, Sampler
-from diffusion_apps.methods.diffae import DiffAE
 from diffusion_apps.nn import SkipMLP
 
 
@@ -33,8 +33,11 @@ class LatentDDIM(DDPM):
 
     Args:
         net: the latent denoiser; its ``dim`` must equal the encoder's ``out_dim``.
-        autoencoder: path of the trained DiffAE checkpoint (read with ``weights_only=True``);
-            its weights are also kept in this module's checkpoint.
+        autoencoder: path of the trained autoencoder's checkpoint (read with
+            ``weights_only=True``): a DiffAE, or any module with its ``encode``,
+            ``encode_stochastic``, ``decode``, ``timesteps``, ``sample_steps``, ``sample_shape``.
+            Its config and weights are saved in this module's checkpoint, which therefore
+            loads without that file.
         schedule: the latent forward process; default constant β = 0.008.
         decode_steps: DDIM steps of the image decoder (default: the autoencoder's own).
         stats_batches: train batches used for μ and σ (default: the whole train split).
@@ -63,7 +66,13 @@ class LatentDDIM(DDPM):
             net, schedule, "eps", sampler, sample_steps, 0.0, "uniform", "beta", False,
             num_val_samples, loss, lr, weight_decay, warmup_steps, adam_betas, compile,
         )  # fmt: skip
-        self.autoencoder = load_module(autoencoder, DiffAE).requires_grad_(False).eval()
+        self.autoencoder = load_part(autoencoder).requires_grad_(False).eval()
+        self.autoencoder_path = autoencoder
+        if not is_diffae_like(self.autoencoder):
+            raise ValueError(
+                f"autoencoder={autoencoder!r} holds a {type(self.autoencoder).__name__}, which "
+                "has no encode/encode_stochastic/decode: give a DiffAE (or PDAE) checkpoint"
+            )
         if self.autoencoder.encoder.out_dim != net.dim:
             raise ValueError(
                 f"the latent net's dim={net.dim} must equal the autoencoder's z_sem width "
@@ -78,6 +87,9 @@ class LatentDDIM(DDPM):
         super().train(mode)
         self.autoencoder.eval()  # frozen: dropout and the like stay off
         return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[PARTS_KEY] = part_configs({self.autoencoder_path: self.autoencoder})
 
     def setup(self, stage: str) -> None:
         """No image-shape check: the data feed the frozen autoencoder, which checks them."""
@@ -117,6 +129,12 @@ class LatentDDIM(DDPM):
     def diffused(self, images: Tensor) -> Tensor:
         """The normalised codes (Enc(x_0) − μ)/σ of a batch of images."""
         return self.normalize(self.autoencoder.encode(images))
+
+    def nfe(self, sampler: str, steps: int) -> int:
+        """Network evaluations per sample: ``steps`` of the latent net (a cheap MLP; at most T)
+        plus the decoder's DDIM steps (the UNet)."""
+        decode = len(self.autoencoder.timesteps(self.decode_steps or self.autoencoder.sample_steps))
+        return min(steps, self.schedule.num_timesteps) + decode
 
     @torch.no_grad()
     def sample_latents(self, num_samples: int, *args, **kwargs) -> Tensor:

@@ -196,3 +196,27 @@ def test_eval_reports_reconstructions_and_the_probe(trained_run, tmp_path):
     # Raw 16 px digits are nearly linearly separable; the probe reads labels, not noise.
     assert probe_row["probe_acc_pixels"] > 0.85
     assert 0.3 < probe_row["probe_acc"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra", "size"),
+    [
+        ("reconstruct", [], (3 * 17 + 1, 4 * 17 + 1)),  # rows: original, inferred, random
+        ("interpolate", [], (2 * 17 + 1, 9 * 17 + 1)),  # a, 7 frames, b
+        ("manipulate", ["--attribute", "8", "--scales", "[0, 0.5]"], (4 * 17 + 1, 3 * 17 + 1)),
+    ],
+)
+def test_autoencode_command_writes_each_mode(trained_run, tmp_path, mode, extra, size):
+    from PIL import Image
+
+    ckpt = str(trained_run / "checkpoints/last.ckpt")
+    args = ["autoencode", "--ckpt_path", ckpt, "--mode", mode, "--num_images", "4"]
+    main([*args, "--out_dir", str(tmp_path), "--device", "cpu", *extra])
+    height, width = size
+    assert Image.open(tmp_path / f"{mode}.png").size == (width, height)
+
+
+def test_autoencode_names_a_bad_attribute(trained_run, tmp_path):
+    ckpt = str(trained_run / "checkpoints/last.ckpt")
+    with pytest.raises(ValueError, match=r"--attribute, a class of the labelled data in \[0, 10\)"):
+        main(["autoencode", "--ckpt_path", ckpt, "--mode", "manipulate", "--attribute", "10"])

@@ -112,4 +112,28 @@ def test_latent_samples_are_decoded_images(latent_run, monkeypatch):
     assert images.shape == (3, 1, 16, 16) and images.abs().max() <= 1
     codes = module.sample_latents(3, generator=torch.Generator().manual_seed(0))
     assert codes.shape == (3, 16)
+    # The eval report's NFE: latent-net steps plus the decoder's DDIM steps.
+    assert module.nfe("ddim", 7) == 7 + 5  # tiny config: decode_steps 5
     assert all(not p.requires_grad for p in module.autoencoder.parameters())
+
+
+def test_the_latent_checkpoint_stands_alone(latent_run, tmp_path, monkeypatch):
+    """It saves the autoencoder's config beside its weights: moved where the DiffAE checkpoint
+    it names does not exist, it loads and samples exactly as before."""
+    import shutil
+
+    module = load_latent(latent_run, monkeypatch)
+    moved = tmp_path / "latent.ckpt"
+    shutil.copy(latent_run / "runs/tiny_diffae_latent/version_0/checkpoints/last.ckpt", moved)
+    monkeypatch.chdir(tmp_path)
+    assert not (tmp_path / module.autoencoder_path).exists()
+    alone = load_module(moved, LatentDDIM)
+    same = [m.sample(2, generator=torch.Generator().manual_seed(0)) for m in (module, alone)]
+    assert torch.equal(*same)
+
+
+def test_an_autoencoder_that_cannot_encode_is_refused(in_tmp):
+    main(["fit", "--config", str(CONFIGS / "tiny" / "ddpm.yaml"), "--trainer.max_steps", "1"])
+    ddpm = "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"
+    with pytest.raises(ValueError, match="holds a DDPM, which has no encode"):
+        LatentDDIM(SkipMLP(dim=16, hidden=16, num_layers=2), ddpm)
