@@ -51,15 +51,14 @@ def autoencode(
     """
     from torch.utils.data import DataLoader
 
-    from diffusion_apps.checkpoint import load_module, read_checkpoint
+    from diffusion_apps.checkpoint import load_module, read_checkpoint, resolve_device
     from diffusion_apps.evaluation.autoencoding import checkpoint_data, is_diffae_like
     from diffusion_apps.images import save_grid
 
     least = 2 if mode == "interpolate" else 1
     if num_images < least:
         raise ValueError(f"num_images must be >= {least} for {mode}, got {num_images}")
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(auto if device == "auto" else device)
+    dev = resolve_device(device)
     module = load_module(ckpt_path).to(dev)
     if not is_diffae_like(module):
         raise SystemExit(

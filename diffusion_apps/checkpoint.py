@@ -38,6 +38,13 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA when available, else the CPU; otherwise ``torch.device(device)``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def _import_class(class_path: str) -> type:
     module_name, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module_name), name)

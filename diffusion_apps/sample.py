@@ -42,7 +42,7 @@ def sample(
     from torchvision.utils import save_image
     from tqdm.auto import tqdm
 
-    from diffusion_apps.checkpoint import load_module
+    from diffusion_apps.checkpoint import load_module, resolve_device
     from diffusion_apps.evaluation.evaluate import can_sample
     from diffusion_apps.images import autocast, save_grid, to_unit
 
@@ -50,8 +50,7 @@ def sample(
         raise ValueError(
             f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}"
         )
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(auto if device == "auto" else device)
+    dev = resolve_device(device)
     module = load_module(ckpt_path).to(dev)
     if not can_sample(module):
         raise SystemExit(
