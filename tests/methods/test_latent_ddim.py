@@ -137,3 +137,9 @@ def test_an_autoencoder_that_cannot_encode_is_refused(in_tmp):
     ddpm = "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"
     with pytest.raises(ValueError, match="holds a DDPM, which has no encode"):
         LatentDDIM(SkipMLP(dim=16, hidden=16, num_layers=2), ddpm)
+
+
+def test_fast_dev_run_of_the_tiny_latent_config(latent_run, monkeypatch):
+    monkeypatch.chdir(latent_run)
+    config = str(CONFIGS / "tiny" / "diffae_latent.yaml")
+    main(["fit", "--config", config, "--trainer.fast_dev_run", "true"])
