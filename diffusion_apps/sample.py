@@ -19,10 +19,14 @@ def sample(
     out_dir: str | None = None,
     device: str = "auto",
     precision: Literal["32", "bf16"] = "32",
+    classifier_path: str | None = None,
+    labels: list[int] | None = None,
+    scale: float = 1.0,
 ) -> Path:
     """Write ``num_samples`` images drawn from the model in ``ckpt_path``.
 
-    The model and its default sampler come from the config stored in the checkpoint.
+    The model and its default sampler come from the config stored in the checkpoint. With
+    ``classifier_path`` the DDPM is guided by that noisy classifier (classifier guidance).
 
     Args:
         ckpt_path: checkpoint written by ``fit``.
@@ -35,6 +39,9 @@ def sample(
         out_dir: where to write; default ``<run dir>/samples/<ckpt>_<sampler><steps>_seed<seed>``.
         device: "auto" (CUDA when available), "cpu", "cuda", …
         precision: "bf16" runs the network under bfloat16 autocast (the sampler stays fp32).
+        classifier_path: a NoisyClassifier checkpoint trained for this DDPM: guided sampling.
+        labels: guided: the target classes, repeated to ``num_samples`` (default 0, 1, …, K−1).
+        scale: guided: the gradient scale s (0: unguided).
 
     Returns:
         The output folder, holding ``000000.png``… and ``grid.png``.
@@ -58,12 +65,17 @@ def sample(
             "given codes and does not sample on its own: train its latent stage (for DiffAE "
             "configs/diffae_latent.yaml) and sample from that checkpoint"
         )
+    if classifier_path is not None:
+        draw, tag = _guided(module, classifier_path, labels, scale, num_samples, dev)
+    elif labels is not None:
+        raise ValueError("--labels needs --classifier_path (a NoisyClassifier checkpoint)")
+    else:
+        draw, tag = (lambda start, n, **kw: module.sample(n, **kw)), ""
     sampler = sampler or module.sampler
     steps = steps or module.sample_steps
     ckpt = Path(ckpt_path)
-    out = Path(
-        out_dir or ckpt.parent.parent / "samples" / f"{ckpt.stem}_{sampler}{steps}_seed{seed}"
-    )
+    name = f"{ckpt.stem}_{sampler}{steps}_seed{seed}{tag}"
+    out = Path(out_dir or ckpt.parent.parent / "samples" / name)
     out.mkdir(parents=True, exist_ok=True)
 
     generator = torch.Generator(dev).manual_seed(seed)
@@ -71,10 +83,26 @@ def sample(
     for start in tqdm(range(0, num_samples, batch_size), desc=f"{sampler}-{steps}", unit="batch"):
         n = min(batch_size, num_samples - start)
         with autocast(dev, precision):
-            batch = module.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator)
+            batch = draw(start, n, sampler=sampler, steps=steps, eta=eta, generator=generator)
         for i, img in enumerate(to_unit(batch)):
             save_image(img, out / f"{start + i:06d}.png")
         images.append(batch.cpu())
     save_grid(torch.cat(images), out / "grid.png")
     print(f"wrote {num_samples} samples and grid.png to {out}")
     return out
+
+
+def _guided(ddpm, classifier_path: str, labels, scale: float, num_samples: int, device):
+    """``draw(start, n, **sampler_kw)`` of classifier-guided samples start … start + n − 1,
+    their labels ``labels`` cycled, and a folder-name suffix."""
+    from diffusion_apps.checkpoint import load_module
+    from diffusion_apps.methods.guided import ClassifierGuidedDDPM, NoisyClassifier
+
+    guided = ClassifierGuidedDDPM(ddpm, load_module(classifier_path, NoisyClassifier).to(device))
+    classes = torch.tensor(labels if labels else range(guided.classifier.num_classes))
+    targets = classes.repeat(-(-num_samples // len(classes)))[:num_samples]
+
+    def draw(start: int, n: int, **kw):
+        return guided.sample(targets[start : start + n], scale, **kw)
+
+    return draw, f"_guided_s{scale:g}"

@@ -3,6 +3,14 @@
 from diffusion_apps.methods.base import DiffusionMethod
 from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.methods.diffae import DiffAE
+from diffusion_apps.methods.guided import ClassifierGuidedDDPM, NoisyClassifier
 from diffusion_apps.methods.latent_ddim import LatentDDIM
 
-__all__ = ["DDPM", "DiffAE", "DiffusionMethod", "LatentDDIM"]
+__all__ = [
+    "ClassifierGuidedDDPM",
+    "DDPM",
+    "DiffAE",
+    "DiffusionMethod",
+    "LatentDDIM",
+    "NoisyClassifier",
+]

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
+from diffusion_apps.checkpoint import PARTS_KEY, load_part, part_configs
 from diffusion_apps.images import grid
 
 
@@ -45,6 +46,19 @@ class DiffusionMethod(L.LightningModule):
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.adam_betas = tuple(adam_betas)
         self.compile_networks = compile
+        self._parts: dict[str, L.LightningModule] = {}
+
+    def load_part(self, path: str, expected: type[L.LightningModule] = L.LightningModule):
+        """The trained module at checkpoint ``path`` this one builds on (an autoencoder, a
+        diffusion model), frozen. Its config is saved in this module's checkpoints, so they load
+        without ``path`` (see :func:`diffusion_apps.checkpoint.load_part`)."""
+        part = load_part(path, expected).requires_grad_(False).eval()
+        self._parts[str(path)] = part
+        return part
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._parts:
+            checkpoint[PARTS_KEY] = part_configs(self._parts)
 
     def save_config(self) -> None:
         """Save the constructor arguments as hyper-parameters, never as pickled modules.

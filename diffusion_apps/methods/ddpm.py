@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion_apps.diffusion import NoiseSchedule, ddim_sample, ddpm_sample, timestep_subsequence
+from diffusion_apps.diffusion import (
+    EpsFn,
+    NoiseSchedule,
+    ddim_sample,
+    ddpm_sample,
+    timestep_subsequence,
+)
 from diffusion_apps.methods.base import DiffusionMethod
 from diffusion_apps.nn import UNet
 
@@ -177,16 +183,19 @@ class DDPM(DiffusionMethod):
         generator: torch.Generator | None = None,
         progress: bool = False,
         x_T: Tensor | None = None,
+        eps_fn: EpsFn | None = None,
         **cond,
     ) -> Tensor:
         """x̂_0 (N, *sample_shape) by DDPM ancestral or DDIM sampling, not clamped.
 
-        Unset arguments fall back to the module's configured sampler, steps and η.
+        Unset arguments fall back to the module's configured sampler, steps and η. ``eps_fn``
+        replaces :meth:`eps` (a guidance wrapper of it, which receives ``cond``).
         """
         sampler = sampler or self.sampler
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         eta = self.eta if eta is None else eta
+        eps_fn = eps_fn or self.eps
         timesteps = self.timesteps(steps or self.sample_steps)
         if x_T is None:
             x_T = torch.randn(
@@ -196,7 +205,7 @@ class DDPM(DiffusionMethod):
             timesteps=timesteps, clip_x0=self.clip_x0, generator=generator, progress=progress
         )
         if sampler == "ddpm":
-            x0 = ddpm_sample(self.eps, self.schedule, x_T, variance=self.variance, **common, **cond)
+            x0 = ddpm_sample(eps_fn, self.schedule, x_T, variance=self.variance, **common, **cond)
         else:
-            x0 = ddim_sample(self.eps, self.schedule, x_T, eta=eta, **common, **cond)
+            x0 = ddim_sample(eps_fn, self.schedule, x_T, eta=eta, **common, **cond)
         return x0

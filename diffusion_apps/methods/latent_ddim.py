@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from diffusion_apps.checkpoint import PARTS_KEY, load_part, part_configs
 from diffusion_apps.diffusion import NoiseSchedule
 from diffusion_apps.evaluation.autoencoding import is_diffae_like
 from diffusion_apps.methods.ddpm import DDPM, Sampler
@@ -66,8 +65,7 @@ class LatentDDIM(DDPM):
             net, schedule, "eps", sampler, sample_steps, 0.0, "uniform", "beta", False,
             num_val_samples, loss, lr, weight_decay, warmup_steps, adam_betas, compile,
         )  # fmt: skip
-        self.autoencoder = load_part(autoencoder).requires_grad_(False).eval()
-        self.autoencoder_path = autoencoder
+        self.autoencoder = self.load_part(autoencoder)
         if not is_diffae_like(self.autoencoder):
             raise ValueError(
                 f"autoencoder={autoencoder!r} holds a {type(self.autoencoder).__name__}, which "
@@ -87,9 +85,6 @@ class LatentDDIM(DDPM):
         super().train(mode)
         self.autoencoder.eval()  # frozen: dropout and the like stay off
         return self
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[PARTS_KEY] = part_configs({self.autoencoder_path: self.autoencoder})
 
     def setup(self, stage: str) -> None:
         """No image-shape check: the data feed the frozen autoencoder, which checks them."""

@@ -126,7 +126,7 @@ def test_the_latent_checkpoint_stands_alone(latent_run, tmp_path, monkeypatch):
     moved = tmp_path / "latent.ckpt"
     shutil.copy(latent_run / "runs/tiny_diffae_latent/version_0/checkpoints/last.ckpt", moved)
     monkeypatch.chdir(tmp_path)
-    assert not (tmp_path / module.autoencoder_path).exists()
+    assert not (tmp_path / module.hparams.autoencoder).exists()
     alone = load_module(moved, LatentDDIM)
     same = [m.sample(2, generator=torch.Generator().manual_seed(0)) for m in (module, alone)]
     assert torch.equal(*same)

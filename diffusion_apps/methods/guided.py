@@ -1,0 +1,172 @@
+"""Classifier guidance (Dhariwal & Nichol 2021; official code openai/guided-diffusion).
+
+A noisy classifier p_φ(y | x_t), trained on the forward process of a given DDPM, steers that
+frozen unconditional DDPM towards a class: its gradient g = ∇_{x_t} log p_φ(y | x_t) shifts the
+ancestral mean (Algorithm 1) or the predicted noise (Algorithm 2), through the guidance wrappers
+of :mod:`diffusion_apps.diffusion.guidance` and the DDPM's own sampling loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffusion_apps.diffusion import (
+    EpsFn,
+    classifier_log_prob_grad,
+    eps_shift_guidance,
+    mean_shift_guidance,
+)
+from diffusion_apps.methods.base import DiffusionMethod
+from diffusion_apps.methods.ddpm import DDPM, Sampler
+from diffusion_apps.nn import EncoderUNet
+
+NOISE_LEVELS = ("low", "mid", "high")  # thirds of [0, T): t < T/3, T/3 ≤ t < 2T/3, t ≥ 2T/3
+
+
+class NoisyClassifier(DiffusionMethod):
+    """f_φ(x_t, t) → logits, trained with cross-entropy on x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε,
+    t ~ U{0, …, T−1}, under the schedule of the DDPM it will guide.
+
+    The schedule is read from that DDPM's checkpoint (never typed twice); the classifier's
+    checkpoint saves the DDPM's config, so it loads on its own. Validation logs the loss at
+    t ~ U{0, …, T−1} and the accuracy in each third of the noise range
+    (``val/acc_low``, ``val/acc_mid``, ``val/acc_high``).
+
+    Args:
+        classifier: ADM's noisy classifier: the UNet's encoder half with ``time_conditioned``,
+            ``out_dim`` = number of classes (ADM: attention pooling).
+        diffusion: checkpoint path of the DDPM to be guided.
+        lr, weight_decay: AdamW (ADM: 3e-4 and 0.05).
+        warmup_steps, adam_betas, compile: see :class:`DiffusionMethod`.
+    """
+
+    def __init__(
+        self,
+        classifier: EncoderUNet,
+        diffusion: str,
+        lr: float = 3e-4,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        compile: bool = False,
+    ) -> None:
+        super().__init__(lr, weight_decay, warmup_steps, adam_betas, compile)
+        self.save_config()
+        if not classifier.time_conditioned:
+            raise ValueError("a noisy classifier must be built with time_conditioned=True")
+        ddpm = self.load_part(diffusion, DDPM)
+        if tuple(ddpm.sample_shape) != (classifier.in_channels, *(2 * [classifier.image_size])):
+            raise ValueError(
+                f"the classifier takes {classifier.in_channels}-channel "
+                f"{classifier.image_size}px images, the DDPM in {diffusion} draws "
+                f"{tuple(ddpm.sample_shape)}"
+            )
+        self.classifier = classifier
+        self.schedule = ddpm.schedule  # buffers: saved with the weights
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.out_dim
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """Logits (B, K) of noisy images x_t at original timestep indices t."""
+        return self.classifier(x_t, t).float()
+
+    def _noisy_loss(self, x0, y, t, generator=None) -> tuple[Tensor, Tensor]:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        logits = self(self.schedule.q_sample(x0, t, noise), t)
+        return F.cross_entropy(logits, y), (logits.argmax(1) == y).float()
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x0, y = batch
+        t = torch.randint(0, self.schedule.num_timesteps, (len(x0),), device=x0.device)
+        loss, correct = self._noisy_loss(x0, y, t)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", correct.mean())
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """Loss at uniform t, and accuracy with t uniform within each third of [0, T), all
+        drawn from a generator seeded by the batch index (comparable across validations)."""
+        x0, y = batch
+        T, n = self.schedule.num_timesteps, len(x0)
+        gen = torch.Generator(x0.device).manual_seed(batch_idx)
+        t = torch.randint(0, T, (n,), generator=gen, device=x0.device)
+        loss, _ = self._noisy_loss(x0, y, t, gen)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
+        for i, level in enumerate(NOISE_LEVELS):
+            lo, hi = i * T // 3, (i + 1) * T // 3 if i < 2 else T
+            t = torch.randint(lo, hi, (n,), generator=gen, device=x0.device)
+            _, correct = self._noisy_loss(x0, y, t, gen)
+            self.log(f"val/acc_{level}", correct.mean(), sync_dist=True, batch_size=n)
+
+
+class ClassifierGuidedDDPM(nn.Module):
+    """Class-conditional samples of a frozen unconditional DDPM, guided by a noisy classifier.
+
+    With g = ∇_{x_t} log p_φ(y | x_t) (computed on a detached x_t, the DDPM never sees a
+    gradient) and gradient scale s:
+        ancestral (Algorithm 1):  μ' = μ_θ(x_t, t) + s·Σ_t·g,   x_{t−1} ~ N(μ', Σ_t);
+        DDIM (Algorithm 2):       ε' = ε_θ(x_t, t) − s·√(1−ᾱ_t)·g, then x̂_0 and the step from ε'.
+    On a respaced subsequence the classifier gets the original timestep index. With
+    ``clip_x0`` (the DDPM's setting) x̂_0 is clamped after the shift, as guided-diffusion does
+    for DDIM; for the ancestral step the shift then passes through the clamp, where
+    guided-diffusion adds Σ·g to the clamped mean (the two agree wherever no pixel is clamped).
+
+    Args:
+        ddpm: the unconditional model (frozen here: no gradients, eval mode).
+        classifier: a :class:`NoisyClassifier` trained on the same schedule.
+    """
+
+    def __init__(self, ddpm: DDPM, classifier: NoisyClassifier) -> None:
+        super().__init__()
+        if not torch.allclose(ddpm.schedule.alphas_cumprod, classifier.schedule.alphas_cumprod):
+            raise ValueError("the classifier was trained on another noise schedule than the DDPM's")
+        self.ddpm = ddpm.requires_grad_(False).eval()
+        self.classifier = classifier.requires_grad_(False).eval()
+
+    @classmethod
+    def from_checkpoints(cls, ddpm_path: str, classifier_path: str) -> ClassifierGuidedDDPM:
+        from diffusion_apps.checkpoint import load_module
+
+        return cls(load_module(ddpm_path, DDPM), load_module(classifier_path, NoisyClassifier))
+
+    def guided_eps(self, scale: float, sampler: Sampler, timesteps: Tensor) -> EpsFn:
+        """ε_θ wrapped by Algorithm 1's mean shift (``ddpm``) or Algorithm 2's ε shift
+        (``ddim``); the wrapper takes the labels as ``y``."""
+        ddpm = self.ddpm
+
+        def eps(x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+            return ddpm.eps(x_t, t)
+
+        grad = classifier_log_prob_grad(self.classifier)
+        if sampler == "ddim":
+            return eps_shift_guidance(eps, grad, ddpm.schedule, scale)
+        return mean_shift_guidance(eps, grad, ddpm.schedule, scale, ddpm.variance, timesteps)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Tensor,
+        scale: float = 1.0,
+        sampler: Sampler | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Images (N, C, H, W) in [−1, 1], sample i guided towards class ``labels[i]``.
+        Unset sampler settings are the DDPM's; s = 0 is the unguided DDPM."""
+        k = self.classifier.num_classes
+        if labels.dim() != 1 or not len(labels) or labels.min() < 0 or labels.max() >= k:
+            raise ValueError(f"labels must be a non-empty (N,) tensor of classes in [0, {k})")
+        sampler = sampler or self.ddpm.sampler
+        timesteps = self.ddpm.timesteps(steps or self.ddpm.sample_steps)
+        eps_fn = self.guided_eps(scale, sampler, timesteps)
+        labels = labels.to(self.ddpm.device)
+        return self.ddpm.sample(
+            len(labels), sampler, steps, eta, generator, progress, eps_fn=eps_fn, y=labels
+        )

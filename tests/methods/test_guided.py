@@ -1,0 +1,140 @@
+"""Classifier guidance: the noisy classifier's training setup, and guided sampling of a frozen
+DDPM (Algorithm 2's ε shift checked against autograd; the exact two-Gaussian check of both
+algorithms is in tests/diffusion/test_diffusion_guidance.py)."""
+
+import shutil
+
+import pytest
+import torch
+
+from diffusion_apps.checkpoint import load_module
+from diffusion_apps.cli import main
+from diffusion_apps.methods import DDPM, ClassifierGuidedDDPM, NoisyClassifier
+from diffusion_apps.nn import EncoderUNet
+from tests.conftest import CONFIGS
+
+DDPM_CKPT = "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"
+CLASSIFIER_CKPT = "runs/tiny_guided_classifier/version_0/checkpoints/last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny DDPM, then a tiny noisy classifier for it, both through the CLI."""
+    import os
+
+    root = tmp_path_factory.mktemp("guided")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        main(["fit", "--config", str(CONFIGS / "tiny" / "ddpm.yaml")])
+        main(["fit", "--config", str(CONFIGS / "tiny" / "guided_classifier.yaml")])
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def guided(run_dir):
+    ddpm = load_module(run_dir / DDPM_CKPT, DDPM)
+    return ClassifierGuidedDDPM(ddpm, load_module(run_dir / CLASSIFIER_CKPT, NoisyClassifier))
+
+
+def test_the_schedule_comes_from_the_ddpm_checkpoint(guided):
+    assert guided.classifier.schedule.num_timesteps == 100  # the tiny DDPM's T, not the default
+    assert torch.equal(
+        guided.classifier.schedule.alphas_cumprod, guided.ddpm.schedule.alphas_cumprod
+    )
+
+
+def test_validation_logs_accuracy_per_noise_level(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "runs/tiny_guided_classifier/version_0"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"val/loss", "val/acc_low", "val/acc_mid", "val/acc_high", "train/acc"} <= tags
+    for level in ("low", "mid", "high"):
+        assert all(0 <= e.value <= 1 for e in events.Scalars(f"val/acc_{level}"))
+
+
+def test_the_classifier_checkpoint_stands_alone(run_dir, tmp_path, monkeypatch):
+    moved = tmp_path / "classifier.ckpt"
+    shutil.copy(run_dir / CLASSIFIER_CKPT, moved)
+    monkeypatch.chdir(tmp_path)  # where the DDPM checkpoint it names does not exist
+    classifier = load_module(moved, NoisyClassifier)
+    assert classifier.schedule.num_timesteps == 100
+
+
+def test_guided_sampling_leaves_the_ddpm_untouched(guided):
+    before = {k: v.clone() for k, v in guided.ddpm.state_dict().items()}
+    labels = torch.tensor([3, 8])
+    for sampler in ("ddpm", "ddim"):
+        gen = torch.Generator().manual_seed(0)
+        x = guided.sample(labels, scale=10.0, sampler=sampler, steps=5, generator=gen)
+        assert x.shape == (2, 1, 16, 16) and x.abs().max() <= 1
+    after = guided.ddpm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None and not p.requires_grad for p in guided.ddpm.parameters())
+    assert all(p.grad is None for p in guided.classifier.parameters())
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_scale_zero_is_the_unguided_ddpm(guided, sampler):
+    labels = torch.tensor([0, 1, 2])
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    unguided = guided.ddpm.sample(3, sampler, 5, generator=gen())
+    assert torch.equal(guided.sample(labels, 0.0, sampler, 5, generator=gen()), unguided)
+    assert not torch.equal(guided.sample(labels, 5.0, sampler, 5, generator=gen()), unguided)
+
+
+def test_ddim_guidance_is_algorithm_2(guided):
+    """ε' = ε_θ − s √(1 − ᾱ_t) ∇ log softmax(f_φ(x_t, t))_y, the gradient taken here by hand."""
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    t, y, s = torch.tensor([40, 90]), torch.tensor([1, 7]), 3.0
+    eps_fn = guided.guided_eps(s, "ddim", guided.ddpm.timesteps(5))
+    x_req = x.clone().requires_grad_()
+    log_p = guided.classifier(x_req, t).log_softmax(-1)[torch.arange(2), y].sum()
+    (g,) = torch.autograd.grad(log_p, x_req)
+    sigma = (1 - guided.ddpm.schedule.alpha_bar(t)).sqrt().view(2, 1, 1, 1)
+    with torch.no_grad():
+        expected = guided.ddpm.eps(x, t) - s * sigma * g
+        torch.testing.assert_close(eps_fn(x, t, y=y), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_respaced_sampling_shows_the_classifier_original_timesteps(guided):
+    seen = []
+    hook = guided.classifier.classifier.register_forward_pre_hook(
+        lambda _, args: seen.append(args[1].unique())
+    )
+    try:
+        guided.sample(torch.tensor([4]), 1.0, "ddpm", 5, generator=torch.Generator())
+    finally:
+        hook.remove()
+    assert sorted(torch.cat(seen).tolist()) == guided.ddpm.timesteps(5).tolist()
+
+
+def test_bad_input_is_named(guided, run_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"classes in \[0, 10\)"):
+        guided.sample(torch.tensor([10]))
+    unet = EncoderUNet(in_channels=1, out_dim=10, image_size=16, base_channels=8,
+                       num_head_channels=8, channel_mult=(1, 2), num_groups=2,
+                       time_conditioned=False)  # fmt: skip
+    with pytest.raises(ValueError, match="time_conditioned=True"):
+        NoisyClassifier(unet, str(run_dir / DDPM_CKPT))
+    other = load_module(run_dir / CLASSIFIER_CKPT, NoisyClassifier)
+    other.schedule.alphas_cumprod.mul_(0.5)
+    with pytest.raises(ValueError, match="another noise schedule"):
+        ClassifierGuidedDDPM(guided.ddpm, other)
+    ckpt = str(run_dir / DDPM_CKPT)
+    with pytest.raises(ValueError, match="--labels needs --classifier_path"):
+        main(["sample", "--ckpt_path", ckpt, "--labels", "[3]", "--out_dir", str(tmp_path)])
+
+
+def test_sample_command_draws_guided_digits(run_dir, tmp_path):
+    ckpt, classifier = str(run_dir / DDPM_CKPT), str(run_dir / CLASSIFIER_CKPT)
+    args = ["--num_samples", "3", "--labels", "[3, 8]", "--scale", "2", "--steps", "3"]
+    main(["sample", "--ckpt_path", ckpt, "--classifier_path", classifier, *args,
+          "--out_dir", str(tmp_path)])  # fmt: skip
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "000000.png", "000001.png", "000002.png", "grid.png",
+    ]  # fmt: skip
