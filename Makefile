@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs
 CKPT ?= $(RUN)/ddpm/version_0/checkpoints/last.ckpt
 
-.PHONY: venv demo test test-all lint format tensorboard eval bench bench-diffae clean
+.PHONY: venv demo test test-all lint format tensorboard eval bench bench-diffae bench-guided clean
 
 venv: $(STAMP)
 
@@ -80,6 +80,16 @@ bench-diffae: $(STAMP)
 		$(PY) -m diffusion_apps autoencode --ckpt_path $(DIFFAE) --mode $$mode --out_dir docs/diffae; done
 	$(PY) -m diffusion_apps autoencode --ckpt_path $(DIFFAE) --mode manipulate --attribute 8 --scales "[0, 1, 2, 3, 4]" \
 		--out_dir docs/diffae
+
+## bench-guided: classifier guidance of the DDPM $(CKPT): trains its noisy classifier unless
+##   present (about 8 min on 2 CPU cores), then the scale x sampler table
+##   -> benchmarks/results/guided/guided.md   (GUIDED_ARGS="--per_class 50 --scales 0,1,2,5,10")
+CLASSIFIER := $(RUN)/guided_classifier/version_0/checkpoints/last.ckpt
+GUIDED_ARGS ?=
+bench-guided: $(STAMP)
+	test -f $(CLASSIFIER) || $(PY) -m diffusion_apps fit --config configs/guided_classifier.yaml \
+		--model.init_args.diffusion $(CKPT) --trainer.logger.init_args.version 0
+	$(PY) benchmarks/guided.py --ddpm $(CKPT) --classifier $(CLASSIFIER) $(GUIDED_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -136,12 +136,14 @@ class ClassifierGuidedDDPM(nn.Module):
 
     def guided_eps(self, scale: float, sampler: Sampler, timesteps: Tensor) -> EpsFn:
         """ε_θ wrapped by Algorithm 1's mean shift (``ddpm``) or Algorithm 2's ε shift
-        (``ddim``); the wrapper takes the labels as ``y``."""
+        (``ddim``); the wrapper takes the labels as ``y``. At s = 0, ε_θ alone (no gradient)."""
         ddpm = self.ddpm
 
         def eps(x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
             return ddpm.eps(x_t, t)
 
+        if scale == 0:
+            return eps
         grad = classifier_log_prob_grad(self.classifier)
         if sampler == "ddim":
             return eps_shift_guidance(eps, grad, ddpm.schedule, scale)
