@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,18 @@ def in_tmp(tmp_path, monkeypatch):
     """Run in a temporary working directory (the CLI writes runs/ relative to it)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def run_cli_in(root: Path, *commands: list[str]) -> Path:
+    """Run CLI commands (``["fit", "--config", ...]``) in ``root`` (where they write runs/);
+    for module-scoped fixtures, which cannot use ``monkeypatch``. Returns ``root``."""
+    from diffusion_apps.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        for args in commands:
+            main(args)
+    finally:
+        os.chdir(cwd)
+    return root

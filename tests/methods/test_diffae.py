@@ -10,7 +10,7 @@ from diffusion_apps.cli import main
 from diffusion_apps.data import load_embedded_digits
 from diffusion_apps.methods import DiffAE
 from diffusion_apps.nn import EncoderUNet, UNet
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, run_cli_in
 
 TINY = CONFIGS / "tiny" / "diffae.yaml"
 NET = dict(in_channels=1, image_size=16, base_channels=8, channel_mult=(1, 2),
@@ -34,17 +34,9 @@ def randomize_(module, std=0.1):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """The run directory of the tiny config trained for 60 steps (one validation) by the CLI."""
-    import os
-
-    run_dir = tmp_path_factory.mktemp("diffae")
-    cwd = os.getcwd()
-    os.chdir(run_dir)
-    try:
-        steps = ["--trainer.max_steps", "60", "--trainer.val_check_interval", "60"]
-        main(["fit", "--config", str(TINY), *steps, "--trainer.enable_progress_bar", "false"])
-    finally:
-        os.chdir(cwd)
-    return run_dir / "runs/tiny_diffae/version_0"
+    steps = ["--trainer.max_steps", "60", "--trainer.val_check_interval", "60"]
+    fit = ["fit", "--config", str(TINY), *steps, "--trainer.enable_progress_bar", "false"]
+    return run_cli_in(tmp_path_factory.mktemp("diffae"), fit) / "runs/tiny_diffae/version_0"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from diffusion_apps.checkpoint import load_module
 from diffusion_apps.cli import main
 from diffusion_apps.methods import DDPM, ClassifierGuidedDDPM, NoisyClassifier
 from diffusion_apps.nn import EncoderUNet
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, run_cli_in
 
 DDPM_CKPT = "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"
 CLASSIFIER_CKPT = "runs/tiny_guided_classifier/version_0/checkpoints/last.ckpt"
@@ -20,17 +20,11 @@ CLASSIFIER_CKPT = "runs/tiny_guided_classifier/version_0/checkpoints/last.ckpt"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny DDPM, then a tiny noisy classifier for it, both through the CLI."""
-    import os
-
-    root = tmp_path_factory.mktemp("guided")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        main(["fit", "--config", str(CONFIGS / "tiny" / "ddpm.yaml")])
-        main(["fit", "--config", str(CONFIGS / "tiny" / "guided_classifier.yaml")])
-    finally:
-        os.chdir(cwd)
-    return root
+    return run_cli_in(
+        tmp_path_factory.mktemp("guided"),
+        ["fit", "--config", str(CONFIGS / "tiny" / "ddpm.yaml")],
+        ["fit", "--config", str(CONFIGS / "tiny" / "guided_classifier.yaml")],
+    )
 
 
 @pytest.fixture

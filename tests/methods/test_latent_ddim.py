@@ -8,7 +8,7 @@ from diffusion_apps.cli import main
 from diffusion_apps.diffusion import NoiseSchedule
 from diffusion_apps.methods import DDPM, LatentDDIM
 from diffusion_apps.nn import SkipMLP
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, run_cli_in
 
 MEAN = torch.tensor([1.0, -2.0])
 COV = torch.tensor([[1.0, 0.6], [0.6, 0.5]])
@@ -53,17 +53,11 @@ def test_latent_ddpm_recovers_a_gaussian_latent_set():
 def latent_run(tmp_path_factory):
     """A tiny DiffAE, then the tiny latent stage on it, both through the CLI; the latent
     checkpoint names the DiffAE one by its path relative to the run directory."""
-    import os
-
-    run_dir = tmp_path_factory.mktemp("latent")
-    cwd = os.getcwd()
-    os.chdir(run_dir)
-    try:
-        main(["fit", "--config", str(CONFIGS / "tiny" / "diffae.yaml")])
-        main(["fit", "--config", str(CONFIGS / "tiny" / "diffae_latent.yaml")])
-    finally:
-        os.chdir(cwd)
-    return run_dir
+    return run_cli_in(
+        tmp_path_factory.mktemp("latent"),
+        ["fit", "--config", str(CONFIGS / "tiny" / "diffae.yaml")],
+        ["fit", "--config", str(CONFIGS / "tiny" / "diffae_latent.yaml")],
+    )
 
 
 def load_latent(run_dir, monkeypatch):
