@@ -132,7 +132,8 @@ class SampleQuality(L.Callback):
         if not can_sample(pl_module):
             if not self._told_no_sample:
                 rank_zero_info(
-                    f"SampleQuality: {type(pl_module).__name__} has no sample() method; skipped"
+                    f"SampleQuality: {type(pl_module).__name__} does not sample unconditionally "
+                    "(no sample() method, or one that needs codes); skipped"
                 )
                 self._told_no_sample = True
             return

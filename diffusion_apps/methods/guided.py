@@ -22,7 +22,14 @@ from diffusion_apps.methods.base import DiffusionMethod
 from diffusion_apps.methods.ddpm import DDPM, Sampler
 from diffusion_apps.nn import EncoderUNet
 
-NOISE_LEVELS = ("low", "mid", "high")  # thirds of [0, T): t < T/3, T/3 ≤ t < 2T/3, t ≥ 2T/3
+NOISE_LEVELS = ("low", "mid", "high")
+
+
+def noise_level_range(level: str, num_timesteps: int) -> tuple[int, int]:
+    """[lo, hi) of a third of the T timesteps: low [0, ⌊T/3⌋), mid [⌊T/3⌋, ⌊2T/3⌋),
+    high [⌊2T/3⌋, T)."""
+    i = NOISE_LEVELS.index(level)
+    return i * num_timesteps // 3, (i + 1) * num_timesteps // 3
 
 
 class NoisyClassifier(DiffusionMethod):
@@ -57,10 +64,10 @@ class NoisyClassifier(DiffusionMethod):
         if not classifier.time_conditioned:
             raise ValueError("a noisy classifier must be built with time_conditioned=True")
         ddpm = self.load_part(diffusion, DDPM)
-        if tuple(ddpm.sample_shape) != (classifier.in_channels, *(2 * [classifier.image_size])):
+        c, size = classifier.in_channels, classifier.image_size
+        if tuple(ddpm.sample_shape) != (c, size, size):
             raise ValueError(
-                f"the classifier takes {classifier.in_channels}-channel "
-                f"{classifier.image_size}px images, the DDPM in {diffusion} draws "
+                f"the classifier takes {c}-channel {size}px images, the DDPM in {diffusion} draws "
                 f"{tuple(ddpm.sample_shape)}"
             )
         self.classifier = classifier
@@ -97,8 +104,8 @@ class NoisyClassifier(DiffusionMethod):
         t = torch.randint(0, T, (n,), generator=gen, device=x0.device)
         loss, _ = self._noisy_loss(x0, y, t, gen)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
-        for i, level in enumerate(NOISE_LEVELS):
-            lo, hi = i * T // 3, (i + 1) * T // 3 if i < 2 else T
+        for level in NOISE_LEVELS:
+            lo, hi = noise_level_range(level, T)
             t = torch.randint(lo, hi, (n,), generator=gen, device=x0.device)
             _, correct = self._noisy_loss(x0, y, t, gen)
             self.log(f"val/acc_{level}", correct.mean(), sync_dist=True, batch_size=n)

@@ -10,6 +10,7 @@ import torch
 from diffusion_apps.checkpoint import load_module
 from diffusion_apps.cli import main
 from diffusion_apps.methods import DDPM, ClassifierGuidedDDPM, NoisyClassifier
+from diffusion_apps.methods.guided import NOISE_LEVELS, noise_level_range
 from diffusion_apps.nn import EncoderUNet
 from tests.conftest import CONFIGS, run_cli_in
 
@@ -49,6 +50,14 @@ def test_validation_logs_accuracy_per_noise_level(run_dir):
     assert {"val/loss", "val/acc_low", "val/acc_mid", "val/acc_high", "train/acc"} <= tags
     for level in ("low", "mid", "high"):
         assert all(0 <= e.value <= 1 for e in events.Scalars(f"val/acc_{level}"))
+
+
+@pytest.mark.parametrize("T", [100, 1000, 1001])
+def test_the_noise_levels_split_the_timesteps_into_thirds(T):
+    ranges = [noise_level_range(level, T) for level in NOISE_LEVELS]
+    assert ranges[0][0] == 0 and ranges[-1][1] == T
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))  # contiguous
+    assert all(abs((hi - lo) - T / 3) < 1 for lo, hi in ranges)
 
 
 def test_the_classifier_checkpoint_stands_alone(run_dir, tmp_path, monkeypatch):
