@@ -74,7 +74,7 @@ def reconstruction_rows(module, data, name, step, rank, world, seed: int = 0) ->
     slowest rank's reported; ``*_s`` metrics are seconds per val batch of that stage."""
     from tqdm.auto import tqdm
 
-    from diffusion_apps.evaluation.evaluate import _max_over_ranks, _plain
+    from diffusion_apps.evaluation.evaluate import max_over_ranks, plain_metrics
 
     staged = is_diffae_like(module)
     modes = [("inferred x_T", True), ("random x_T", False)] if staged else [("", None)]
@@ -100,11 +100,11 @@ def reconstruction_rows(module, data, name, step, rank, world, seed: int = 0) ->
             seconds += _synced(module.device) - tic
             batches += 1
             metric.update(x_hat.float(), x)
-        metrics = _plain(metric.compute())
-        metrics.update({k: _max_over_ranks(v, world) / max(batches, 1) for k, v in times.items()})
+        metrics = plain_metrics(metric.compute())
+        metrics.update({k: max_over_ranks(v, world) / max(batches, 1) for k, v in times.items()})
         sampler = f"reconstruct, {label}" if label else "reconstruct"
         nfe = _reconstruction_nfe(module, inferred) if staged else None
-        seconds = _max_over_ranks(seconds, world)
+        seconds = max_over_ranks(seconds, world)
         rows.append(Row(name, method, step, sampler, nfe, int(metrics["n"]), metrics, seconds))
     return rows
 

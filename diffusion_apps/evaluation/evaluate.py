@@ -96,7 +96,8 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _max_over_ranks(value: float, world: int) -> float:
+def max_over_ranks(value: float, world: int) -> float:
+    """The largest ``value`` over the ``world`` ranks (the slowest rank's seconds)."""
     if world == 1:
         return value
     import torch.distributed as dist
@@ -128,7 +129,7 @@ def _sampler_names(module) -> tuple[str, ...] | None:
     return tuple(names) or None
 
 
-def _plain(values: dict) -> dict[str, float | int]:
+def plain_metrics(values: dict) -> dict[str, float | int]:
     """Metric values as Python numbers: counts (``n``, ``n_real``, ``n_fake``) as int."""
     return {k: int(v) if k == "n" or k.startswith("n_") else float(v) for k, v in values.items()}
 
@@ -149,7 +150,7 @@ def _floor(space: str, weights_path: str | None):
     from diffusion_apps.evaluation import real_floor
     from diffusion_apps.evaluation.report import Row
 
-    metrics = _plain(real_floor(space, feature_extractor_weights_path=weights_path))
+    metrics = plain_metrics(real_floor(space, feature_extractor_weights_path=weights_path))
     return Row(
         "FLOOR: real val vs real train", "FLOOR", None, "–", None, metrics["n_fake"], metrics, None
     )
@@ -198,9 +199,9 @@ def _generation_rows(module, name, step, settings, metric, args, rank, world, ou
                 kept.append(x[: GRID_SIZE - sum(map(len, kept))].cpu())
             bar.update(len(x))
         bar.close()
-        metrics = _plain(metric.compute())
+        metrics = plain_metrics(metric.compute())
         metric.reset()
-        seconds = _max_over_ranks(seconds, world)
+        seconds = max_over_ranks(seconds, world)
         if rank == 0:
             save_grid(torch.cat(kept), out_dir / "grids" / f"{_slug(name)}_{sampler}{steps}.png")
         nfe = _nfe(module, sampler, steps)
