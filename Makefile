@@ -82,8 +82,10 @@ bench-diffae: $(STAMP)
 		--out_dir docs/diffae
 
 ## bench-guided: classifier guidance of the DDPM $(CKPT): trains its noisy classifier unless
-##   present (about 8 min on 2 CPU cores), then the scale x sampler table
-##   -> benchmarks/results/guided/guided.md   (GUIDED_ARGS="--per_class 50 --scales 0,1,2,5,10")
+##   present (about 8 min on 2 CPU cores), then the scale x {DDIM-50, DDPM-1000} table, 150 samples
+##   per digit: minutes on a GPU, hours on 2 CPU cores (there, about 13 min with
+##   GUIDED_ARGS="--per_class 20 --samplers ddim:50,ddpm:100")
+##   -> benchmarks/results/guided/guided.md
 CLASSIFIER := $(RUN)/guided_classifier/version_0/checkpoints/last.ckpt
 GUIDED_ARGS ?=
 bench-guided: $(STAMP)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from lightning import LightningModule
+from torch import Tensor
 
 from diffusion_apps.diffusion import (
     EpsFn,
@@ -111,7 +112,7 @@ class NoisyClassifier(DiffusionMethod):
             self.log(f"val/acc_{level}", correct.mean(), sync_dist=True, batch_size=n)
 
 
-class ClassifierGuidedDDPM(nn.Module):
+class ClassifierGuidedDDPM(LightningModule):
     """Class-conditional samples of a frozen unconditional DDPM, guided by a noisy classifier.
 
     With g = ∇_{x_t} log p_φ(y | x_t) (computed on a detached x_t, the DDPM never sees a
@@ -122,6 +123,9 @@ class ClassifierGuidedDDPM(nn.Module):
     ``clip_x0`` (the DDPM's setting) x̂_0 is clamped after the shift, as guided-diffusion does
     for DDIM; for the ancestral step the shift then passes through the clamp, where
     guided-diffusion adds Σ·g to the clamped mean (the two agree wherever no pixel is clamped).
+
+    A LightningModule (not a plain ``nn.Module``) so that ``.to(device)`` also updates the
+    ``device`` of both parts, which the DDPM's sampling loop draws x_T on.
 
     Args:
         ddpm: the unconditional model (frozen here: no gradients, eval mode).

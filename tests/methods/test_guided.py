@@ -116,6 +116,14 @@ def test_respaced_sampling_shows_the_classifier_original_timesteps(guided):
     assert sorted(torch.cat(seen).tolist()) == guided.ddpm.timesteps(5).tolist()
 
 
+def test_moving_the_guided_model_moves_where_its_parts_sample(guided):
+    """The DDPM draws x_T on its ``device``; a plain nn.Module wrapper left that on the CPU
+    after ``.to("cuda")`` (found on an H100). The meta device shows the same without a GPU."""
+    guided.to("meta")
+    assert guided.ddpm.device.type == guided.classifier.device.type == "meta"
+    assert guided.ddpm.unet.out_conv.weight.device.type == "meta"
+
+
 def test_bad_input_is_named(guided, run_dir, tmp_path):
     with pytest.raises(ValueError, match=r"classes in \[0, 10\)"):
         guided.sample(torch.tensor([10]))
