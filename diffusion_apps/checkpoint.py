@@ -112,15 +112,16 @@ def load_part(path: str | Path, expected: type[M] = LightningModule) -> M:
     hparams = (_parts.get() or {}).get(str(path))
     if hparams is None or "_class_path" not in hparams:
         return load_module(path, expected)
-    return _build(hparams, expected, f"the part saved for {path}", None).eval()
+    return _build(hparams, expected, f"the part saved for {path}", _parts.get()).eval()
 
 
 def part_configs(parts: dict[str, LightningModule]) -> dict[str, dict]:
-    """``{path: hyper_parameters}`` of parts loaded with :func:`load_part`, for a checkpoint's
-    ``PARTS_KEY`` (in ``on_save_checkpoint``); a part built in Python (no saved class path) is
-    left to its file."""
-    return {
-        str(path): dict(part.hparams)
-        for path, part in parts.items()
-        if "_class_path" in part.hparams
-    }
+    """``{path: hyper_parameters}`` of parts loaded with :func:`load_part` and of the parts they
+    load in turn (a latent DDIM's PDAE's DDPM), for a checkpoint's ``PARTS_KEY`` (in
+    ``on_save_checkpoint``); a part built in Python (no saved class path) is left to its file."""
+    configs: dict[str, dict] = {}
+    for path, part in parts.items():
+        configs.update(part_configs(getattr(part, "_parts", {})))
+        if "_class_path" in part.hparams:
+            configs[str(path)] = dict(part.hparams)
+    return configs

@@ -5,6 +5,7 @@ from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.methods.diffae import DiffAE
 from diffusion_apps.methods.guided import ClassifierGuidedDDPM, NoisyClassifier
 from diffusion_apps.methods.latent_ddim import LatentDDIM
+from diffusion_apps.methods.pdae import PDAE
 
 __all__ = [
     "ClassifierGuidedDDPM",
@@ -13,4 +14,5 @@ __all__ = [
     "DiffusionMethod",
     "LatentDDIM",
     "NoisyClassifier",
+    "PDAE",
 ]

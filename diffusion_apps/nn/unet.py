@@ -9,7 +9,8 @@ as a noisy classifier (ADM) or a semantic encoder (DiffAE).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,11 +72,45 @@ def _validate(
             )
 
 
+@dataclass(frozen=True)
+class BlockSpec:
+    """How the ResBlocks and attention blocks of one network are built."""
+
+    emb_dim: int | None
+    cond_dim: int | None
+    cond_shift: bool
+    dropout: float
+    num_groups: int
+    head_dim: int
+    context_dim: int | None
+    transformer_depth: int
+
+    def res_block(
+        self, in_ch: int, out_ch: int, resample: Literal["none", "up", "down"] = "none"
+    ) -> ResBlock:
+        return ResBlock(
+            in_ch, out_ch, self.emb_dim, self.cond_dim, self.cond_shift, self.dropout,
+            self.num_groups, resample,
+        )  # fmt: skip
+
+    def attention(self, ch: int) -> nn.Module:
+        if self.context_dim is None:
+            return AttentionBlock(ch, self.head_dim, self.num_groups)
+        return SpatialTransformer(
+            ch, self.head_dim, self.context_dim, self.transformer_depth,
+            self.num_groups, self.dropout,
+        )  # fmt: skip
+
+    def middle(self, ch: int) -> CondSequential:
+        """The middle block: ResBlock, attention, ResBlock."""
+        return CondSequential(self.res_block(ch, ch), self.attention(ch), self.res_block(ch, ch))
+
+
 class DownPath(nn.Module):
     """conv_in, the downsampling levels and the middle block (ResBlock, attention, ResBlock).
 
-    The one builder shared by ``UNet`` and ``EncoderUNet``; ``make_res_block`` and
-    ``make_attention`` let the UNet build its up path from the same options.
+    The one builder shared by ``UNet`` and ``EncoderUNet``; its ``spec`` and layout let
+    :class:`UpPath` mirror it.
     """
 
     def __init__(
@@ -109,9 +144,13 @@ class DownPath(nn.Module):
         )  # fmt: skip
         if cond_shift and cond_dim is None:
             raise ValueError("cond_shift=True requires cond_dim")
-        self.emb_dim, self.cond_dim, self.cond_shift = emb_dim, cond_dim, cond_shift
-        self.context_dim, self.transformer_depth = context_dim, transformer_depth
-        self.dropout, self.num_groups, self.head_dim = dropout, num_groups, num_head_channels
+        self.spec = BlockSpec(
+            emb_dim, cond_dim, cond_shift, dropout, num_groups, num_head_channels, context_dim,
+            transformer_depth,
+        )  # fmt: skip
+        self.base_channels, self.channel_mult = base_channels, tuple(channel_mult)
+        self.num_res_blocks, self.resblock_updown = num_res_blocks, resblock_updown
+        self.attention_resolutions = tuple(attention_resolutions)
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         self.blocks = nn.ModuleList()
@@ -119,43 +158,26 @@ class DownPath(nn.Module):
         ch, res = base_channels, image_size
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                layers = [self.make_res_block(ch, base_channels * mult)]
+                layers = [self.spec.res_block(ch, base_channels * mult)]
                 ch = base_channels * mult
                 if res in attention_resolutions:
-                    layers.append(self.make_attention(ch))
+                    layers.append(self.spec.attention(ch))
                 self.blocks.append(CondSequential(*layers))
                 self.skip_channels.append(ch)
             if level < len(channel_mult) - 1:
-                down = self.make_res_block(ch, ch, "down") if resblock_updown else downsample(ch)
+                down = self.spec.res_block(ch, ch, "down") if resblock_updown else downsample(ch)
                 self.blocks.append(CondSequential(down))
                 self.skip_channels.append(ch)
                 res //= 2
-        self.middle = CondSequential(
-            self.make_res_block(ch, ch), self.make_attention(ch), self.make_res_block(ch, ch)
-        )
+        self.middle = self.spec.middle(ch)
         self.out_channels, self.out_resolution = ch, res
 
-    def make_res_block(
-        self, in_ch: int, out_ch: int, resample: Literal["none", "up", "down"] = "none"
-    ) -> ResBlock:
-        return ResBlock(
-            in_ch, out_ch, self.emb_dim, self.cond_dim, self.cond_shift, self.dropout,
-            self.num_groups, resample,
-        )  # fmt: skip
-
-    def make_attention(self, ch: int) -> nn.Module:
-        if self.context_dim is None:
-            return AttentionBlock(ch, self.head_dim, self.num_groups)
-        return SpatialTransformer(
-            ch, self.head_dim, self.context_dim, self.transformer_depth,
-            self.num_groups, self.dropout,
-        )  # fmt: skip
-
-    def forward(
+    def levels(
         self, x: Tensor, emb: Tensor | None = None, cond: Tensor | None = None,
         context: Tensor | None = None, skips: list[Tensor] | None = None,
     ) -> Tensor:  # fmt: skip
-        """Return the middle block's output; append each skip tensor to ``skips`` if given."""
+        """The last level's output, before the middle block; appends each skip tensor to
+        ``skips`` if given."""
         h = self.conv_in(x)
         if skips is not None:
             skips.append(h)
@@ -163,7 +185,57 @@ class DownPath(nn.Module):
             h = block(h, emb, cond, context)
             if skips is not None:
                 skips.append(h)
-        return self.middle(h, emb, cond, context)
+        return h
+
+    def forward(
+        self, x: Tensor, emb: Tensor | None = None, cond: Tensor | None = None,
+        context: Tensor | None = None, skips: list[Tensor] | None = None,
+    ) -> Tensor:  # fmt: skip
+        """The middle block's output; appends each skip tensor to ``skips`` if given."""
+        return self.middle(self.levels(x, emb, cond, context, skips), emb, cond, context)
+
+
+class UpPath(nn.ModuleList):
+    """The up path mirroring ``down``: num_res_blocks + 1 blocks per level, each consuming one
+    skip tensor, the last block of every level but the top one ending in an upsample. Built
+    with ``spec`` (``down.spec`` for the UNet; PDAE's gradient estimator conditions its own)."""
+
+    def __init__(self, down: DownPath, spec: BlockSpec) -> None:
+        super().__init__()
+        skips = list(down.skip_channels)
+        ch, res = down.out_channels, down.out_resolution
+        for level, mult in reversed(list(enumerate(down.channel_mult))):
+            for i in range(down.num_res_blocks + 1):
+                layers = [spec.res_block(ch + skips.pop(), down.base_channels * mult)]
+                ch = down.base_channels * mult
+                if res in down.attention_resolutions:
+                    layers.append(spec.attention(ch))
+                if level > 0 and i == down.num_res_blocks:
+                    up = spec.res_block(ch, ch, "up") if down.resblock_updown else Upsample(ch)
+                    layers.append(up)
+                    res *= 2
+                self.append(CondSequential(*layers))
+        self.out_channels = ch
+
+    def forward(
+        self, h: Tensor, skips: list[Tensor], emb: Tensor | None = None,
+        cond: Tensor | None = None, context: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Run the blocks from the middle block's output ``h``, popping ``skips`` (consumed)."""
+        for block in self:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, cond, context)  # (B, C+C_s, H, W)
+        return h
+
+
+class DownFeatures(NamedTuple):
+    """What a UNet's down path computed for (x, t): what the rest of the net, or a second head
+    on the same features (PDAE's gradient estimator), needs."""
+
+    h: Tensor  # the last level's output, before the middle block
+    skips: list[Tensor]  # every skip tensor, in the order the down path made them
+    emb: Tensor  # SiLU(time (+ label) embedding)
+    cond: Tensor | None  # SiLU(cond)
+    context: Tensor | None
 
 
 def _time_mlp(base_channels: int) -> nn.Sequential:
@@ -252,22 +324,8 @@ class UNet(nn.Module):
             emb_dim, cond_dim, cond_shift, context_dim, transformer_depth,
         )  # fmt: skip
 
-        # Up path mirrors the down path: num_res_blocks + 1 blocks per level, each consuming one
-        # skip tensor, the last block of every level but the top one ending in an upsample.
-        skips = list(self.down.skip_channels)
-        ch, res = self.down.out_channels, self.down.out_resolution
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
-                layers = [self.down.make_res_block(ch + skips.pop(), base_channels * mult)]
-                ch = base_channels * mult
-                if res in attention_resolutions:
-                    layers.append(self.down.make_attention(ch))
-                if level > 0 and i == num_res_blocks:
-                    up = self.down.make_res_block(ch, ch, "up") if resblock_updown else Upsample(ch)
-                    layers.append(up)
-                    res *= 2
-                self.up.append(CondSequential(*layers))
+        self.up = UpPath(self.down, self.down.spec)
+        ch = self.up.out_channels
         self.out_norm = GroupNorm(num_groups, ch)
         self.out_conv = zero_(nn.Conv2d(ch, self.out_channels, 3, padding=1))
         if channels_last:
@@ -328,6 +386,17 @@ class UNet(nn.Module):
         Returns:
             Tensor of shape (B, out_channels, H, W).
         """
+        return self.up_from(self.down_features(x, t, y, cond, context))
+
+    def down_features(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        cond: Tensor | None = None,
+        context: Tensor | None = None,
+    ) -> DownFeatures:
+        """The first half of :meth:`forward` (same arguments): embeddings and down levels."""
         _check_x(x, self.in_channels, self.image_size)
         t = _check_t(t, x.shape[0])
         self._check_conditioning(x.shape[0], y, cond, context)
@@ -337,11 +406,14 @@ class UNet(nn.Module):
         # Every ResBlock projects SiLU(emb) and SiLU(cond): activate once here, not per block.
         emb = F.silu(emb)
         cond = F.silu(cond) if cond is not None else None
-
         skips: list[Tensor] = []
-        h = self.down(x, emb, cond, context, skips)
-        for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, cond, context)  # (B, C+C_s, H, W)
+        h = self.down.levels(x, emb, cond, context, skips)
+        return DownFeatures(h, skips, emb, cond, context)
+
+    def up_from(self, f: DownFeatures) -> Tensor:
+        """The second half of :meth:`forward`: middle block, up path, output (``f`` unchanged)."""
+        h = self.down.middle(f.h, f.emb, f.cond, f.context)
+        h = self.up(h, list(f.skips), f.emb, f.cond, f.context)
         return self.out_conv(F.silu(self.out_norm(h)))
 
 
@@ -408,3 +480,48 @@ class EncoderUNet(nn.Module):
             raise ValueError("t was given but the encoder was built with time_conditioned=False")
         h = F.silu(self.out_norm(self.down(x, emb)))
         return self.head(h.mean(dim=(2, 3)) if self.pool == "avg" else h)
+
+
+class GradientEstimator(nn.Module):
+    """PDAE's G_ψ(x_t, z, t) (Zhang et al. 2022): a second middle block and up path on the down
+    features of a frozen unconditional ``unet``, as in the official ShiftUNet.
+
+    The blocks mirror the UNet's and share its (frozen) time embedding; each ResBlock adds
+    PDAE's AdaGN h ← (1 + z_s)·(GN(h)·(1 + t_s) + t_b) + z_b with (z_s, z_b) = W SiLU(W_z z),
+    W_z a trainable z → time-embedding-width projection (the reference's ``label_emb``). The
+    output conv is zero-initialised, so G_ψ ≡ 0 at the start: the frozen model unchanged.
+
+    Reusing the frozen down path (instead of a separate conditional UNet) is the reference's
+    choice: G_ψ costs half a UNet, and at sampling time ε_θ and G_ψ share one down pass.
+
+    Args:
+        unet: the frozen model (unconditional: no labels, cond vector or context).
+        z_dim: width of the code z (the encoder's ``out_dim``).
+        dropout: dropout in G_ψ's ResBlocks (default: the UNet's).
+    """
+
+    def __init__(self, unet: UNet, z_dim: int, dropout: float | None = None) -> None:
+        super().__init__()
+        _check_positive(z_dim=z_dim)
+        if (unet.num_classes, unet.cond_dim, unet.context_dim) != (None, None, None):
+            raise ValueError("the gradient estimator needs an unconditional UNet to build on")
+        down = unet.down
+        emb_dim = down.spec.emb_dim
+        spec = replace(down.spec, cond_dim=emb_dim, cond_shift=True)
+        if dropout is not None:
+            spec = replace(spec, dropout=dropout)
+        self.z_dim = z_dim
+        self.z_embed = nn.Linear(z_dim, emb_dim)
+        self.middle = spec.middle(down.out_channels)
+        self.up = UpPath(down, spec)
+        self.out_norm = GroupNorm(spec.num_groups, self.up.out_channels)
+        self.out_conv = zero_(nn.Conv2d(self.up.out_channels, unet.in_channels, 3, padding=1))
+
+    def forward(self, f: DownFeatures, z: Tensor) -> Tensor:
+        """G_ψ (B, C, H, W) from the frozen UNet's ``down_features(x_t, t)`` and z (B, z_dim)."""
+        if z.ndim != 2 or z.shape != (f.h.shape[0], self.z_dim):
+            raise ValueError(f"expected z of shape ({f.h.shape[0]}, {self.z_dim}), got {z.shape}")
+        cond = F.silu(self.z_embed(z))
+        h = self.middle(f.h, f.emb, cond)
+        h = self.up(h, list(f.skips), f.emb, cond)
+        return self.out_conv(F.silu(self.out_norm(h)))

@@ -120,7 +120,7 @@ def test_validation_logs_the_dashboards(trained_run):
     events = EventAccumulator(str(trained_run), size_guidance={"images": 0})
     events.Reload()
     tags = set(events.Tags()["images"])
-    for prefix in ("reconstructions", "interpolations", "x_T variations", "z_sem variations"):
+    for prefix in ("reconstructions", "interpolations", "x_T variations", "z variations"):
         assert any(tag.startswith(prefix) for tag in tags), (prefix, tags)
 
 

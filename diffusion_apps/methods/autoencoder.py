@@ -1,0 +1,182 @@
+"""What DiffAE and PDAE share: the inference API of a diffusion autoencoder.
+
+A semantic code z = Enc(x_0) and a stochastic code x_T, the deterministic DDIM inversion of x_0
+given z; decoding runs DDIM (η = 0) with the method's z-conditioned ε (:meth:`code_eps`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from diffusion_apps.diffusion import EpsFn, ddim_invert, slerp
+from diffusion_apps.evaluation.probe import LinearProbe, encode_all
+
+LATENT_HINT = (
+    "a diffusion autoencoder decodes given codes: call decode(z, x_T); for unconditional "
+    "samples train its latent DDIM stage (configs/diffae_latent.yaml, configs/pdae_latent.yaml) "
+    "and sample from that checkpoint"
+)
+
+
+class DiffusionAutoencoder:
+    """Mixin for a :class:`~diffusion_apps.methods.DDPM` subclass with an ``encoder`` and
+    ``encode_steps``; the subclass supplies :meth:`code_eps`. All inference is under
+    ``torch.no_grad`` with DDIM η = 0:
+
+        ``encode``             x_0 → z
+        ``encode_stochastic``  (x_0, z) → x_T by DDIM inversion (``encode_steps`` steps)
+        ``decode``             (z, x_T) → x_0 by DDIM (``sample_steps`` steps)
+        ``reconstruct``        decode(encode(x_0), x_T), x_T inferred or random
+        ``interpolate``        lerp on z, slerp on x_T, decoded
+        ``stochastic_variations``  z fixed, x_T random
+        ``semantic_variations``    x_T (inferred) fixed, z varied
+        ``fit_probe``          a linear classifier on normalised z (attribute directions)
+        ``manipulate``         decode(z', x_T), z' = denorm(norm(z) + s·√d·w/‖w‖)
+    """
+
+    generates_unconditionally = False  # x_0 needs a z: see LatentDDIM
+
+    def code_eps(self) -> EpsFn:
+        """The decoder's ε-model ``eps(x_t, t, z)``."""
+        raise NotImplementedError
+
+    def draw(
+        self, num_samples: int, *args, z: Tensor | None = None, eps_fn: EpsFn | None = None,
+        **kwargs,
+    ) -> Tensor:  # fmt: skip
+        """:meth:`DDPM.draw` with :meth:`code_eps` given codes z (N, D); without them, an error
+        that says how to sample unconditionally."""
+        if z is None:
+            raise ValueError(LATENT_HINT)
+        return super().draw(num_samples, *args, eps_fn=eps_fn or self.code_eps(), z=z, **kwargs)
+
+    def predict_step(self, batch, batch_idx: int) -> Tensor:
+        """Reconstructions (inferred x_T) of the batch's images."""
+        return self.reconstruct(batch[0])
+
+    @torch.no_grad()
+    def encode(self, x0: Tensor) -> Tensor:
+        """z (B, D) of images x0 (B, C, H, W) in [−1, 1]."""
+        return self.encoder(x0)
+
+    @torch.no_grad()
+    def encode_stochastic(
+        self, x0: Tensor, z: Tensor | None = None, steps: int | None = None
+    ) -> Tensor:
+        """x_T by deterministic DDIM inversion of x0 conditioned on z (DiffAE eq. 8)."""
+        z = self.encode(x0) if z is None else z
+        ts = self.timesteps(steps or self.encode_steps)
+        return ddim_invert(self.code_eps(), self.schedule, x0, timesteps=ts, z=z)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor, x_T: Tensor, steps: int | None = None) -> Tensor:
+        """x_0 in [−1, 1] from (z, x_T) by deterministic DDIM (η = 0)."""
+        if z.shape[0] != x_T.shape[0]:
+            raise ValueError(f"z {tuple(z.shape)} and x_T {tuple(x_T.shape)} differ in B")
+        return self.sample(len(z), "ddim", steps, 0.0, x_T=x_T, z=z)
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        x0: Tensor,
+        inferred: bool = True,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """decode(z, x_T) with x_T inferred by ``encode_stochastic`` or drawn N(0, I)."""
+        z = self.encode(x0)
+        if inferred:
+            x_T = self.encode_stochastic(x0, z)
+        else:
+            x_T = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return self.decode(z, x_T, steps)
+
+    @torch.no_grad()
+    def interpolate(
+        self, x_a: Tensor, x_b: Tensor, num: int = 7, steps: int | None = None
+    ) -> Tensor:
+        """Decoded interpolations (B, num, C, H, W) from x_a (w = 0) to x_b (w = 1):
+        z by lerp, x_T (inferred) by slerp, as DiffAE does."""
+        if num < 2:
+            raise ValueError(f"num must be >= 2, got {num}")
+        z_a, z_b = self.encode(x_a), self.encode(x_b)
+        t_a, t_b = self.encode_stochastic(x_a, z_a), self.encode_stochastic(x_b, z_b)
+        frames = []
+        for w in torch.linspace(0, 1, num).tolist():
+            frames.append(self.decode(torch.lerp(z_a, z_b, w), slerp(t_a, t_b, w), steps))
+        return torch.stack(frames, dim=1)
+
+    @torch.no_grad()
+    def stochastic_variations(
+        self,
+        x0: Tensor,
+        num: int = 4,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """(B, num, C, H, W): each image's z decoded from ``num`` random x_T — what the
+        stochastic code holds (pose, stroke) varies, the semantics stay."""
+        z = self.encode(x0)
+        frames = []
+        for _ in range(num):
+            x_T = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            frames.append(self.decode(z, x_T, steps))
+        return torch.stack(frames, dim=1)
+
+    @torch.no_grad()
+    def semantic_variations(self, x0: Tensor, z: Tensor, steps: int | None = None) -> Tensor:
+        """(B, K, C, H, W): each image's inferred x_T decoded with each of the K codes z
+        (K, D) — the stochastic detail stays, the semantics change."""
+        x_T = self.encode_stochastic(x0)
+        frames = [self.decode(z.expand(len(x0), -1), x_T, steps) for z in z]
+        return torch.stack(frames, dim=1)
+
+    @torch.no_grad()
+    def fit_probe(self, batches) -> LinearProbe:
+        """A :class:`LinearProbe` fitted on the z of every (images, labels) batch: one
+        logistic regression per class (attribute) on z normalised by its mean and std."""
+        return LinearProbe.fit(*encode_all(self.encode, batches, self.device))
+
+    @torch.no_grad()
+    def manipulate(
+        self,
+        x0: Tensor,
+        probe: LinearProbe,
+        attribute: int,
+        scales: list[float] | tuple[float, ...] = (0.3,),
+        steps: int | None = None,
+    ) -> Tensor:
+        """(B, S, C, H, W): each image decoded from its inferred x_T with z moved along
+        ``attribute``'s direction by each of the S ``scales`` (DiffAE Sec. 4.2),
+            z' = denorm(norm(z) + s·√d · w/‖w‖),
+        w the probe's weights for the attribute, norm/denorm its training-set statistics.
+        Scale 0 is the reconstruction; the paper uses s = 0.3 on CelebA-HQ."""
+        z = self.encode(x0)
+        x_T = self.encode_stochastic(x0, z)
+        frames = [self.decode(probe.shift(z, attribute, s), x_T, steps) for s in scales]
+        return torch.stack(frames, dim=1)
+
+    def log_validation_images(self, x0: Tensor) -> None:
+        """Originals over their reconstructions with inferred and with random x_T; interpolation
+        strips between the two halves of the batch; x_T- and z-variation grids."""
+        x0 = x0[: self.num_val_samples]
+        gen = torch.Generator(self.device).manual_seed(0)
+        rows = [x0, self.reconstruct(x0), self.reconstruct(x0, inferred=False, generator=gen)]
+        tag = "reconstructions (rows: original, inferred x_T, random x_T)"
+        self.log_images(tag, torch.cat(rows), nrow=len(x0))
+        half = len(x0) // 2
+        if half:
+            strip = self.interpolate(x0[:half], x0[half : 2 * half])  # (half, num, C, H, W)
+            self.log_images("interpolations", strip.flatten(0, 1), nrow=strip.shape[1])
+        first = x0[: max(half, 1)]
+        grids = {
+            "x_T variations (rows: one z, random x_T)": self.stochastic_variations(
+                first, generator=gen
+            ),
+            "z variations (rows: one x_T, the batch's z)": self.semantic_variations(
+                first, self.encode(x0)
+            ),
+        }
+        for tag, frames in grids.items():
+            self.log_images(tag, frames.flatten(0, 1), nrow=frames.shape[1])

@@ -1,0 +1,171 @@
+"""PDAE (Zhang et al., NeurIPS 2022; official code ckczzj/PDAE): an autoencoder from a frozen
+pretrained DDPM.
+
+The unconditional ε_θ(x_t, t) stays fixed. An encoder z = E_φ(x_0) and a gradient estimator
+G_ψ(x_t, z, t) learn the gap between the unconditional and the z-conditional posterior mean,
+a learned classifier guidance; decoding and inversion are DDIM through the diffusion layer's
+ε-shift guidance wrapper.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from diffusion_apps.checkpoint import load_part
+from diffusion_apps.diffusion import EpsFn, NoiseSchedule, eps_shift_guidance, slerp
+from diffusion_apps.diffusion.schedule import _per_sample
+from diffusion_apps.methods.autoencoder import DiffusionAutoencoder
+from diffusion_apps.methods.ddpm import DDPM
+from diffusion_apps.nn import EncoderUNet, GradientEstimator, UNet
+
+
+def shift_coefficient(schedule: NoiseSchedule, t: Tensor) -> Tensor:
+    """c_t = −√α_t (1 − ᾱ_{t−1}) / √(1 − ᾱ_t), shape (B,): the ε shift that moves the posterior
+    mean μ_θ by Σ_t·G with Σ_t = β̃_t (PDAE eq. 9; 0 at t = 0, where ᾱ_{−1} = 1)."""
+    alpha_bar, alpha_bar_prev = schedule.alphas_cumprod[t], schedule.alphas_cumprod_prev[t]
+    alpha = alpha_bar / alpha_bar_prev
+    return -alpha.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar).sqrt()
+
+
+def loss_weight(schedule: NoiseSchedule, t: Tensor, gamma: float = 0.1) -> Tensor:
+    """λ_t = SNR_t^γ / (1 + SNR_t), SNR_t = ᾱ_t/(1 − ᾱ_t), shape (B,) (PDAE's weighting)."""
+    snr = schedule.snr(t)
+    return snr.pow(gamma) / (1 + snr)
+
+
+class PDAE(DiffusionAutoencoder, DDPM):
+    """PDAE's objective on a frozen DDPM ε_θ (PDAE eq. 10, with the official weighting):
+
+        L(φ, ψ) = E_{x_0, t, ε} λ_t ‖ε − (ε_θ(x_t, t) + c_t·G_ψ(x_t, E_φ(x_0), t))‖²,
+        x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε,   c_t, λ_t: :func:`shift_coefficient`, :func:`loss_weight`,
+
+    the squared error averaged over pixels, then weighted per sample and averaged over the batch.
+    Only E_φ and G_ψ train; the DDPM's UNet runs without gradients in eval mode.
+
+    Inference (:class:`DiffusionAutoencoder`) decodes and inverts with DDIM on
+        ε' = ε_θ(x_t, t) − √(1−ᾱ_t)·G_ψ(x_t, z, t)
+    (classifier guidance's Algorithm 2 form, as the official code samples), built by
+    :func:`~diffusion_apps.diffusion.eps_shift_guidance`. ε_θ and G_ψ share the frozen down path:
+    it runs once per step. :meth:`interpolate_trajectory` mixes the G of two codes.
+
+    Differences from the official code: x̂_0 is not clamped while decoding (``clip_x0``, as in
+    our DiffAE: decoding then inverts the unclamped DDIM encoder), and latent samples are decoded
+    with the shift on at every step (the official code turns it off for the last 30%).
+
+    Args:
+        encoder: E_φ, built with ``time_conditioned=False`` (512-d in the paper).
+        ddpm: path of the pretrained DDPM checkpoint (ours, ε-prediction, unconditional UNet;
+            read with ``weights_only=True``). Its config and weights are saved in this module's
+            checkpoints, which therefore load without that file. Its schedule is used.
+        gamma: γ of λ_t (the paper: 0.1).
+        dropout: dropout in G_ψ (default: the DDPM UNet's).
+        encode_steps: DDIM steps of the stochastic encoder (the paper: 1000 for autoencoding).
+        Other arguments: see :class:`DDPM`; the sampler is always DDIM.
+    """
+
+    def __init__(
+        self,
+        encoder: EncoderUNet,
+        ddpm: str,
+        gamma: float = 0.1,
+        dropout: float | None = None,
+        sample_steps: int = 100,
+        encode_steps: int = 100,
+        clip_x0: bool = False,
+        num_val_samples: int = 8,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        compile: bool = False,
+    ) -> None:
+        if encoder.time_conditioned:
+            raise ValueError("PDAE's encoder must be built with time_conditioned=False")
+        if encode_steps < 1:
+            raise ValueError(f"encode_steps must be >= 1, got {encode_steps}")
+        pretrained = load_part(ddpm, DDPM)
+        unet = pretrained.unet
+        if not isinstance(unet, UNet) or (unet.num_classes, unet.cond_dim, unet.context_dim) != (
+            None, None, None
+        ):  # fmt: skip
+            raise ValueError(
+                f"ddpm={ddpm!r} holds a {type(pretrained).__name__} whose network is not an "
+                "unconditional UNet: PDAE builds on a plain DDPM (configs/ddpm.yaml)"
+            )
+        if pretrained.prediction != "eps":
+            raise ValueError(
+                f"ddpm={ddpm!r} predicts {pretrained.prediction!r}: PDAE needs ε-prediction"
+            )
+        if (encoder.in_channels, encoder.image_size) != (unet.in_channels, unet.image_size):
+            raise ValueError("the encoder and the DDPM's UNet must take the same images")
+        super().__init__(
+            unet.requires_grad_(False), pretrained.schedule, "eps", "ddim", sample_steps, 0.0,
+            pretrained.timestep_spacing, "beta", clip_x0, num_val_samples, "mse", lr,
+            weight_decay, warmup_steps, adam_betas, compile,
+        )  # fmt: skip
+        self._parts[str(ddpm)] = pretrained  # its config goes into our checkpoints
+        self.encoder = encoder
+        self.estimator = GradientEstimator(unet, encoder.out_dim, dropout)
+        self.gamma, self.encode_steps = gamma, encode_steps
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.unet.eval()  # frozen: dropout and the like stay off
+        return self
+
+    def diffusion_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """L(φ, ψ) for a batch x0 (B, C, H, W), t and ε drawn from ``generator`` when given."""
+        t = torch.randint(
+            0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device
+        )
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        with torch.no_grad():
+            features = self.unet.down_features(x_t, t)
+            eps = self.unet.up_from(features)
+        shift = self.estimator(features, self.encoder(x0))
+        c = _per_sample(shift_coefficient(self.schedule, t), x0)
+        error = (noise - (eps.float() + c * shift.float())).square().flatten(1).mean(1)
+        return (loss_weight(self.schedule, t, self.gamma) * error).mean()
+
+    def code_eps(self, mix: float | None = None) -> EpsFn:
+        """ε'(x_t, t, z) = ε_θ(x_t, t) − √(1−ᾱ_t)·G_ψ(x_t, z, t). With ``mix`` = w the eps
+        takes a second code ``z_b`` and G = (1 − w)·G_ψ(x_t, z, t) + w·G_ψ(x_t, z_b, t)
+        (PDAE's trajectory interpolation)."""
+        last: dict = {}
+
+        def features(x_t: Tensor, t: Tensor):
+            # The wrapper calls eps then shift on the same (x_t, t): one down pass serves both.
+            if last.get("x") is not x_t or last.get("t") is not t:
+                last.update(x=x_t, t=t, f=self.unet.down_features(x_t, t))
+            return last["f"]
+
+        def eps(x_t: Tensor, t: Tensor, **_) -> Tensor:
+            return self.unet.up_from(features(x_t, t)).float()
+
+        def shift(x_t: Tensor, t: Tensor, z: Tensor, z_b: Tensor | None = None) -> Tensor:
+            g = self.estimator(features(x_t, t), z).float()
+            if mix is None:
+                return g
+            return torch.lerp(g, self.estimator(features(x_t, t), z_b).float(), mix)
+
+        return eps_shift_guidance(eps, shift, self.schedule)
+
+    @torch.no_grad()
+    def interpolate_trajectory(
+        self, x_a: Tensor, x_b: Tensor, num: int = 7, steps: int | None = None
+    ) -> Tensor:
+        """(B, num, C, H, W) from x_a (w = 0) to x_b (w = 1): x_T by slerp, and at every step
+        G = (1 − w)·G_ψ(·, z_a) + w·G_ψ(·, z_b) instead of a lerp of the codes (PDAE Sec. 4)."""
+        if num < 2:
+            raise ValueError(f"num must be >= 2, got {num}")
+        z_a, z_b = self.encode(x_a), self.encode(x_b)
+        t_a, t_b = self.encode_stochastic(x_a, z_a), self.encode_stochastic(x_b, z_b)
+        frames = []
+        for w in torch.linspace(0, 1, num).tolist():
+            x_T, eps = slerp(t_a, t_b, w), self.code_eps(mix=w)
+            frames.append(
+                self.sample(len(x_T), "ddim", steps, 0.0, x_T=x_T, eps_fn=eps, z=z_a, z_b=z_b)
+            )
+        return torch.stack(frames, dim=1)
