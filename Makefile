@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs
 CKPT ?= $(RUN)/ddpm/version_0/checkpoints/last.ckpt
 
-.PHONY: venv demo test test-all lint format tensorboard eval bench bench-diffae bench-guided clean
+.PHONY: venv demo test test-all lint format tensorboard eval bench bench-diffae bench-pdae bench-guided clean
 
 venv: $(STAMP)
 
@@ -75,11 +75,28 @@ bench-diffae: $(STAMP)
 		--model.init_args.autoencoder $(DIFFAE) --trainer.logger.init_args.version 0
 	$(PY) -m diffusion_apps eval --ckpt_paths $(DIFFAE),$(LATENT)$(if $(wildcard $(CKPT)),$(comma)$(CKPT)) \
 		--num_samples 500 --samplers ddim:50 --precision bf16 --out_dir benchmarks/results/diffae
-	$(PY) benchmarks/diffae_extras.py --ckpt $(DIFFAE)
+	$(PY) benchmarks/autoencoder_extras.py --ckpt $(DIFFAE)
 	for mode in reconstruct interpolate variations; do \
 		$(PY) -m diffusion_apps autoencode --ckpt_path $(DIFFAE) --mode $$mode --out_dir docs/diffae; done
 	$(PY) -m diffusion_apps autoencode --ckpt_path $(DIFFAE) --mode manipulate --attribute 8 --scales "[0, 1, 2, 3, 4]" \
 		--out_dir docs/diffae
+
+## bench-pdae: PDAE on the DDPM $(CKPT) (make demo), side by side with bench-diffae's DiffAE: trains
+##   PDAE and its latent DDIM unless present (about 40 min on 2 CPU cores)
+##   -> benchmarks/results/pdae/{eval,extras,cost}.md, and draws docs/pdae/*.png
+PDAE := $(RUN)/pdae/version_0/checkpoints/last.ckpt
+PDAE_LATENT := $(RUN)/pdae_latent/version_0/checkpoints/last.ckpt
+bench-pdae: $(STAMP)
+	test -f $(PDAE) || $(PY) -m diffusion_apps fit --config configs/pdae.yaml \
+		--model.init_args.ddpm $(CKPT) --trainer.logger.init_args.version 0
+	test -f $(PDAE_LATENT) || $(PY) -m diffusion_apps fit --config configs/pdae_latent.yaml \
+		--model.init_args.autoencoder $(PDAE) --trainer.logger.init_args.version 0
+	$(PY) -m diffusion_apps eval --ckpt_paths $(PDAE),$(PDAE_LATENT)$(if $(wildcard $(DIFFAE)),$(comma)$(DIFFAE))$(if $(wildcard $(LATENT)),$(comma)$(LATENT)) \
+		--num_samples 500 --samplers ddim:50 --precision bf16 --out_dir benchmarks/results/pdae
+	$(PY) benchmarks/autoencoder_extras.py --ckpt $(PDAE) --out benchmarks/results/pdae/extras.md
+	test ! -f $(DIFFAE) || $(PY) benchmarks/pdae_cost.py --pdae_run $(RUN)/pdae/version_0 --diffae $(DIFFAE)
+	for mode in reconstruct interpolate trajectory variations; do \
+		$(PY) -m diffusion_apps autoencode --ckpt_path $(PDAE) --mode $$mode --out_dir docs/pdae; done
 
 ## bench-guided: classifier guidance of the DDPM $(CKPT): trains its noisy classifier unless
 ##   present (about 8 min on 2 CPU cores), then the scale x {DDIM-50, DDPM-1000} table, 150 samples

@@ -2,9 +2,10 @@
 
 Modes, each a PNG grid of the checkpoint's first val images (one image a row unless said):
     reconstruct   rows: originals, inferred x_T, random x_T
-    interpolate   original a, lerp z_sem / slerp x_T strip, original b
-    variations    original, then decodings of its z_sem from random x_T
-    manipulate    original, then z_sem moved towards ``attribute`` by each of ``scales``
+    interpolate   original a, lerp z / slerp x_T strip, original b
+    trajectory    as interpolate, mixing the G_ψ of the two codes at every step (PDAE only)
+    variations    original, then decodings of its z from random x_T
+    manipulate    original, then z moved towards ``attribute`` by each of ``scales``
                   (the probe is fitted on the train split's codes and labels)
 """
 
@@ -15,7 +16,7 @@ from typing import Literal
 
 import torch
 
-Mode = Literal["reconstruct", "interpolate", "variations", "manipulate"]
+Mode = Literal["reconstruct", "interpolate", "trajectory", "variations", "manipulate"]
 
 
 def autoencode(
@@ -30,11 +31,11 @@ def autoencode(
     out_dir: str | None = None,
     device: str = "auto",
 ) -> Path:
-    """Write ``<mode>.png`` for the DiffAE-like module in ``ckpt_path``.
+    """Write ``<mode>.png`` for the diffusion autoencoder in ``ckpt_path``.
 
     Args:
         ckpt_path: checkpoint written by ``fit`` of a module with ``encode``,
-            ``encode_stochastic`` and ``decode`` (DiffAE).
+            ``encode_stochastic`` and ``decode`` (DiffAE, PDAE).
         mode: see the module docstring.
         num_images: val images used (manipulate: the first ones not already of ``attribute``).
         attribute: manipulate: the class (attribute index) to move towards, e.g. 8.
@@ -55,7 +56,7 @@ def autoencode(
     from diffusion_apps.evaluation.autoencoding import checkpoint_data, is_diffae_like
     from diffusion_apps.images import save_grid
 
-    least = 2 if mode == "interpolate" else 1
+    least = 2 if mode in ("interpolate", "trajectory") else 1
     if num_images < least:
         raise ValueError(f"num_images must be >= {least} for {mode}, got {num_images}")
     dev = resolve_device(device)
@@ -63,8 +64,11 @@ def autoencode(
     if not is_diffae_like(module):
         raise SystemExit(
             f"autoencode: {ckpt_path} holds a {type(module).__name__}, which has no "
-            "encode/encode_stochastic/decode (train configs/diffae.yaml)"
+            "encode/encode_stochastic/decode (train configs/diffae.yaml or configs/pdae.yaml)"
         )
+    if mode == "trajectory" and not hasattr(module, "interpolate_trajectory"):
+        raise SystemExit(f"autoencode: trajectory interpolation is PDAE's; {ckpt_path} holds a "
+                         f"{type(module).__name__}")  # fmt: skip
     if encode_steps is not None:
         module.encode_steps = encode_steps
     data = checkpoint_data(read_checkpoint(ckpt_path), module)
@@ -82,9 +86,10 @@ def autoencode(
     if mode == "reconstruct":
         rows = [x, module.reconstruct(x, steps=steps), module.reconstruct(x, False, steps, gen)]
         grid, nrow = torch.cat(rows), len(x)
-    elif mode == "interpolate":
+    elif mode in ("interpolate", "trajectory"):
         half = len(x) // 2
-        strips = module.interpolate(x[:half], x[half : 2 * half], steps=steps)
+        interpolate = module.interpolate if mode == "interpolate" else module.interpolate_trajectory
+        strips = interpolate(x[:half], x[half : 2 * half], steps=steps)
         framed = [x[:half, None], strips, x[half : 2 * half, None]]
         grid, nrow = torch.cat(framed, dim=1), strips.shape[1] + 2
     elif mode == "variations":

@@ -62,8 +62,8 @@ def sample(
     if not can_sample(module):
         raise SystemExit(
             f"sample: {ckpt_path} holds a {type(module).__name__} autoencoder, which decodes "
-            "given codes and does not sample on its own: train its latent stage (for DiffAE "
-            "configs/diffae_latent.yaml) and sample from that checkpoint"
+            "given codes and does not sample on its own: train its latent stage "
+            "(configs/diffae_latent.yaml, configs/pdae_latent.yaml) and sample from that checkpoint"
         )
     if classifier_path is not None:
         draw, tag = _guided(module, classifier_path, labels, scale, num_samples, dev)

@@ -38,7 +38,7 @@ def rank_share(n: int, rank: int, world: int) -> int:
 
 
 def can_sample(module) -> bool:
-    """Whether ``module.sample(n)`` draws images from nothing (DiffAE's needs a z_sem)."""
+    """Whether ``module.sample(n)`` draws images from nothing (an autoencoder's needs a code z)."""
     return callable(getattr(module, "sample", None)) and getattr(
         module, "generates_unconditionally", True
     )
@@ -353,7 +353,7 @@ def evaluate(
     if any(row.sampler.startswith("reconstruct") for row in rows):
         header.append(
             "Reconstruction rows: the val split through the EMA weights in fp32, images on [0, 1] "
-            "(MSE per pixel value, PSNR from it); DiffAE: x_T by DDIM inversion (NFE counts "
+            "(MSE per pixel value, PSNR from it); DiffAE, PDAE: x_T by DDIM inversion (NFE counts "
             "inversion and decoding) or x_T ~ N(0, I), encode_s/invert_s/decode_s seconds per val "
             "batch. Linear probe: val accuracy of one-vs-rest logistic regression fitted on the "
             "train split's codes (probe_acc) and on its raw pixels (probe_acc_pixels)."

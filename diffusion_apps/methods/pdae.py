@@ -169,3 +169,12 @@ class PDAE(DiffusionAutoencoder, DDPM):
                 self.sample(len(x_T), "ddim", steps, 0.0, x_T=x_T, eps_fn=eps, z=z_a, z_b=z_b)
             )
         return torch.stack(frames, dim=1)
+
+    def log_validation_images(self, x0: Tensor) -> None:
+        """:class:`DiffusionAutoencoder`'s pictures, and trajectory-interpolation strips."""
+        super().log_validation_images(x0)
+        x0 = x0[: self.num_val_samples]
+        half = len(x0) // 2
+        if half:
+            strip = self.interpolate_trajectory(x0[:half], x0[half : 2 * half])
+            self.log_images("trajectory interpolations", strip.flatten(0, 1), nrow=strip.shape[1])

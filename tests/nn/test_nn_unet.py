@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import diffusion_apps
-from diffusion_apps.nn import EncoderUNet, UNet
+from diffusion_apps.nn import EncoderUNet, GradientEstimator, UNet
 
 TINY = dict(
     in_channels=2,
@@ -224,6 +224,44 @@ def test_encoder_shares_the_unet_down_path():
         EncoderUNet(**TINY, pool="max")
     with pytest.raises(ValueError, match="image_size=10"):
         EncoderUNet(**{**TINY, "image_size": 10, "channel_mult": (1, 1, 1)})
+
+
+@pytest.mark.parametrize("conditioning", ["none", "all"])
+def test_the_two_halves_compose_to_forward_and_leave_the_features_intact(conditioning):
+    model = randomize_(UNet(**TINY, **CONDITIONINGS[conditioning])).eval()
+    kw = inputs(model)
+    features = model.down_features(**kw)
+    skips = list(features.skips)
+    assert torch.equal(model.up_from(features), model(**kw))
+    assert all(a is b for a, b in zip(features.skips, skips, strict=True))  # not consumed
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_estimator_mirrors_the_up_path_and_starts_at_zero(arch):
+    unet = randomize_(UNet(**{**TINY, **ARCHS[arch]}))
+    estimator = GradientEstimator(unet, z_dim=6)
+    kw = inputs(unet)
+    z = torch.randn(B, 6)
+    features = unet.down_features(kw["x"], kw["t"])
+    out = estimator(features, z)
+    assert out.shape == kw["x"].shape and not out.any()  # zero-initialised output conv
+    randomize_(estimator)
+    out = estimator(features, z)
+    assert not torch.equal(out, estimator(features, z.flip(0)))  # z steers every sample
+    ups = [m for m in estimator.up.modules() if getattr(m, "cond_shift", False)]
+    assert len(ups) == sum(1 for m in unet.up.modules() if hasattr(m, "cond_shift"))
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in estimator.parameters())
+    assert all(p.grad is None for p in unet.parameters())  # features were inputs, not trained
+
+
+def test_gradient_estimator_needs_an_unconditional_unet_and_its_z_width():
+    with pytest.raises(ValueError, match="unconditional UNet"):
+        GradientEstimator(UNet(**TINY, num_classes=4), z_dim=6)
+    unet = UNet(**TINY)
+    features = unet.down_features(**inputs(unet))
+    with pytest.raises(ValueError, match=r"expected z of shape \(3, 6\)"):
+        GradientEstimator(unet, z_dim=6)(features, torch.zeros(3, 5))
 
 
 def test_nn_does_not_import_lightning(monkeypatch):

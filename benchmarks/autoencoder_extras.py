@@ -1,7 +1,7 @@
-"""DiffAE numbers beyond ``make eval``: reconstruction against DDIM step count, and how often
-attribute manipulation turns val digits into the target class.
+"""Diffusion-autoencoder (DiffAE, PDAE) numbers beyond ``make eval``: reconstruction against
+DDIM step count, and how often attribute manipulation turns val digits into the target class.
 
-    python benchmarks/diffae_extras.py --ckpt runs/diffae/version_0/checkpoints/last.ckpt
+    python benchmarks/autoencoder_extras.py --ckpt runs/diffae/version_0/checkpoints/last.ckpt
 
 Manipulation success is judged by the evaluation's clean digit classifier (not the probe that
 gave the direction). Writes ``benchmarks/results/diffae/extras.md``.
@@ -74,7 +74,7 @@ def main() -> None:
     others = labels[pick] != args.target
     scales = [0.0, 0.3, 1.0, 2.0, 3.0, 4.0]
     lines = [
-        "# DiffAE extras",
+        f"# {type(module).__name__} extras",
         "",
         f"Checkpoint `{args.ckpt}`, {args.num_images} val digits drawn with seed 0, fp32, CPU.",
         "",
@@ -84,7 +84,7 @@ def main() -> None:
         "",
         f"## Manipulation towards {args.target} ({int(others.sum())} digits of other classes)",
         "",
-        "z' = denorm(norm(z_sem) + s·√512·w/‖w‖), w the probe's weights for the class, decoded "
+        "z' = denorm(norm(z) + s·√d·w/‖w‖), w the probe's weights for the class, decoded "
         "from the inferred x_T; judged by the evaluation's digit classifier.",
         "",
         *manipulation_success(module, data, x[others], y[others], args.target, scales),

@@ -1,0 +1,208 @@
+"""PDAE: c_t and λ_t against closed forms, the frozen DDPM, G_ψ ≡ 0 as plain DDIM, the shared
+down pass, trajectory interpolation, the latent stage, and the configs."""
+
+import shutil
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from diffusion_apps.checkpoint import load_module
+from diffusion_apps.diffusion import NoiseSchedule, ddim_invert, ddim_sample
+from diffusion_apps.methods import DDPM, PDAE, LatentDDIM
+from diffusion_apps.methods.pdae import loss_weight, shift_coefficient
+from diffusion_apps.nn import EncoderUNet
+from tests.conftest import CONFIGS, run_cli_in
+
+DDPM_CKPT = "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"
+PDAE_CKPT = "runs/tiny_pdae/version_0/checkpoints/last.ckpt"
+LATENT_CKPT = "runs/tiny_pdae_latent/version_0/checkpoints/last.ckpt"
+QUIET = ["--trainer.enable_progress_bar", "false"]
+STEPS_30 = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "30"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny DDPM, a tiny PDAE on it (30 steps), and the PDAE's latent DDIM, via the CLI."""
+    tiny = CONFIGS / "tiny"
+    return run_cli_in(
+        tmp_path_factory.mktemp("pdae"),
+        ["fit", "--config", str(tiny / "ddpm.yaml"), *QUIET],
+        ["fit", "--config", str(tiny / "pdae.yaml"), *STEPS_30, *QUIET],
+        ["fit", "--config", str(tiny / "pdae_latent.yaml"), *QUIET],
+    )
+
+
+def encoder(out_dim=16):
+    return EncoderUNet(
+        in_channels=1, out_dim=out_dim, image_size=16, base_channels=8, channel_mult=(1, 2),
+        num_res_blocks=1, attention_resolutions=(), num_head_channels=8, num_groups=2,
+        time_conditioned=False,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def fresh(run_dir):
+    """An untrained PDAE on the tiny DDPM: G_ψ ≡ 0 (zero-initialised output)."""
+    torch.manual_seed(0)
+    return PDAE(encoder(), str(run_dir / DDPM_CKPT), sample_steps=4, encode_steps=4).eval()
+
+
+def randomized_estimator(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.estimator.parameters():
+            p.normal_(0.0, 0.05)
+    return model
+
+
+def digits(n):
+    torch.manual_seed(2)
+    return torch.rand(n, 1, 16, 16) * 2 - 1
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_shift_coefficient_moves_the_posterior_mean_by_beta_tilde(kind):
+    """μ(ε) = (x_t − β_t/√(1−ᾱ_t)·ε)/√α_t, so ε + c_t·G moves μ by −β_t c_t/(√α_t √(1−ᾱ_t))·G,
+    (float32 tables: 1e-3 relative)
+    which must be β̃_t·G = β_t (1−ᾱ_{t−1})/(1−ᾱ_t)·G; at t = 0 (ᾱ_{−1} = 1) c_0 = 0."""
+    s = NoiseSchedule(kind, 1000)
+    t = torch.arange(1000)
+    betas = s.betas.double()
+    abar = torch.cumprod(1 - betas, 0)
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    c = shift_coefficient(s, t).double()
+    moved = -betas * c / ((1 - betas).sqrt() * (1 - abar).sqrt())
+    torch.testing.assert_close(moved, betas * (1 - abar_prev) / (1 - abar), rtol=1e-3, atol=0)
+    assert c[0] == 0 and (c[1:] < 0).all()
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.5])
+def test_loss_weight_is_snr_to_the_gamma_over_one_plus_snr(gamma):
+    """SNR^γ/(1 + SNR) with SNR = ᾱ/(1−ᾱ) equals ᾱ^γ (1−ᾱ)^{1−γ}."""
+    s = NoiseSchedule("linear", 1000)
+    t = torch.tensor([0, 10, 500, 999])
+    abar = torch.cumprod(1 - s.betas.double(), 0)[t]
+    expected = abar**gamma * (1 - abar) ** (1 - gamma)
+    torch.testing.assert_close(loss_weight(s, t, gamma).double(), expected, rtol=1e-3, atol=0)
+
+
+def test_with_a_zero_estimator_pdae_is_the_plain_ddim_sampler(fresh, run_dir):
+    ddpm = load_module(run_dir / DDPM_CKPT, DDPM)
+    x0, ts = digits(3), fresh.timesteps(4)
+    z = fresh.encode(x0)
+    x_T = fresh.encode_stochastic(x0, z)
+    assert torch.equal(x_T, ddim_invert(ddpm.eps, ddpm.schedule, x0, timesteps=ts))
+    plain = ddim_sample(ddpm.eps, ddpm.schedule, x_T, timesteps=ts).clamp(-1, 1)
+    assert torch.equal(fresh.decode(z, x_T), plain)
+
+
+def test_the_loss_with_a_zero_estimator_is_the_weighted_ddpm_error(fresh):
+    """With G_ψ ≡ 0: E_t[λ_t ‖ε − ε_θ(x_t, t)‖²], recomputed from the same draws."""
+    x0 = digits(6)
+    loss = fresh.diffusion_loss(x0, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randint(0, fresh.schedule.num_timesteps, (6,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    with torch.no_grad():
+        eps = fresh.unet(fresh.schedule.q_sample(x0, t, noise), t)
+    abar = fresh.schedule.alphas_cumprod[t]
+    weight = abar**0.1 * (1 - abar) ** 0.9
+    expected = (weight * (noise - eps).square().mean((1, 2, 3))).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_the_ddpm_gets_no_gradient(fresh):
+    fresh.train()
+    assert not fresh.unet.training and fresh.encoder.training
+    fresh.diffusion_loss(digits(4)).backward()
+    assert all(p.grad is None and not p.requires_grad for p in fresh.unet.parameters())
+    assert fresh.estimator.out_conv.weight.grad.abs().sum() > 0
+
+
+def test_training_leaves_the_ddpm_bit_identical(run_dir):
+    pdae = load_module(run_dir / PDAE_CKPT, PDAE)
+    ddpm = load_module(run_dir / DDPM_CKPT, DDPM)
+    frozen, original = pdae.unet.state_dict(), ddpm.unet.state_dict()
+    assert frozen.keys() == original.keys()
+    assert all(torch.equal(frozen[k], original[k]) for k in original)
+    assert pdae.estimator.out_conv.weight.abs().sum() > 0  # while G_ψ did train
+
+
+def test_tensorboard_shows_reconstructions_and_both_interpolations(run_dir):
+    events = EventAccumulator(str(run_dir / "runs/tiny_pdae/version_0"), {"images": 0})
+    events.Reload()
+    tags = set(events.Tags()["images"])
+    for prefix in ("reconstructions", "interpolations", "trajectory interpolations"):
+        assert any(tag.startswith(prefix) for tag in tags), (prefix, tags)
+
+
+def test_eps_and_shift_share_one_down_pass_per_step(fresh):
+    model = randomized_estimator(fresh)
+    calls = []
+    hook = model.unet.down.conv_in.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        x0 = digits(2)
+        model.decode(model.encode(x0), torch.randn_like(x0), steps=4)
+    finally:
+        hook.remove()
+    assert len(calls) == 4
+
+
+def test_trajectory_interpolation_ends_at_each_reconstruction(fresh):
+    model = randomized_estimator(fresh)
+    x_a, x_b = digits(4).chunk(2)
+    frames = model.interpolate_trajectory(x_a, x_b, num=3)
+    assert frames.shape == (2, 3, 1, 16, 16)
+    torch.testing.assert_close(frames[:, 0], model.reconstruct(x_a))
+    torch.testing.assert_close(frames[:, -1], model.reconstruct(x_b))
+    assert not torch.allclose(frames[:, 1], frames[:, 0])
+
+
+def test_bad_parts_are_named(run_dir):
+    ddpm = str(run_dir / DDPM_CKPT)
+    timed = EncoderUNet(in_channels=1, out_dim=16, image_size=16, base_channels=8,
+                        channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                        num_head_channels=8, num_groups=2)  # fmt: skip
+    with pytest.raises(ValueError, match="time_conditioned=False"):
+        PDAE(timed, ddpm)
+    with pytest.raises(ValueError, match="not an unconditional UNet"):
+        PDAE(encoder(), str(run_dir / LATENT_CKPT))  # a LatentDDIM: an MLP on codes
+    with pytest.raises(ValueError, match="z of shape"):
+        PDAE(encoder(), ddpm).decode(torch.zeros(2, 8), torch.zeros(2, 1, 16, 16))
+
+
+def test_the_latent_stage_is_diffaes_and_its_checkpoint_stands_alone(run_dir, tmp_path):
+    """LatentDDIM samples PDAE codes; its checkpoint rebuilds the PDAE and that PDAE's DDPM
+    from the configs saved inside it, with neither file present."""
+    moved = tmp_path / "moved"
+    for ckpt in (DDPM_CKPT, PDAE_CKPT):
+        (moved / ckpt).parent.mkdir(parents=True)
+        shutil.move(run_dir / ckpt, moved / ckpt)
+    try:
+        latent = load_module(run_dir / LATENT_CKPT, LatentDDIM)
+    finally:
+        for ckpt in (DDPM_CKPT, PDAE_CKPT):
+            shutil.move(moved / ckpt, run_dir / ckpt)
+    assert isinstance(latent.autoencoder, PDAE)
+    original = load_module(run_dir / PDAE_CKPT, PDAE)
+    for name, value in original.state_dict().items():
+        assert torch.equal(latent.autoencoder.state_dict()[name], value), name
+    images = latent.sample(3, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (3, 1, 16, 16) and images.abs().max() <= 1
+
+
+def test_the_full_configs_run(in_tmp):
+    """configs/pdae.yaml and configs/pdae_latent.yaml, one step each, on a one-step DDPM of
+    configs/ddpm.yaml (the real sizes)."""
+    one_step = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", *QUIET]
+    ddpm = "runs/ddpm/version_0/checkpoints/last.ckpt"
+    pdae = "runs/pdae/version_0/checkpoints/last.ckpt"
+    run_cli_in(
+        in_tmp,
+        ["fit", "--config", str(CONFIGS / "ddpm.yaml"), *one_step],
+        ["fit", "--config", str(CONFIGS / "pdae.yaml"), "--model.init_args.ddpm", ddpm, *one_step],
+        ["fit", "--config", str(CONFIGS / "pdae_latent.yaml"), "--trainer.fast_dev_run", "true",
+         "--model.init_args.autoencoder", pdae, "--model.init_args.stats_batches", "2"],
+    )  # fmt: skip
+    assert (in_tmp / pdae).is_file()
