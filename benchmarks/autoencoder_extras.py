@@ -1,10 +1,12 @@
 """Diffusion-autoencoder (DiffAE, PDAE) numbers beyond ``make eval``: reconstruction against
-DDIM step count, and how often attribute manipulation turns val digits into the target class.
+DDIM step count, how often z alone (random x_T) keeps a digit's class, and how often attribute
+manipulation turns val digits into the target class.
 
     python benchmarks/autoencoder_extras.py --ckpt runs/diffae/version_0/checkpoints/last.ckpt
 
 Manipulation success is judged by the evaluation's clean digit classifier (not the probe that
-gave the direction). Writes ``benchmarks/results/diffae/extras.md``.
+gave the direction), as is the class kept. Writes ``--out`` (default
+``benchmarks/results/diffae/extras.md``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,21 @@ def reconstruction_by_steps(module, x, steps_list) -> list[str]:
             f"| {steps} | {m['mse']:.2e} | {m['psnr']:.2f} | {m['ssim']:.4f} | {seconds:.1f} |"
         )
     return lines
+
+
+def class_kept_by_z(module, x, labels, seed: int = 0) -> list[str]:
+    """Share of decodings of z = Enc(x) from x_T ~ N(0, I) that the digit classifier puts in
+    x's class: what the code alone carries."""
+    judge = digit_classifier(progress=False)
+    x_T = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        predicted = judge(module.decode(module.encode(x), x_T)).argmax(1)
+        own = judge(x).argmax(1)
+    kept = (predicted == labels).float().mean().item()
+    return [
+        f"Decoded from random x_T, {kept:.1%} of the digits keep their class "
+        f"(the originals: {(own == labels).float().mean().item():.1%}; chance: 10%)."
+    ]
 
 
 def manipulation_success(module, data, x, labels, target, scales) -> list[str]:
@@ -81,6 +98,10 @@ def main() -> None:
         "## Reconstruction (x_T inferred) against DDIM steps",
         "",
         *reconstruction_by_steps(module, x, [10, 20, 50, 100]),
+        "",
+        "## What z alone carries",
+        "",
+        *class_kept_by_z(module, x, y),
         "",
         f"## Manipulation towards {args.target} ({int(others.sum())} digits of other classes)",
         "",

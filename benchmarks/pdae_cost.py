@@ -52,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pdae_run", default="runs/pdae/version_0")
     parser.add_argument("--diffae", default="runs/diffae/version_0/checkpoints/last.ckpt")
-    parser.add_argument("--num_images", type=int, default=200)
+    parser.add_argument("--num_images", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=100)
     parser.add_argument("--out", default="benchmarks/results/pdae")
     args = parser.parse_args()
