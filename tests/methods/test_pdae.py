@@ -195,7 +195,7 @@ def test_the_latent_stage_is_diffaes_and_its_checkpoint_stands_alone(run_dir, tm
 def test_the_full_configs_run(in_tmp):
     """configs/pdae.yaml and configs/pdae_latent.yaml, one step each, on a one-step DDPM of
     configs/ddpm.yaml (the real sizes)."""
-    one_step = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", *QUIET]
+    one_step = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]
     ddpm = "runs/ddpm/version_0/checkpoints/last.ckpt"
     pdae = "runs/pdae/version_0/checkpoints/last.ckpt"
     run_cli_in(
