@@ -98,13 +98,22 @@ class DiffusionAutoencoder:
     ) -> Tensor:
         """Decoded interpolations (B, num, C, H, W) from x_a (w = 0) to x_b (w = 1):
         z by lerp, x_T (inferred) by slerp, as DiffAE does."""
+
+        def frame(z_a: Tensor, z_b: Tensor, x_T: Tensor, w: float) -> Tensor:
+            return self.decode(torch.lerp(z_a, z_b, w), x_T, steps)
+
+        return self.interpolation_frames(x_a, x_b, num, frame)
+
+    def interpolation_frames(self, x_a: Tensor, x_b: Tensor, num: int, frame) -> Tensor:
+        """(B, num, C, H, W): ``frame(z_a, z_b, x_T, w)`` for ``num`` weights w from 0 to 1, x_T
+        the slerp of the two images' inferred x_T."""
         if num < 2:
             raise ValueError(f"num must be >= 2, got {num}")
         z_a, z_b = self.encode(x_a), self.encode(x_b)
         t_a, t_b = self.encode_stochastic(x_a, z_a), self.encode_stochastic(x_b, z_b)
-        frames = []
-        for w in torch.linspace(0, 1, num).tolist():
-            frames.append(self.decode(torch.lerp(z_a, z_b, w), slerp(t_a, t_b, w), steps))
+        frames = [
+            frame(z_a, z_b, slerp(t_a, t_b, w), w) for w in torch.linspace(0, 1, num).tolist()
+        ]
         return torch.stack(frames, dim=1)
 
     @torch.no_grad()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from diffusion_apps.checkpoint import load_part
-from diffusion_apps.diffusion import EpsFn, NoiseSchedule, eps_shift_guidance, slerp
+from diffusion_apps.diffusion import EpsFn, NoiseSchedule, eps_shift_guidance
 from diffusion_apps.diffusion.schedule import _per_sample
 from diffusion_apps.methods.autoencoder import DiffusionAutoencoder
 from diffusion_apps.methods.ddpm import DDPM
@@ -158,17 +158,12 @@ class PDAE(DiffusionAutoencoder, DDPM):
     ) -> Tensor:
         """(B, num, C, H, W) from x_a (w = 0) to x_b (w = 1): x_T by slerp, and at every step
         G = (1 − w)·G_ψ(·, z_a) + w·G_ψ(·, z_b) instead of a lerp of the codes (PDAE Sec. 4)."""
-        if num < 2:
-            raise ValueError(f"num must be >= 2, got {num}")
-        z_a, z_b = self.encode(x_a), self.encode(x_b)
-        t_a, t_b = self.encode_stochastic(x_a, z_a), self.encode_stochastic(x_b, z_b)
-        frames = []
-        for w in torch.linspace(0, 1, num).tolist():
-            x_T, eps = slerp(t_a, t_b, w), self.code_eps(mix=w)
-            frames.append(
-                self.sample(len(x_T), "ddim", steps, 0.0, x_T=x_T, eps_fn=eps, z=z_a, z_b=z_b)
-            )
-        return torch.stack(frames, dim=1)
+
+        def frame(z_a: Tensor, z_b: Tensor, x_T: Tensor, w: float) -> Tensor:
+            eps = self.code_eps(mix=w)
+            return self.sample(len(x_T), "ddim", steps, 0.0, x_T=x_T, eps_fn=eps, z=z_a, z_b=z_b)
+
+        return self.interpolation_frames(x_a, x_b, num, frame)
 
     def log_validation_images(self, x0: Tensor) -> None:
         """:class:`DiffusionAutoencoder`'s pictures, and trajectory-interpolation strips."""
