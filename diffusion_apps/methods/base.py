@@ -76,6 +76,16 @@ class DiffusionMethod(L.LightningModule):
         modules = [k for k, v in frame.f_locals.items() if isinstance(v, nn.Module) and k != "self"]
         self.save_hyperparameters(ignore=None if from_cli else modules, frame=frame, logger=False)
 
+    def train(self, mode: bool = True):
+        """Train mode, except for frozen children (every parameter without gradient: a loaded
+        part, PDAE's DDPM), which stay in eval mode: their dropout and the like stay off."""
+        super().train(mode)
+        for child in self.children():
+            params = list(child.parameters())
+            if params and not any(p.requires_grad for p in params):
+                child.eval()
+        return self
+
     def networks(self) -> list[nn.Module]:
         """The trainable networks: the child modules with parameters that require gradients."""
         return [m for m in self.children() if any(p.requires_grad for p in m.parameters())]

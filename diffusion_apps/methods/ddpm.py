@@ -117,13 +117,20 @@ class DDPM(DiffusionMethod):
         """L_simple, E‖target − f_θ(x_t, t)‖² (or ‖·‖₁ with ``loss="l1"``), for a batch x0 (B, …):
         one t ~ U{0, …, T−1} and ε ~ N(0, I) per sample, drawn from ``generator`` when given
         (validation: comparable across epochs)."""
+        t, noise, x_t = self.noised(x0, generator)
+        out = self.unet(x_t, t, **cond)
+        error = F.mse_loss if self.loss == "mse" else F.l1_loss
+        return error(out.float(), self.target(x0, t, noise).float())
+
+    def noised(
+        self, x0: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(t, ε, x_t): t ~ U{0, …, T−1} and ε ~ N(0, I) per sample, x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε."""
         t = torch.randint(
             0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device
         )
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        out = self.unet(self.schedule.q_sample(x0, t, noise), t, **cond)
-        error = F.mse_loss if self.loss == "mse" else F.l1_loss
-        return error(out.float(), self.target(x0, t, noise).float())
+        return t, noise, self.schedule.q_sample(x0, t, noise)
 
     def diffused(self, images: Tensor) -> Tensor:
         """What the model diffuses, from a batch of images: the images themselves for DDPM."""

@@ -81,11 +81,6 @@ class LatentDDIM(DDPM):
         self.register_buffer("z_std", torch.ones(net.dim))
         self.register_buffer("stats_ready", torch.tensor(False))
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.autoencoder.eval()  # frozen: dropout and the like stay off
-        return self
-
     def setup(self, stage: str) -> None:
         """No image-shape check: the data feed the frozen autoencoder, which checks them."""
 

@@ -109,18 +109,9 @@ class PDAE(DiffusionAutoencoder, DDPM):
         self.estimator = GradientEstimator(unet, encoder.out_dim, dropout)
         self.gamma, self.encode_steps = gamma, encode_steps
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.unet.eval()  # frozen: dropout and the like stay off
-        return self
-
     def diffusion_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """L(φ, ψ) for a batch x0 (B, C, H, W), t and ε drawn from ``generator`` when given."""
-        t = torch.randint(
-            0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device
-        )
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = self.schedule.q_sample(x0, t, noise)
+        t, noise, x_t = self.noised(x0, generator)
         with torch.no_grad():
             features = self.unet.down_features(x_t, t)
             eps = self.unet.up_from(features)
