@@ -1,18 +1,22 @@
 """One thin LightningModule per method, built by composing the shared UNet and diffusion layer."""
 
+from diffusion_apps.methods.autoencoder_kl import AutoencoderKL
 from diffusion_apps.methods.base import DiffusionMethod
 from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.methods.diffae import DiffAE
 from diffusion_apps.methods.guided import ClassifierGuidedDDPM, NoisyClassifier
 from diffusion_apps.methods.latent_ddim import LatentDDIM
+from diffusion_apps.methods.ldm import LatentDiffusion
 from diffusion_apps.methods.pdae import PDAE
 
 __all__ = [
+    "AutoencoderKL",
     "ClassifierGuidedDDPM",
     "DDPM",
     "DiffAE",
     "DiffusionMethod",
     "LatentDDIM",
+    "LatentDiffusion",
     "NoisyClassifier",
     "PDAE",
 ]

@@ -136,24 +136,25 @@ class DDPM(DiffusionMethod):
         """What the model diffuses, from a batch of images: the images themselves for DDPM."""
         return images
 
-    def conditioning(self, x0: Tensor) -> dict[str, Tensor]:
-        """The network's inputs besides (x_t, t) for clean data x0: none for DDPM."""
+    def conditioning(self, x0: Tensor, batch=None) -> dict[str, Tensor]:
+        """The network's inputs besides (x_t, t) for clean data x0 of ``batch`` (images, labels):
+        none for DDPM."""
         return {}
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x0 = self.diffused(batch[0])
-        loss = self.diffusion_loss(x0, **self.conditioning(x0))
+        loss = self.diffusion_loss(x0, **self.conditioning(x0, batch))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         return loss
 
-    def _heldout_loss(self, images: Tensor, batch_idx: int) -> Tensor:
-        x0 = self.diffused(images)
+    def _heldout_loss(self, batch, batch_idx: int) -> Tensor:
+        x0 = self.diffused(batch[0])
         gen = torch.Generator(x0.device).manual_seed(batch_idx)
-        return self.diffusion_loss(x0, gen, **self.conditioning(x0))
+        return self.diffusion_loss(x0, gen, **self.conditioning(x0, batch))
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self.log("val/loss", self._heldout_loss(batch[0], batch_idx), prog_bar=True, sync_dist=True)
+        self.log("val/loss", self._heldout_loss(batch, batch_idx), prog_bar=True, sync_dist=True)
         if batch_idx == 0 and self.num_val_samples > 0 and self.trainer.is_global_zero:
             # Runs while the EMA callback has swapped the EMA weights in.
             self.log_validation_images(batch[0])
@@ -164,7 +165,7 @@ class DDPM(DiffusionMethod):
         self.log_images("samples", self.sample(self.num_val_samples, generator=gen))
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self.log("test/loss", self._heldout_loss(batch[0], batch_idx), sync_dist=True)
+        self.log("test/loss", self._heldout_loss(batch, batch_idx), sync_dist=True)
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
         """One sample per item of the batch, seeded by the batch index (``sample`` writes files)."""

@@ -74,7 +74,7 @@ class DiffAE(DiffusionAutoencoder, DDPM):
         self.encoder = encoder
         self.encode_steps = encode_steps
 
-    def conditioning(self, x0: Tensor) -> dict[str, Tensor]:
+    def conditioning(self, x0: Tensor, batch=None) -> dict[str, Tensor]:
         """z_sem = Enc_φ(x_0), trained through the diffusion loss."""
         return {"cond": self.encoder(x0)}
 

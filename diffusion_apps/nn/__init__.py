@@ -1,7 +1,20 @@
 """Neural networks: plain ``nn.Module``s with no training logic."""
 
+from diffusion_apps.nn.autoencoder import Autoencoder, DiagonalGaussian, PatchDiscriminator
+from diffusion_apps.nn.conditioning import CaptionEncoder, ClassEmbedder
 from diffusion_apps.nn.layers import timestep_embedding
 from diffusion_apps.nn.mlp import SkipMLP
 from diffusion_apps.nn.unet import EncoderUNet, GradientEstimator, UNet
 
-__all__ = ["EncoderUNet", "GradientEstimator", "SkipMLP", "UNet", "timestep_embedding"]
+__all__ = [
+    "Autoencoder",
+    "CaptionEncoder",
+    "ClassEmbedder",
+    "DiagonalGaussian",
+    "EncoderUNet",
+    "GradientEstimator",
+    "PatchDiscriminator",
+    "SkipMLP",
+    "UNet",
+    "timestep_embedding",
+]

@@ -237,18 +237,28 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """LDM transformer block: pre-LayerNorm self-attn, cross-attn and GEGLU, each residual."""
+    """LDM transformer block: pre-LayerNorm self-attn, cross-attn and GEGLU, each residual.
 
-    def __init__(self, dim: int, head_dim: int, context_dim: int, dropout: float = 0.0) -> None:
+    Without ``context_dim`` there is no cross-attention: a plain pre-norm encoder block (the
+    caption encoder's)."""
+
+    def __init__(
+        self, dim: int, head_dim: int, context_dim: int | None = None, dropout: float = 0.0
+    ) -> None:
         super().__init__()
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        crossed = context_dim is not None
+        self.norm1, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim) if crossed else None
         self.self_attn = Attention(dim, head_dim)
-        self.cross_attn = Attention(dim, head_dim, context_dim=context_dim)
+        self.cross_attn = Attention(dim, head_dim, context_dim=context_dim) if crossed else None
         self.ff = FeedForward(dim, dropout=dropout)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         x = x + self.self_attn(self.norm1(x))
-        x = x + self.cross_attn(self.norm2(x), context)
+        if self.cross_attn is not None:
+            if context is None:
+                raise ValueError("this transformer block cross-attends: context is required")
+            x = x + self.cross_attn(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
 

@@ -1,0 +1,149 @@
+"""LDM's first stage, trained (Rombach et al. 2022, Sec. 3.1 and App. G; CompVis/latent-diffusion
+``ldm/modules/losses/contperceptual.py``): a KL-regularised autoencoder with an optional
+patch discriminator."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_apps.methods.base import DiffusionMethod
+from diffusion_apps.nn.autoencoder import Autoencoder, PatchDiscriminator, hinge_d_loss
+
+
+class AutoencoderKL(DiffusionMethod):
+    """Stage 1: x → z ~ q(z | x) → x̂, trained with LDM's loss (per image: sums over pixels)
+
+        L = Σ_pixels [ |x − x̂|₁ / e^s + s ]  +  w_KL · KL(q(z | x) ‖ N(0, I))  +  λ · L_G,
+        L_G = −E[D(x̂)],   λ = w_D · ‖∇_last L_rec‖ / (‖∇_last L_G‖ + 10⁻⁴) clamped to [0, 10⁴],
+
+    s a learned scalar log-variance, ∇_last the gradient at the decoder's last layer (the
+    adaptive weight balances the two terms there). From step ``disc_start`` on, a second
+    optimiser trains the discriminator D with the hinge loss
+    L_D = ½ (E[max(0, 1 − D(x))] + E[max(0, 1 + D(x̂))]). LPIPS, which LDM adds to |x − x̂|₁,
+    needs downloaded VGG weights and is left out (the issue's default here).
+
+    Manual optimisation: Lightning counts every optimiser step in ``global_step``, so with the
+    discriminator on, ``trainer.max_steps`` advances by 2 per batch (as for any GAN in Lightning);
+    ``disc_start`` counts batches. Gradient clipping by the Trainer is not available.
+
+    Args:
+        autoencoder: the encoder/decoder network.
+        discriminator: the patch discriminator, or None for no adversarial term.
+        kl_weight: w_KL (LDM: 1e-6).
+        disc_weight: w_D (LDM: 0.5).
+        disc_start: training batches before the adversarial term switches on.
+        logvar_init: initial s.
+        num_val_images: validation images shown with their reconstructions in TensorBoard.
+        lr, adam_betas: of both Adam optimisers (LDM: β = (0.5, 0.9)).
+    """
+
+    def __init__(
+        self,
+        autoencoder: Autoencoder,
+        discriminator: PatchDiscriminator | None = None,
+        kl_weight: float = 1e-6,
+        disc_weight: float = 0.5,
+        disc_start: int = 1000,
+        logvar_init: float = 0.0,
+        num_val_images: int = 8,
+        lr: float = 1e-4,
+        adam_betas: tuple[float, float] = (0.5, 0.9),
+    ) -> None:
+        super().__init__(lr=lr, adam_betas=adam_betas)
+        self.save_config()
+        if kl_weight < 0 or disc_weight < 0 or disc_start < 0:
+            raise ValueError("kl_weight, disc_weight and disc_start must be >= 0")
+        self.autoencoder, self.discriminator = autoencoder, discriminator
+        self.kl_weight, self.disc_weight, self.disc_start = kl_weight, disc_weight, disc_start
+        self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
+        self.num_val_images = num_val_images
+        self.automatic_optimization = False
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        a = self.autoencoder
+        return (a.in_channels, a.image_size, a.image_size)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.autoencoder.latent_shape
+
+    def encode(self, x: Tensor):
+        """q(z | x), a :class:`~diffusion_apps.nn.DiagonalGaussian`."""
+        return self.autoencoder.encode(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """x̂ from z, not clamped."""
+        return self.autoencoder.decode(z)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """x̂ = decode(μ(x)) in [−1, 1]: the posterior mean, as LDM's stage 2 does not sample."""
+        return self.decode(self.encode(x).mode()).clamp(-1, 1)
+
+    def losses(self, x: Tensor, x_rec: Tensor, posterior) -> dict[str, Tensor]:
+        """The terms of L without the adversarial one, per image (means over the batch)."""
+        rec = (x.float() - x_rec.float()).abs()
+        nll = (rec / self.logvar.exp() + self.logvar).sum() / len(x)
+        return {"rec": rec.mean(), "nll": nll, "kl": posterior.kl().mean()}
+
+    def adaptive_weight(self, nll: Tensor, g_loss: Tensor) -> Tensor:
+        """λ = w_D ‖∇_last nll‖ / (‖∇_last L_G‖ + 1e-4), clamped to [0, 1e4], no gradient."""
+        last = self.autoencoder.decoder.last_layer
+        g_nll = torch.autograd.grad(nll, last, retain_graph=True)[0]
+        g_adv = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+        weight = g_nll.norm() / (g_adv.norm() + 1e-4)
+        return self.disc_weight * weight.clamp(0.0, 1e4).detach()
+
+    def adversarial(self) -> bool:
+        """Whether the adversarial terms are on for this batch."""
+        batches = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else 0
+        return self.discriminator is not None and batches >= self.disc_start
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x = batch[0]
+        posterior = self.encode(x)
+        x_rec = self.decode(posterior.sample())
+        terms = self.losses(x, x_rec, posterior)
+        loss = terms["nll"] + self.kl_weight * terms["kl"]
+        adversarial = self.adversarial()
+        if adversarial:
+            g_loss = -self.discriminator(x_rec).float().mean()
+            terms["g"], terms["adaptive_weight"] = g_loss, self.adaptive_weight(terms["nll"], g_loss)
+            loss = loss + terms["adaptive_weight"] * g_loss
+        optimizers = self.optimizers()
+        opt_ae = optimizers[0] if isinstance(optimizers, list) else optimizers
+        opt_ae.zero_grad()
+        self.manual_backward(loss)
+        opt_ae.step()
+        if adversarial:
+            opt_d = optimizers[1]
+            logits_real = self.discriminator(x.detach()).float()
+            logits_fake = self.discriminator(x_rec.detach()).float()
+            terms["d"] = hinge_d_loss(logits_real, logits_fake)
+            opt_d.zero_grad()
+            self.manual_backward(terms["d"])
+            opt_d.step()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logvar", self.logvar.detach())
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()})
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x = batch[0]
+        x_rec = self.reconstruct(x)
+        mse = (x.float() - x_rec.float()).square().mean() / 4  # on [0, 1] images
+        self.log("val/mse", mse, prog_bar=True, sync_dist=True)
+        self.log("val/psnr", -10 * torch.log10(mse), sync_dist=True)
+        if batch_idx == 0 and self.num_val_images > 0 and self.trainer.is_global_zero:
+            n = min(self.num_val_images, len(x))
+            self.log_images("reconstructions (rows: input, reconstruction)", torch.cat([x[:n], x_rec[:n]]), n)
+
+    def configure_optimizers(self):
+        ae = list(self.autoencoder.parameters()) + [self.logvar]
+        optimizers = [torch.optim.Adam(ae, lr=self.lr, betas=self.adam_betas)]
+        if self.discriminator is not None:
+            disc = self.discriminator.parameters()
+            optimizers.append(torch.optim.Adam(disc, lr=self.lr, betas=self.adam_betas))
+        return optimizers

@@ -1,0 +1,208 @@
+"""Latent diffusion (Rombach et al., CVPR 2022; CompVis/latent-diffusion): a DDPM on the latents
+of a frozen first-stage autoencoder, conditioned by cross-attention, sampled with
+classifier-free guidance (Ho & Salimans 2022)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from diffusion_apps.data.captions import DIGITS, WORDS, describe
+from diffusion_apps.diffusion import NoiseSchedule, classifier_free_guidance
+from diffusion_apps.methods.autoencoder_kl import AutoencoderKL
+from diffusion_apps.methods.ddpm import DDPM, Sampler
+from diffusion_apps.nn import CaptionEncoder, ClassEmbedder, UNet
+
+
+class LatentDiffusion(DDPM):
+    """Stage 2: L_LDM = E_{E(x), y, ε, t} ‖ε − ε_θ(z_t, t, τ_θ(y))‖² (LDM eq. 3), z_0 = s·z,
+    z ~ q(z | x) of the frozen first stage, s = 1/std(z) measured once, on the first training
+    batch, and saved with the weights (a resumed run keeps it). Samples are decoded as D(z_0/s).
+
+    Conditioning: τ_θ (class embedding or caption encoder) gives the context of the UNet's
+    cross-attention, softmax(QKᵀ/√d)·V with Q = W_q φ(z_t), K = W_k τ_θ(y), V = W_v τ_θ(y).
+    Training replaces y by the null condition ∅ for a fraction ``cond_drop`` of the examples;
+    sampling uses ε̂ = ε(z_t, ∅) + w·(ε(z_t, y) − ε(z_t, ∅)) through the shared guidance wrapper,
+    so DDPM and DDIM sampling both take it. Captions of digits ("thick slanted seven") are
+    measured from the training images (:mod:`diffusion_apps.data.captions`).
+
+    Args:
+        unet: the latent denoiser; ``in_channels``/``image_size`` must match the first stage's
+            latent shape, ``context_dim`` the condition encoder's ``dim`` (None without one).
+        autoencoder: path of a trained :class:`AutoencoderKL` checkpoint (read with
+            ``weights_only=True``; its config and weights are saved in this module's checkpoint).
+        condition: τ_θ, or None for an unconditional LDM.
+        cond_drop: fraction of training examples whose condition is replaced by ∅ (LDM: 0.1).
+        caption_drop: probability of leaving out each property word of a training caption.
+        guidance_scale: w of validation grids and of ``sample`` when not given.
+        schedule: default LDM's "linear", β = linspace(√0.0015, √0.0195, 1000)².
+        Other arguments: see :class:`DDPM` (ε-prediction; x̂_0 is not clipped in latent space).
+    """
+
+    def __init__(
+        self,
+        unet: UNet,
+        autoencoder: str,
+        condition: ClassEmbedder | CaptionEncoder | None = None,
+        cond_drop: float = 0.1,
+        caption_drop: float = 0.5,
+        guidance_scale: float = 1.0,
+        schedule: NoiseSchedule | None = None,
+        sampler: Sampler = "ddim",
+        sample_steps: int = 50,
+        eta: float = 0.0,
+        num_val_samples: int = 40,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        compile: bool = False,
+    ) -> None:
+        schedule = schedule or NoiseSchedule("sqrt_linear", 1000, 0.0015, 0.0195)
+        super().__init__(
+            unet, schedule, "eps", sampler, sample_steps, eta, "uniform", "beta", False,
+            num_val_samples, "mse", lr, weight_decay, warmup_steps, adam_betas, compile,
+        )  # fmt: skip
+        if not 0.0 <= cond_drop < 1.0 or not 0.0 <= caption_drop <= 1.0:
+            raise ValueError(f"cond_drop must lie in [0, 1) and caption_drop in [0, 1], got "
+                             f"{cond_drop}, {caption_drop}")  # fmt: skip
+        self.autoencoder = self.load_part(autoencoder, AutoencoderKL)
+        if tuple(unet.sample_shape) != tuple(self.autoencoder.latent_shape):
+            raise ValueError(
+                f"the UNet takes {tuple(unet.sample_shape)} but the first stage {autoencoder} "
+                f"makes latents of shape {tuple(self.autoencoder.latent_shape)}: set the UNet's "
+                "in_channels and image_size to match"
+            )
+        context_dim = None if condition is None else condition.dim
+        if unet.context_dim != context_dim or unet.num_classes is not None:
+            raise ValueError(
+                f"the UNet's context_dim={unet.context_dim} must equal the condition encoder's "
+                f"dim={context_dim} (and num_classes must be unset: labels go through τ_θ)"
+            )
+        if isinstance(condition, CaptionEncoder) and set(WORDS) - set(condition.vocabulary):
+            raise ValueError(f"the caption encoder's vocabulary must hold the words {WORDS}")
+        self.condition = condition
+        self.cond_drop, self.caption_drop, self.guidance_scale = cond_drop, caption_drop, guidance_scale
+        self.register_buffer("scale_factor", torch.tensor(1.0))
+        self.register_buffer("scale_ready", torch.tensor(False))
+
+    def setup(self, stage: str) -> None:
+        """No latent-shape check against the data: the frozen first stage checks the images."""
+
+    # -- the latent space ------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if not bool(self.scale_ready):
+            self.measure_scale(batch[0])
+
+    @torch.no_grad()
+    def measure_scale(self, images: Tensor) -> None:
+        """s = 1/std(z) over every element of z ~ q(z | x) for a batch of images (LDM's
+        ``scale_by_std``); under DDP rank 0's value, broadcast."""
+        z = self.autoencoder.encode(images).sample()
+        scale = 1.0 / z.flatten().std()
+        if self._trainer is not None:
+            scale = self.trainer.strategy.broadcast(scale, src=0)
+        self.scale_factor.fill_(float(scale))
+        self.scale_ready.fill_(True)
+
+    @torch.no_grad()
+    def diffused(self, images: Tensor) -> Tensor:
+        """z_0 = s·z, z ~ q(z | x) (the first stage's posterior sample, as LDM trains)."""
+        return self.scale_factor * self.autoencoder.encode(images).sample()
+
+    @torch.no_grad()
+    def decode(self, z0: Tensor) -> Tensor:
+        """Images D(z_0/s) in [−1, 1]."""
+        return self.autoencoder.decode(z0 / self.scale_factor).clamp(-1, 1)
+
+    # -- conditions ------------------------------------------------------------------------------
+
+    def condition_ids(self, images: Tensor, labels: Tensor) -> Tensor:
+        """y of a training batch: its labels, or the token ids of its captions."""
+        if isinstance(self.condition, ClassEmbedder):
+            return labels
+        drop = self.caption_drop if self.training else 0.0
+        return self.condition.tokenize(describe(images, labels, drop), labels.device)
+
+    def conditioning(self, x0: Tensor, batch) -> dict[str, Tensor]:
+        """{"context": τ_θ(y)}, y replaced by ∅ for a fraction ``cond_drop`` in training."""
+        if self.condition is None:
+            return {}
+        images, labels = batch[0], batch[1]
+        if labels.min() < 0:
+            raise ValueError("conditional LDM needs labelled data (this dataset has label -1)")
+        ids = self.condition_ids(images, labels)
+        if self.training and self.cond_drop > 0:
+            dropped = torch.rand(len(ids), device=ids.device) < self.cond_drop
+            ids = torch.where(dropped.view(-1, *[1] * (ids.ndim - 1)), self.null_ids(1), ids)
+        return {"context": self.condition(ids)}
+
+    def null_ids(self, batch: int) -> Tensor:
+        return self.condition.null(batch, self.device)
+
+    def requested_ids(
+        self, num_samples: int, labels: Sequence[int] | None, prompts: Sequence[str] | None
+    ) -> Tensor:
+        """y for ``num_samples`` samples, cycling through ``labels`` or ``prompts`` (default: the
+        classes 0, 1, …, 9 in turn; a caption model gets the digit's name)."""
+        if isinstance(self.condition, ClassEmbedder):
+            if prompts is not None:
+                raise ValueError("prompts need a caption-conditioned LDM; this one takes labels")
+            classes = labels if labels is not None else range(self.condition.num_classes)
+            ids = torch.tensor(list(classes), dtype=torch.long, device=self.device)
+        else:
+            if prompts is None:
+                prompts = [DIGITS[c] for c in (labels if labels is not None else range(10))]
+            elif labels is not None:
+                raise ValueError("give labels or prompts, not both")
+            ids = self.condition.tokenize(list(prompts), self.device)
+        if len(ids) == 0:
+            raise ValueError("labels/prompts must not be empty")
+        return ids.repeat(-(-num_samples // len(ids)), *[1] * (ids.ndim - 1))[:num_samples]
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    def nfe(self, sampler: str, steps: int) -> int:
+        """Network evaluations per sample: two per step under guidance (w ≠ 1: ε(y) and ε(∅))."""
+        per_step = 2 if self.condition is not None and self.guidance_scale != 1 else 1
+        return min(steps, self.schedule.num_timesteps) * per_step
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        sampler: Sampler | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        labels: Sequence[int] | None = None,
+        prompts: Sequence[str] | None = None,
+        guidance_scale: float | None = None,
+    ) -> Tensor:
+        """Images in [−1, 1] (N, C, H, W): latents drawn by DDPM/DDIM with classifier-free
+        guidance of scale w (default ``guidance_scale``; w = 1 is plain conditional sampling and
+        skips the ∅ pass), decoded by the first stage."""
+        kw = dict(sampler=sampler, steps=steps, eta=eta, generator=generator, progress=progress)
+        if self.condition is None:
+            if labels is not None or prompts is not None:
+                raise ValueError("an unconditional LDM takes no labels or prompts")
+            return self.decode(self.draw(num_samples, **kw))
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        context = self.condition(self.requested_ids(num_samples, labels, prompts))
+        eps_fn = None
+        if w != 1:
+            null = self.condition(self.null_ids(1))  # (1, L, dim), broadcast by the wrapper
+            eps_fn = classifier_free_guidance(self.eps, w, {"context": null})
+        return self.decode(self.draw(num_samples, eps_fn=eps_fn, context=context, **kw))
+
+    def log_validation_images(self, x0: Tensor) -> None:
+        """Fixed-seed samples, one column per class (or digit name), at ``guidance_scale``."""
+        gen = torch.Generator(self.device).manual_seed(0)
+        images = self.sample(self.num_val_samples, generator=gen)
+        nrow = 10 if self.condition is not None else None
+        self.log_images(f"samples (w = {self.guidance_scale:g})", images, nrow)
