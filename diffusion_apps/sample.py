@@ -21,12 +21,15 @@ def sample(
     precision: Literal["32", "bf16"] = "32",
     classifier_path: str | None = None,
     labels: list[int] | None = None,
-    scale: float = 1.0,
+    prompts: list[str] | None = None,
+    scale: float | None = None,
 ) -> Path:
     """Write ``num_samples`` images drawn from the model in ``ckpt_path``.
 
     The model and its default sampler come from the config stored in the checkpoint. With
-    ``classifier_path`` the DDPM is guided by that noisy classifier (classifier guidance).
+    ``classifier_path`` the DDPM is guided by that noisy classifier (classifier guidance); a
+    conditional LatentDiffusion takes ``labels`` or ``prompts`` and guides by classifier-free
+    guidance of scale ``scale``.
 
     Args:
         ckpt_path: checkpoint written by ``fit``.
@@ -40,8 +43,10 @@ def sample(
         device: "auto" (CUDA when available), "cpu", "cuda", …
         precision: "bf16" runs the network under bfloat16 autocast (the sampler stays fp32).
         classifier_path: a NoisyClassifier checkpoint trained for this DDPM: guided sampling.
-        labels: guided: the target classes, repeated to ``num_samples`` (default 0, 1, …, K−1).
-        scale: guided: the gradient scale s (0: unguided).
+        labels: the target classes, repeated to ``num_samples`` (default 0, 1, …, K−1).
+        prompts: a caption-conditioned LDM: captions ("thick slanted seven"), repeated likewise.
+        scale: classifier guidance: the gradient scale s (default 1; 0: unguided). LDM: the
+            classifier-free guidance scale w (default: the checkpoint's ``guidance_scale``).
 
     Returns:
         The output folder, holding ``000000.png``… and ``grid.png``.
@@ -52,6 +57,7 @@ def sample(
     from diffusion_apps.checkpoint import load_module, resolve_device
     from diffusion_apps.evaluation.evaluate import can_sample
     from diffusion_apps.images import autocast, save_grid, to_unit
+    from diffusion_apps.methods import LatentDiffusion
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(
@@ -66,9 +72,23 @@ def sample(
             "(configs/diffae_latent.yaml, configs/pdae_latent.yaml) and sample from that checkpoint"
         )
     if classifier_path is not None:
+        scale = 1.0 if scale is None else scale
         draw, tag = _guided(module, classifier_path, labels, scale, num_samples, dev)
-    elif labels is not None:
-        raise ValueError("--labels needs --classifier_path (a NoisyClassifier checkpoint)")
+    elif isinstance(module, LatentDiffusion) and module.condition is not None:
+        scale = module.guidance_scale if scale is None else scale
+        key, wanted = ("prompts", prompts) if prompts is not None else ("labels", labels)
+        wanted = wanted or list(range(getattr(module.condition, "num_classes", 10)))
+
+        def draw(start, n, **kw):  # the cycle of labels/prompts goes on across batches
+            chosen = [wanted[(start + i) % len(wanted)] for i in range(n)]
+            return module.sample(n, guidance_scale=scale, **{key: chosen}, **kw)
+
+        tag = f"_cfg{scale:g}" + (f"_{len(prompts)}prompts" if prompts else "")
+    elif labels is not None or prompts is not None:
+        raise ValueError(
+            "--labels needs --classifier_path (a NoisyClassifier checkpoint) or a conditional "
+            "LatentDiffusion checkpoint; --prompts a caption-conditioned one"
+        )
     else:
         draw, tag = (lambda start, n, **kw: module.sample(n, **kw)), ""
     sampler = sampler or module.sampler

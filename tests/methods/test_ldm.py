@@ -1,0 +1,252 @@
+"""LDM: the first stage's loss terms against closed forms, both optimisers, the latent scale
+(measured once, restored on resume), the frozen first stage, cross-attention conditioning,
+classifier-free guidance against plain conditional sampling, and every config."""
+
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from diffusion_apps.checkpoint import CheckpointError, load_module, read_checkpoint
+from diffusion_apps.diffusion import ddim_sample
+from diffusion_apps.methods import AutoencoderKL, LatentDiffusion
+from diffusion_apps.nn import ClassEmbedder, DiagonalGaussian, UNet
+from diffusion_apps.nn.layers import SpatialTransformer, zero_
+from tests.conftest import CONFIGS, run_cli_in
+
+AE_CKPT = "runs/tiny_ldm_autoencoder/version_0/checkpoints/last.ckpt"
+LDM_CKPT = "runs/tiny_ldm/version_0/checkpoints/last.ckpt"
+CAPTION_CKPT = "runs/tiny_ldm_caption/version_0/checkpoints/last.ckpt"
+QUIET = ["--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """The tiny first stage (4 batches, the discriminator on from batch 2) and the tiny class-
+    and caption-conditional LDMs on it, via the CLI."""
+    tiny = CONFIGS / "tiny"
+    return run_cli_in(
+        tmp_path_factory.mktemp("ldm"),
+        *[["fit", "--config", str(tiny / f"{name}.yaml"), *QUIET]
+          for name in ("ldm_autoencoder", "ldm", "ldm_caption")],
+    )  # fmt: skip
+
+
+def digits(n, seed=2):
+    torch.manual_seed(seed)
+    return torch.rand(n, 1, 16, 16) * 2 - 1
+
+
+def latent_unet(context_dim=16, in_channels=2):
+    return UNet(in_channels, image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=(4,), num_head_channels=8, num_groups=2,
+                context_dim=context_dim)  # fmt: skip
+
+
+def randomize_zero_inits(module):
+    """Give the zero-initialised output layers (and everything else) random weights."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.1)
+    return module
+
+
+# -- stage 1 ------------------------------------------------------------------------------------
+
+
+def test_the_loss_terms_match_their_closed_forms(run_dir):
+    ae = load_module(run_dir / AE_CKPT, AutoencoderKL)
+    with torch.no_grad():
+        ae.logvar.fill_(math.log(2.0))
+    x = digits(3)
+    posterior = DiagonalGaussian(torch.zeros(3, 4, 8, 8))  # N(0, I): KL = 0
+    terms = ae.losses(x, x + 0.1, posterior)
+    # Σ_pixels |x − x̂|/e^s + s per image, e^s = 2: 256 pixels × (0.1/2 + ln 2).
+    torch.testing.assert_close(terms["nll"], torch.tensor(256 * (0.05 + math.log(2.0))))
+    torch.testing.assert_close(terms["rec"], torch.tensor(0.1))
+    assert terms["kl"] == 0
+
+
+@pytest.mark.parametrize("ratio", [2.0, -0.5])
+def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms(run_dir, ratio):
+    ae = load_module(run_dir / AE_CKPT, AutoencoderKL)
+    x_rec = ae.decode(ae.encode(digits(2)).mode())
+    nll = x_rec.square().sum()
+    weight = ae.adaptive_weight(nll, ratio * nll)  # ∇ of the second term: ratio × the first
+    norm = torch.linalg.vector_norm
+    g = torch.autograd.grad(nll, ae.autoencoder.decoder.last_layer, retain_graph=True)[0]
+    expected = ae.disc_weight * norm(g) / (abs(ratio) * norm(g) + 1e-4)
+    torch.testing.assert_close(weight, expected)
+
+
+def test_the_first_stage_trained_both_players(run_dir):
+    ckpt = read_checkpoint(run_dir / AE_CKPT)
+    assert ckpt["global_step"] == 2 + 2 * 2  # 2 batches alone, then 2 with the discriminator
+    events = EventAccumulator(str(run_dir / "runs/tiny_ldm_autoencoder/version_0"), {"images": 0})
+    events.Reload()
+    assert {"train/d", "train/g", "train/adaptive_weight", "val/psnr"} <= set(
+        events.Tags()["scalars"]
+    )
+    assert any(t.startswith("reconstructions") for t in events.Tags()["images"])
+    ae = load_module(run_dir / AE_CKPT, AutoencoderKL)
+    x = digits(2)
+    assert torch.equal(ae.reconstruct(x), ae.decode(ae.encode(x).mean).clamp(-1, 1))
+
+
+# -- stage 2 ------------------------------------------------------------------------------------
+
+
+def test_the_scale_factor_is_one_over_the_latent_std(run_dir):
+    ldm = load_module(run_dir / LDM_CKPT, LatentDiffusion)
+    assert bool(ldm.scale_ready) and ldm.scale_factor != 1
+    x = digits(16)
+    torch.manual_seed(5)
+    ldm.measure_scale(x)
+    torch.manual_seed(5)
+    z = ldm.autoencoder.encode(x).sample()
+    torch.testing.assert_close(ldm.scale_factor, 1 / z.flatten().std())
+    torch.manual_seed(5)
+    torch.testing.assert_close(ldm.diffused(x).std(), torch.tensor(1.0))
+
+
+def test_the_scale_factor_is_restored_on_resume_not_remeasured(run_dir, tmp_path):
+    before = read_checkpoint(run_dir / LDM_CKPT)["state_dict"]["scale_factor"]
+    run_cli_in(
+        run_dir,
+        ["fit", "--config", str(CONFIGS / "tiny/ldm.yaml"), "--ckpt_path", LDM_CKPT,
+         "--trainer.max_steps", "6", "--seed_everything", "7",
+         "--trainer.logger.init_args.version", "resumed", *QUIET],
+    )  # fmt: skip
+    resumed = run_dir / "runs/tiny_ldm/resumed/checkpoints/last.ckpt"
+    after = read_checkpoint(resumed)
+    assert after["global_step"] == 6 and torch.equal(after["state_dict"]["scale_factor"], before)
+
+
+def test_the_first_stage_is_frozen_in_eval_mode_and_unchanged(run_dir):
+    ldm = load_module(run_dir / LDM_CKPT, LatentDiffusion)
+    first = load_module(run_dir / AE_CKPT, AutoencoderKL).state_dict()
+    trained = ldm.autoencoder.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in first.items())  # after 4 training steps
+    ldm.train()
+    assert ldm.unet.training and not ldm.autoencoder.training
+    batch = (digits(4), torch.tensor([0, 1, 2, 3]))
+    x0 = ldm.diffused(batch[0])
+    ldm.diffusion_loss(x0, **ldm.conditioning(x0, batch)).backward()
+    assert all(p.grad is None and not p.requires_grad for p in ldm.autoencoder.parameters())
+    assert ldm.condition.embed.weight.grad.abs().sum() > 0  # τ_θ trains with the UNet
+
+
+def test_the_condition_reaches_the_output_through_cross_attention():
+    torch.manual_seed(0)
+    unet, emb = randomize_zero_inits(latent_unet()), ClassEmbedder(10, 16)
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([10, 50])
+    ctx_a, ctx_b = emb(torch.tensor([3, 3])), emb(torch.tensor([7, 7]))
+    transformers = [m for m in unet.modules() if isinstance(m, SpatialTransformer)]
+    assert len(transformers) == 4  # down and up at 4 px, the middle block's
+    for m in transformers:  # as initialised: each spatial transformer is the identity
+        zero_(m.proj_out)
+    torch.testing.assert_close(unet(x, t, context=ctx_a), unet(x, t, context=ctx_b))
+    randomize_zero_inits(unet)
+    assert not torch.allclose(unet(x, t, context=ctx_a), unet(x, t, context=ctx_b), atol=1e-4)
+    for m in transformers:  # the context enters through the cross-attention only
+        for block in m.blocks:
+            zero_(block.cross_attn.out)
+    torch.testing.assert_close(unet(x, t, context=ctx_a), unet(x, t, context=ctx_b))
+
+
+def conditional_ddim(model, x_T, context):
+    timesteps = model.timesteps(model.sample_steps)
+    return model.decode(ddim_sample(model.eps, model.schedule, x_T, timesteps=timesteps, clip_x0=False, context=context))
+
+
+def test_guidance_scales_one_and_zero_are_plain_conditional_and_null_sampling(run_dir):
+    model = load_module(run_dir / LDM_CKPT, LatentDiffusion)
+    randomize_zero_inits(model.unet), randomize_zero_inits(model.condition)
+    model.decode = lambda z0: z0  # compare the latents (the 6-step first stage blurs them)
+    labels = [1, 4, 4, 9]
+    x_T = torch.randn((4, *model.sample_shape), generator=torch.Generator().manual_seed(3))
+    context = model.condition(torch.tensor(labels))
+    null = model.condition(model.null_ids(4))
+    for w, ctx in ((1.0, context), (0.0, null)):
+        got = model.sample(4, labels=labels, guidance_scale=w,
+                           generator=torch.Generator().manual_seed(3))  # fmt: skip
+        torch.testing.assert_close(got, conditional_ddim(model, x_T, ctx))
+
+
+def test_guidance_extrapolates_from_the_null_prediction(run_dir):
+    """w = 3: every DDIM step uses ε(∅) + 3 (ε(y) − ε(∅)), computed here by two separate calls."""
+    model = load_module(run_dir / LDM_CKPT, LatentDiffusion)
+    randomize_zero_inits(model.unet), randomize_zero_inits(model.condition)
+    model.decode = lambda z0: z0  # compare the latents (the 6-step first stage blurs them)
+    labels = [2, 7]
+    x_T = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(4))
+    context, null = model.condition(torch.tensor(labels)), model.condition(model.null_ids(2))
+
+    def guided(x_t, t, **_):
+        eps_null = model.eps(x_t, t, context=null)
+        return eps_null + 3.0 * (model.eps(x_t, t, context=context) - eps_null)
+
+    timesteps = model.timesteps(model.sample_steps)
+    expected = model.decode(ddim_sample(guided, model.schedule, x_T, timesteps=timesteps, clip_x0=False))
+    got = model.sample(2, labels=labels, guidance_scale=3.0,
+                       generator=torch.Generator().manual_seed(4))  # fmt: skip
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, conditional_ddim(model, x_T, context), atol=1e-3)
+
+
+def test_training_drops_the_condition_for_the_configured_fraction(run_dir):
+    model = load_module(run_dir / LDM_CKPT, LatentDiffusion)
+    model.cond_drop = 0.3
+    labels = torch.arange(400) % 10
+    batch = (digits(400), labels)
+    null = model.condition(model.null_ids(1))[0]
+    for training, low, high in ((True, 0.24, 0.36), (False, 0.0, 0.0)):
+        model.train(training)
+        torch.manual_seed(0)
+        context = model.conditioning(None, batch)["context"]
+        dropped = (context == null).all(dim=(1, 2)).float().mean().item()
+        assert low <= dropped <= high, (training, dropped)
+
+
+def test_captions_condition_the_caption_model(run_dir):
+    model = load_module(run_dir / CAPTION_CKPT, LatentDiffusion)
+    randomize_zero_inits(model.unet)
+    a = model.sample(2, prompts=["thick seven"], generator=torch.Generator().manual_seed(0))
+    b = model.sample(2, prompts=["thin one"], generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 1, 16, 16) and not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="unknown word"):
+        model.sample(1, prompts=["fat seven"])
+    with pytest.raises(ValueError, match="caption-conditioned"):
+        load_module(run_dir / LDM_CKPT, LatentDiffusion).sample(1, prompts=["seven"])
+
+
+def test_bad_first_stages_and_unets_are_named(run_dir):
+    emb = ClassEmbedder(10, 16)
+    with pytest.raises(CheckpointError, match="not found: missing.ckpt"):
+        LatentDiffusion(latent_unet(), "missing.ckpt", emb)
+    with pytest.raises(CheckpointError, match="AutoencoderKL is expected"):
+        LatentDiffusion(latent_unet(), str(run_dir / LDM_CKPT), emb)
+    ae = str(run_dir / AE_CKPT)
+    with pytest.raises(ValueError, match=r"latents of shape \(2, 8, 8\)"):
+        LatentDiffusion(latent_unet(in_channels=4), ae, emb)
+    with pytest.raises(ValueError, match="context_dim=32 must equal"):
+        LatentDiffusion(latent_unet(context_dim=32), ae, emb)
+
+
+def test_the_full_configs_run(in_tmp):
+    """configs/ldm_autoencoder.yaml, then configs/ldm.yaml and ldm_caption.yaml on it, one step
+    each (the real sizes)."""
+    one_step = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]
+    ae = "runs/ldm_autoencoder/version_0/checkpoints/last.ckpt"
+    stage2 = ["--model.init_args.autoencoder", ae, *one_step]
+    run_cli_in(
+        in_tmp,
+        ["fit", "--config", str(CONFIGS / "ldm_autoencoder.yaml"), *one_step],
+        ["fit", "--config", str(CONFIGS / "ldm.yaml"), *stage2],
+        ["fit", "--config", str(CONFIGS / "ldm_caption.yaml"), *stage2],
+    )
+    for name in ("ldm", "ldm_caption"):
+        model = load_module(in_tmp / f"runs/{name}/version_0/checkpoints/last.ckpt")
+        assert model.sample(2, steps=2).shape == (2, 1, 32, 32)
