@@ -68,10 +68,16 @@ def _timed_reconstruction(module, x, inferred: bool, generator, times: dict) -> 
     return x_hat
 
 
-def reconstruction_rows(module, data, name, step, rank, world, seed: int = 0) -> list[Row]:
+def reconstruction_rows(
+    module, data, name, step, rank, world, seed: int = 0, features=None
+) -> list[Row]:  # fmt: skip
     """One row per x_T mode (inferred, random) for DiffAE-like modules, else one row of
     ``reconstruct(x)``. Batches are split across ranks; seconds are each rank's wall time, the
-    slowest rank's reported; ``*_s`` metrics are seconds per val batch of that stage."""
+    slowest rank's reported; ``*_s`` metrics are seconds per val batch of that stage.
+
+    ``features``, a FeatureStats holding the train split's reference, adds the generation metrics
+    of the reconstructions (fd_digits, and in the digits space the share still classified as
+    their input's label: ``accuracy``)."""
     from tqdm.auto import tqdm
 
     from diffusion_apps.evaluation.evaluate import max_over_ranks, plain_metrics
@@ -87,7 +93,7 @@ def reconstruction_rows(module, data, name, step, rank, world, seed: int = 0) ->
         generator = torch.Generator(module.device).manual_seed(seed + rank)
         loader, batches, seconds = data.val_dataloader(), 0, 0.0
         desc = f"{name} reconstruct {label}".strip()
-        for i, (x, _) in enumerate(tqdm(loader, desc=desc, disable=rank != 0, leave=False)):
+        for i, (x, y) in enumerate(tqdm(loader, desc=desc, disable=rank != 0, leave=False)):
             if i % world != rank:
                 continue
             x = x.to(module.device)
@@ -100,7 +106,14 @@ def reconstruction_rows(module, data, name, step, rank, world, seed: int = 0) ->
             seconds += _synced(module.device) - tic
             batches += 1
             metric.update(x_hat.float(), x)
+            if features is not None:
+                labelled = features.space == "digits" and bool(((y >= 0) & (y <= 9)).all())
+                labels = y.to(module.device) if labelled else None
+                features.update(x_hat.float(), real=False, labels=labels)
         metrics = plain_metrics(metric.compute())
+        if features is not None:
+            metrics.update(plain_metrics(features.compute()))
+            features.reset()
         metrics.update({k: max_over_ranks(v, world) / max(batches, 1) for k, v in times.items()})
         sampler = f"reconstruct, {label}" if label else "reconstruct"
         nfe = _reconstruction_nfe(module, inferred) if staged else None
@@ -116,9 +129,10 @@ def _reconstruction_nfe(module, inferred: bool) -> int:
 
 
 def probe_row(module, data, name, step, batch_size: int = 250) -> Row | None:
-    """Val accuracy of a linear probe on the codes ``module.encode(x)`` against one on the raw
-    pixels, both fitted on the train split; None without ``encode`` or labels."""
-    if not callable(getattr(module, "encode", None)) or not data.num_classes:
+    """Val accuracy of a linear probe on the codes ``module.encode(x)`` of a DiffAE-like module
+    against one on the raw pixels, both fitted on the train split; None for other modules or
+    without labels."""
+    if not is_diffae_like(module) or not data.num_classes:
         return None
     loaders = [DataLoader(s, batch_size=batch_size) for s in (data.train_set, data.val_set)]
     tic = time.perf_counter()

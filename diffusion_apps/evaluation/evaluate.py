@@ -173,6 +173,7 @@ def _generation_rows(module, name, step, settings, metric, args, rank, world, ou
             )
     metric = metric.to(module.device)
     n = rank_share(args["num_samples"], rank, world)
+    asked = getattr(module, "class_conditional", False)
     rows = []
     for sampler, steps in settings:
         generator = torch.Generator(module.device).manual_seed(args["seed"] + rank)
@@ -181,20 +182,21 @@ def _generation_rows(module, name, step, settings, metric, args, rank, world, ou
             total=n, desc=f"{name} {sampler}-{steps}", unit="img", disable=rank != 0, leave=False
         )
         for start in range(0, n, args["batch_size"]):
+            size = min(args["batch_size"], n - start)
+            # A class-conditional model is asked for the classes 0, 1, …, 9 in turn.
+            labels = torch.arange(start, start + size, device=module.device) % 10 if asked else None
+            kw = {"labels": labels.tolist()} if asked else {}
             if module.device.type == "cuda":
                 torch.cuda.synchronize(module.device)
             tic = time.perf_counter()
             with autocast(module.device, args["precision"]):
                 x = module.sample(
-                    min(args["batch_size"], n - start),
-                    sampler=sampler,
-                    steps=steps,
-                    generator=generator,
+                    size, sampler=sampler, steps=steps, generator=generator, **kw
                 ).float()  # (B, C, H, W) in [-1, 1]
             if module.device.type == "cuda":
                 torch.cuda.synchronize(module.device)
             seconds += time.perf_counter() - tic
-            metric.update(x, real=False)
+            metric.update(x, real=False, labels=labels if args["space"] == "digits" else None)
             if sum(map(len, kept)) < GRID_SIZE:
                 kept.append(x[: GRID_SIZE - sum(map(len, kept))].cpu())
             bar.update(len(x))
@@ -318,14 +320,15 @@ def evaluate(
             continue
         method, step = type(module).__name__, int(ckpt.get("global_step", 0))
         new: list[Row] = []
+        if metric is None and (can_sample(module) or callable(getattr(module, "reconstruct", None))):
+            metric = FeatureStats(space, feature_extractor_weights_path=args["weights"])
+            set_reference(metric, space, args["weights"])
         if can_sample(module):
-            if metric is None:
-                metric = FeatureStats(space, feature_extractor_weights_path=args["weights"])
-                set_reference(metric, space, args["weights"])
             new += _generation_rows(module, name, step, settings, metric, args, rank, world, out)
         if callable(getattr(module, "reconstruct", None)):
             data = checkpoint_data(ckpt, module)
-            new += reconstruction_rows(module, data, name, step, rank, world, seed)
+            metric = metric.to(module.device)
+            new += reconstruction_rows(module, data, name, step, rank, world, seed, metric)
             new += [row for row in [probe_row(module, data, name, step)] if row is not None]
         if not new and rank == 0:
             print(f"eval: {path}: {method} has neither sample() nor reconstruct(); skipped")
@@ -356,7 +359,14 @@ def evaluate(
             "(MSE per pixel value, PSNR from it); DiffAE, PDAE: x_T by DDIM inversion (NFE counts "
             "inversion and decoding) or x_T ~ N(0, I), encode_s/invert_s/decode_s seconds per val "
             "batch. Linear probe: val accuracy of one-vs-rest logistic regression fitted on the "
-            "train split's codes (probe_acc) and on its raw pixels (probe_acc_pixels)."
+            "train split's codes (probe_acc) and on its raw pixels (probe_acc_pixels). "
+            "fd_digits and accuracy of a reconstruction row score the reconstructions as if "
+            "generated: accuracy is the share classified as their input's label."
+        )
+    if any(row.method == "LatentDiffusion" for row in rows):
+        header.append(
+            "Class-conditional rows (LatentDiffusion): asked for the classes 0, 1, …, 9 in turn, "
+            "at the checkpoint's guidance scale; accuracy is the share classified as asked."
         )
     md = out / "eval.md"
     if rank == 0:

@@ -166,6 +166,11 @@ class LatentDiffusion(DDPM):
 
     # -- sampling --------------------------------------------------------------------------------
 
+    @property
+    def class_conditional(self) -> bool:
+        """Whether ``sample`` takes digit ``labels`` (evaluation then asks for each class)."""
+        return self.condition is not None
+
     def nfe(self, sampler: str, steps: int) -> int:
         """Network evaluations per sample: two per step under guidance (w ≠ 1: ε(y) and ε(∅))."""
         per_step = 2 if self.condition is not None and self.guidance_scale != 1 else 1
