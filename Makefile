@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs
 CKPT ?= $(RUN)/ddpm/version_0/checkpoints/last.ckpt
 
-.PHONY: venv demo test test-all lint format tensorboard eval bench bench-diffae bench-pdae bench-guided clean
+.PHONY: venv demo test test-all lint format tensorboard eval bench bench-diffae bench-pdae bench-guided bench-ldm clean
 
 venv: $(STAMP)
 
@@ -109,6 +109,23 @@ bench-guided: $(STAMP)
 	test -f $(CLASSIFIER) || $(PY) -m diffusion_apps fit --config configs/guided_classifier.yaml \
 		--model.init_args.diffusion $(CKPT) --trainer.logger.init_args.version 0
 	$(PY) benchmarks/guided.py --ddpm $(CKPT) --classifier $(CLASSIFIER) $(GUIDED_ARGS)
+
+## bench-ldm: latent diffusion: trains the first stage, then the class- and caption-conditional
+##   LDMs on it, unless present (about 45 min on 2 CPU cores); scores them with the pixel DDPM
+##   $(CKPT) when it exists -> benchmarks/results/ldm/{eval,ldm}.md, docs/ldm/*.png
+LDM_AE := $(RUN)/ldm_autoencoder/version_0/checkpoints/last.ckpt
+LDM := $(RUN)/ldm/version_0/checkpoints/last.ckpt
+LDM_CAPTION := $(RUN)/ldm_caption/version_0/checkpoints/last.ckpt
+bench-ldm: $(STAMP)
+	test -f $(LDM_AE) || $(PY) -m diffusion_apps fit --config configs/ldm_autoencoder.yaml \
+		--trainer.logger.init_args.version 0
+	test -f $(LDM) || $(PY) -m diffusion_apps fit --config configs/ldm.yaml \
+		--model.init_args.autoencoder $(LDM_AE) --trainer.logger.init_args.version 0
+	test -f $(LDM_CAPTION) || $(PY) -m diffusion_apps fit --config configs/ldm_caption.yaml \
+		--model.init_args.autoencoder $(LDM_AE) --trainer.logger.init_args.version 0
+	$(PY) -m diffusion_apps eval --ckpt_paths $(LDM_AE),$(LDM),$(LDM_CAPTION)$(if $(wildcard $(CKPT)),$(comma)$(CKPT)) \
+		--num_samples 500 --samplers ddim:50 --precision bf16 --out_dir benchmarks/results/ldm
+	$(PY) benchmarks/ldm.py --ldm $(LDM) --caption $(LDM_CAPTION)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

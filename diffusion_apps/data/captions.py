@@ -70,5 +70,9 @@ def describe(
     captions = []
     for i, label in enumerate(labels.tolist()):
         words = [THICKNESS[thick[i]], SLANT[slanted[i]]]
-        captions.append(" ".join([w for w, k in zip(words, keep[i].tolist()) if k] + [DIGITS[label]]))
+        captions.append(
+            " ".join(
+                [w for w, k in zip(words, keep[i].tolist(), strict=True) if k] + [DIGITS[label]]
+            )
+        )
     return captions

@@ -320,7 +320,9 @@ def evaluate(
             continue
         method, step = type(module).__name__, int(ckpt.get("global_step", 0))
         new: list[Row] = []
-        if metric is None and (can_sample(module) or callable(getattr(module, "reconstruct", None))):
+        if metric is None and (
+            can_sample(module) or callable(getattr(module, "reconstruct", None))
+        ):
             metric = FeatureStats(space, feature_extractor_weights_path=args["weights"])
             set_reference(metric, space, args["weights"])
         if can_sample(module):

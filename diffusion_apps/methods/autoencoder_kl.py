@@ -110,7 +110,10 @@ class AutoencoderKL(DiffusionMethod):
         adversarial = self.adversarial()
         if adversarial:
             g_loss = -self.discriminator(x_rec).float().mean()
-            terms["g"], terms["adaptive_weight"] = g_loss, self.adaptive_weight(terms["nll"], g_loss)
+            terms["g"], terms["adaptive_weight"] = (
+                g_loss,
+                self.adaptive_weight(terms["nll"], g_loss),
+            )
             loss = loss + terms["adaptive_weight"] * g_loss
         optimizers = self.optimizers()
         opt_ae = optimizers[0] if isinstance(optimizers, list) else optimizers
@@ -138,7 +141,9 @@ class AutoencoderKL(DiffusionMethod):
         self.log("val/psnr", -10 * torch.log10(mse), sync_dist=True)
         if batch_idx == 0 and self.num_val_images > 0 and self.trainer.is_global_zero:
             n = min(self.num_val_images, len(x))
-            self.log_images("reconstructions (rows: input, reconstruction)", torch.cat([x[:n], x_rec[:n]]), n)
+            self.log_images(
+                "reconstructions (rows: input, reconstruction)", torch.cat([x[:n], x_rec[:n]]), n
+            )
 
     def configure_optimizers(self):
         ae = list(self.autoencoder.parameters()) + [self.logvar]

@@ -5,7 +5,6 @@ classifier-free guidance (Ho & Salimans 2022)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -85,7 +84,11 @@ class LatentDiffusion(DDPM):
         if isinstance(condition, CaptionEncoder) and set(WORDS) - set(condition.vocabulary):
             raise ValueError(f"the caption encoder's vocabulary must hold the words {WORDS}")
         self.condition = condition
-        self.cond_drop, self.caption_drop, self.guidance_scale = cond_drop, caption_drop, guidance_scale
+        self.cond_drop, self.caption_drop, self.guidance_scale = (
+            cond_drop,
+            caption_drop,
+            guidance_scale,
+        )
         self.register_buffer("scale_factor", torch.tensor(1.0))
         self.register_buffer("scale_ready", torch.tensor(False))
 

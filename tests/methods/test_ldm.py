@@ -158,7 +158,11 @@ def test_the_condition_reaches_the_output_through_cross_attention():
 
 def conditional_ddim(model, x_T, context):
     timesteps = model.timesteps(model.sample_steps)
-    return model.decode(ddim_sample(model.eps, model.schedule, x_T, timesteps=timesteps, clip_x0=False, context=context))
+    return model.decode(
+        ddim_sample(
+            model.eps, model.schedule, x_T, timesteps=timesteps, clip_x0=False, context=context
+        )
+    )
 
 
 def test_guidance_scales_one_and_zero_are_plain_conditional_and_null_sampling(run_dir):
@@ -189,7 +193,9 @@ def test_guidance_extrapolates_from_the_null_prediction(run_dir):
         return eps_null + 3.0 * (model.eps(x_t, t, context=context) - eps_null)
 
     timesteps = model.timesteps(model.sample_steps)
-    expected = model.decode(ddim_sample(guided, model.schedule, x_T, timesteps=timesteps, clip_x0=False))
+    expected = model.decode(
+        ddim_sample(guided, model.schedule, x_T, timesteps=timesteps, clip_x0=False)
+    )
     got = model.sample(2, labels=labels, guidance_scale=3.0,
                        generator=torch.Generator().manual_seed(4))  # fmt: skip
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
