@@ -69,3 +69,28 @@ def test_lpips_from_a_local_alexnet_file(no_hub_weights):
     metric.update(x, -x)
     assert metric.compute()["lpips"] > 0
     assert torch.hub.get_dir() == str(no_hub_weights)  # the hub dir was restored
+
+
+def test_a_perfect_reconstructor_scores_the_real_floor():
+    """reconstruct(x) = x: the reconstruction row's fd_digits and accuracy are the real val split's
+    against train, the floor row's numbers."""
+    from diffusion_apps.data import ImageDataModule
+    from diffusion_apps.evaluation import FeatureStats, real_floor
+    from diffusion_apps.evaluation.autoencoding import reconstruction_rows
+    from diffusion_apps.evaluation.evaluate import set_reference
+
+    class Identity(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def reconstruct(self, x):
+            return x
+
+    data = ImageDataModule(dataset="digits", image_size=32, channels=1, batch_size=100)
+    data.setup("validate")
+    features = FeatureStats("digits")
+    set_reference(features, "digits")
+    (row,) = reconstruction_rows(Identity(), data, "identity", 0, 0, 1, features=features)
+    floor = real_floor("digits")
+    assert row.metrics["mse"] == 0 and row.num_samples == 500
+    assert row.metrics["fd_digits"] == pytest.approx(floor["fd_digits"], rel=1e-4)
+    assert row.metrics["accuracy"] == floor["accuracy"]

@@ -2,6 +2,7 @@
 (measured once, restored on resume), the frozen first stage, cross-attention conditioning,
 classifier-free guidance against plain conditional sampling, and every config."""
 
+import json
 import math
 
 import pytest
@@ -256,3 +257,21 @@ def test_the_full_configs_run(in_tmp):
     for name in ("ldm", "ldm_caption"):
         model = load_module(in_tmp / f"runs/{name}/version_0/checkpoints/last.ckpt")
         assert model.sample(2, steps=2).shape == (2, 1, 32, 32)
+
+
+def test_eval_scores_both_stages(run_dir, tmp_path):
+    """The first stage gets a reconstruction row with fd_digits; the LDM, asked for each class in
+    turn, a generation row with its accuracy, two network evaluations per step at w = 2."""
+    from diffusion_apps.cli import main
+
+    out = tmp_path / "reports"
+    ckpts = f"{run_dir / AE_CKPT},{run_dir / LDM_CKPT}"
+    main(["eval", "--ckpt_paths", ckpts, "--num_samples", "20", "--samplers", "ddim:3",
+          "--batch_size", "10", "--device", "cpu", "--out_dir", str(out)])  # fmt: skip
+    _, recon, generated = json.loads((out / "eval.json").read_text())["rows"]
+    assert (recon["method"], recon["sampler"], recon["num_samples"]) == (
+        "AutoencoderKL", "reconstruct", 500,
+    )  # fmt: skip
+    assert {"mse", "psnr", "ssim", "fd_digits", "accuracy"} <= set(recon["metrics"])
+    assert (generated["method"], generated["nfe"]) == ("LatentDiffusion", 6)
+    assert 0 <= generated["metrics"]["accuracy"] <= 1
