@@ -83,7 +83,7 @@ bench-diffae: $(STAMP)
 
 ## bench-pdae: PDAE on the DDPM $(CKPT) (make demo), side by side with bench-diffae's DiffAE: trains
 ##   PDAE and its latent DDIM unless present (about 40 min on 2 CPU cores)
-##   -> benchmarks/results/pdae/{eval,extras,cost}.md, and draws docs/pdae/*.png
+##   -> benchmarks/results/pdae/{eval,extras,cost,gap}.md, and draws docs/pdae/*.png
 PDAE := $(RUN)/pdae/version_0/checkpoints/last.ckpt
 PDAE_LATENT := $(RUN)/pdae_latent/version_0/checkpoints/last.ckpt
 bench-pdae: $(STAMP)
@@ -95,6 +95,7 @@ bench-pdae: $(STAMP)
 		--num_samples 500 --samplers ddim:50 --precision bf16 --out_dir benchmarks/results/pdae
 	$(PY) benchmarks/autoencoder_extras.py --ckpt $(PDAE) --out benchmarks/results/pdae/extras.md
 	test ! -f $(DIFFAE) || $(PY) benchmarks/pdae_cost.py --pdae_run $(RUN)/pdae/version_0 --diffae $(DIFFAE)
+	$(PY) benchmarks/pdae_gap.py --ckpt $(PDAE)
 	for mode in reconstruct interpolate trajectory variations; do \
 		$(PY) -m diffusion_apps autoencode --ckpt_path $(PDAE) --mode $$mode --out_dir docs/pdae; done
 
