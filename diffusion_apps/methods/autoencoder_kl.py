@@ -5,6 +5,7 @@ patch discriminator."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_apps.methods.base import DiffusionMethod
@@ -20,8 +21,9 @@ class AutoencoderKL(DiffusionMethod):
     s a learned scalar log-variance, ∇_last the gradient at the decoder's last layer (the
     adaptive weight balances the two terms there). From step ``disc_start`` on, a second
     optimiser trains the discriminator D with the hinge loss
-    L_D = ½ (E[max(0, 1 − D(x))] + E[max(0, 1 + D(x̂))]). LPIPS, which LDM adds to |x − x̂|₁,
-    needs downloaded VGG weights and is left out (the issue's default here).
+    L_D = ½ (E[max(0, 1 − D(x))] + E[max(0, 1 + D(x̂))]). With ``lpips_weights_path`` the
+    reconstruction term is |x − x̂|₁ + w_p·LPIPS(x, x̂) as in LDM, LPIPS being torchmetrics'
+    (AlexNet backbone, LDM uses VGG) from local weights; off by default (a download).
 
     Manual optimisation: Lightning counts every optimiser step in ``global_step``, so with the
     discriminator on, ``trainer.max_steps`` advances by 2 per batch (as for any GAN in Lightning);
@@ -34,6 +36,9 @@ class AutoencoderKL(DiffusionMethod):
         disc_weight: w_D (LDM: 0.5).
         disc_start: training batches before the adversarial term switches on.
         logvar_init: initial s.
+        lpips_weights_path: torchvision's AlexNet weights file: adds the LPIPS term. The frozen
+            LPIPS network stays out of the checkpoint (the config names the file).
+        perceptual_weight: w_p (LDM: 1).
         num_val_images: validation images shown with their reconstructions in TensorBoard.
         lr, adam_betas: of both Adam optimisers (LDM: β = (0.5, 0.9)).
     """
@@ -46,6 +51,8 @@ class AutoencoderKL(DiffusionMethod):
         disc_weight: float = 0.5,
         disc_start: int = 1000,
         logvar_init: float = 0.0,
+        lpips_weights_path: str | None = None,
+        perceptual_weight: float = 1.0,
         num_val_images: int = 8,
         lr: float = 1e-4,
         adam_betas: tuple[float, float] = (0.5, 0.9),
@@ -57,6 +64,13 @@ class AutoencoderKL(DiffusionMethod):
         self.autoencoder, self.discriminator = autoencoder, discriminator
         self.kl_weight, self.disc_weight, self.disc_start = kl_weight, disc_weight, disc_start
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
+        self.perceptual, self.perceptual_weight = None, perceptual_weight
+        if lpips_weights_path is not None:
+            from diffusion_apps.evaluation.reconstruction import lpips_metric
+
+            self.perceptual = lpips_metric(lpips_weights_path).net.requires_grad_(False).eval()
+            self.register_state_dict_post_hook(_without_perceptual)
+            self.register_load_state_dict_pre_hook(_with_own_perceptual)
         self.num_val_images = num_val_images
         self.automatic_optimization = False
 
@@ -84,9 +98,16 @@ class AutoencoderKL(DiffusionMethod):
 
     def losses(self, x: Tensor, x_rec: Tensor, posterior) -> dict[str, Tensor]:
         """The terms of L without the adversarial one, per image (means over the batch)."""
-        rec = (x.float() - x_rec.float()).abs()
-        nll = (rec / self.logvar.exp() + self.logvar).sum() / len(x)
-        return {"rec": rec.mean(), "nll": nll, "kl": posterior.kl().mean()}
+        l1 = (x.float() - x_rec.float()).abs()
+        terms = {"rec": l1.mean(), "kl": posterior.kl().mean()}
+        if self.perceptual is not None:  # LPIPS per image (B, 1, 1, 1), 3 channels, ≥ 64 px
+            size = max(64, x.shape[-1])
+            pair = [F.interpolate(v.float(), size=size, mode="bilinear") for v in (x, x_rec)]
+            perceptual = self.perceptual(*[v.expand(-1, 3, -1, -1) for v in pair])
+            terms["perceptual"] = perceptual.mean()
+            l1 = l1 + self.perceptual_weight * perceptual
+        terms["nll"] = (l1 / self.logvar.exp() + self.logvar).sum() / len(x)
+        return terms
 
     def adaptive_weight(self, nll: Tensor, g_loss: Tensor) -> Tensor:
         """λ = w_D ‖∇_last nll‖ / (‖∇_last L_G‖ + 1e-4), clamped to [0, 1e4], no gradient."""
@@ -152,3 +173,13 @@ class AutoencoderKL(DiffusionMethod):
             disc = self.discriminator.parameters()
             optimizers.append(torch.optim.Adam(disc, lr=self.lr, betas=self.adam_betas))
         return optimizers
+
+
+def _without_perceptual(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "perceptual.")]:
+        del state_dict[key]
+
+
+def _with_own_perceptual(module, state_dict, prefix, *_) -> None:
+    for key, value in module.perceptual.state_dict(prefix=prefix + "perceptual.").items():
+        state_dict.setdefault(key, value)

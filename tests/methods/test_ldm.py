@@ -275,3 +275,25 @@ def test_eval_scores_both_stages(run_dir, tmp_path):
     assert {"mse", "psnr", "ssim", "fd_digits", "accuracy"} <= set(recon["metrics"])
     assert (generated["method"], generated["nfe"]) == ("LatentDiffusion", 6)
     assert 0 <= generated["metrics"]["accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_lpips_from_local_weights_joins_the_loss_and_stays_out_of_the_checkpoint(tmp_path):
+    # A random AlexNet (240 MB) stands in for the ImageNet one: plumbing, not numbers.
+    from torchvision.models import alexnet
+
+    from diffusion_apps.nn import Autoencoder
+
+    path = tmp_path / "alexnet.pth"
+    torch.save(alexnet().state_dict(), path)
+    net = Autoencoder(1, 2, 16, 8, (1, 2), 1, (), 8, 0.0, 2)
+    ae = AutoencoderKL(net, lpips_weights_path=str(path), perceptual_weight=2.0)
+    x, posterior = digits(2), DiagonalGaussian(torch.zeros(2, 4, 8, 8))
+    same, other = ae.losses(x, x, posterior), ae.losses(x, -x, posterior)
+    assert same["perceptual"] == 0 and other["perceptual"] > 0
+    l1 = 2 * x.abs()  # |x − (−x)|, e^s = 1, s = 0; w_p·LPIPS on each of 2 × 256 pixels
+    expected = (l1.sum() + 2.0 * 256 * 2 * other["perceptual"]) / 2
+    torch.testing.assert_close(other["nll"], expected)
+    state = ae.state_dict()
+    assert not any(k.startswith("perceptual.") for k in state)
+    AutoencoderKL(net, lpips_weights_path=str(path)).load_state_dict(state, strict=True)
