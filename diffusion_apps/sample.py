@@ -11,7 +11,7 @@ import torch
 def sample(
     ckpt_path: str,
     num_samples: int = 64,
-    sampler: Literal["ddpm", "ddim"] | None = None,
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] | None = None,
     steps: int | None = None,
     eta: float | None = None,
     seed: int = 0,
@@ -34,7 +34,8 @@ def sample(
     Args:
         ckpt_path: checkpoint written by ``fit``.
         num_samples: how many images.
-        sampler: "ddpm" (ancestral) or "ddim"; default: the checkpoint's.
+        sampler: "ddpm" (ancestral), "ddim" or "dpmpp_2m" (DPM-Solver++(2M)); default: the
+            checkpoint's.
         steps: sampler steps (DDPM with fewer than T steps is respaced); default: the checkpoint's.
         eta: DDIM η; default: the checkpoint's.
         seed: seed of the generator that draws x_T and the sampler noise.

@@ -16,6 +16,7 @@ from diffusion_apps.diffusion.samplers import (
     timestep_subsequence,
 )
 from diffusion_apps.diffusion.schedule import NoiseSchedule, ScheduleKind
+from diffusion_apps.diffusion.solvers import dpm_solver_pp_2m
 
 __all__ = [
     "EpsFn",
@@ -27,6 +28,7 @@ __all__ = [
     "ddim_invert",
     "ddim_sample",
     "ddpm_sample",
+    "dpm_solver_pp_2m",
     "eps_shift_guidance",
     "mean_shift_guidance",
     "slerp",

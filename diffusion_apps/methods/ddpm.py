@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import torch
@@ -13,13 +14,14 @@ from diffusion_apps.diffusion import (
     NoiseSchedule,
     ddim_sample,
     ddpm_sample,
+    dpm_solver_pp_2m,
     timestep_subsequence,
 )
 from diffusion_apps.methods.base import DiffusionMethod
 from diffusion_apps.nn import UNet
 
 Prediction = Literal["eps", "x0", "v"]
-Sampler = Literal["ddpm", "ddim"]
+Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
 
 
 class DDPM(DiffusionMethod):
@@ -194,14 +196,15 @@ class DDPM(DiffusionMethod):
         eps_fn: EpsFn | None = None,
         **cond,
     ) -> Tensor:
-        """x̂_0 (N, *sample_shape) by DDPM ancestral or DDIM sampling, not clamped.
+        """x̂_0 (N, *sample_shape) by DDPM ancestral, DDIM or DPM-Solver++(2M) sampling, not
+        clamped.
 
         Unset arguments fall back to the module's configured sampler, steps and η. ``eps_fn``
         replaces :meth:`eps` (a guidance wrapper of it, which receives ``cond``).
         """
         sampler = sampler or self.sampler
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if sampler not in typing.get_args(Sampler):
+            raise ValueError(f"sampler must be one of {typing.get_args(Sampler)}, got {sampler!r}")
         eta = self.eta if eta is None else eta
         eps_fn = eps_fn or self.eps
         timesteps = self.timesteps(steps or self.sample_steps)
@@ -214,6 +217,9 @@ class DDPM(DiffusionMethod):
         )
         if sampler == "ddpm":
             x0 = ddpm_sample(eps_fn, self.schedule, x_T, variance=self.variance, **common, **cond)
-        else:
+        elif sampler == "ddim":
             x0 = ddim_sample(eps_fn, self.schedule, x_T, eta=eta, **common, **cond)
+        else:
+            del common["generator"]  # deterministic
+            x0 = dpm_solver_pp_2m(eps_fn, self.schedule, x_T, **common, **cond)
         return x0
