@@ -25,6 +25,10 @@ class AutoencoderKL(DiffusionMethod):
     reconstruction term is |x − x̂|₁ + w_p·LPIPS(x, x̂) as in LDM, LPIPS being torchmetrics'
     (AlexNet backbone, LDM uses VGG) from local weights; off by default (a download).
 
+    The discriminator step scores the reconstructions of the same forward pass (LDM, under the
+    old Lightning's per-optimiser ``training_step``, recomputes them after the autoencoder's step:
+    a second forward pass for the same batch).
+
     Manual optimisation: Lightning counts every optimiser step in ``global_step``, so with the
     discriminator on, ``trainer.max_steps`` advances by 2 per batch (as for any GAN in Lightning);
     ``disc_start`` counts batches. Gradient clipping by the Trainer is not available.
