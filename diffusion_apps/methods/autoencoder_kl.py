@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_apps.methods.base import DiffusionMethod
-from diffusion_apps.nn.autoencoder import Autoencoder, PatchDiscriminator, hinge_d_loss
+from diffusion_apps.nn.autoencoder import Autoencoder, PatchDiscriminator
+
+
+def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """L_D = ½ (E[max(0, 1 − D(x))] + E[max(0, 1 + D(x̂))]) (LDM's hinge loss)."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
 class AutoencoderKL(DiffusionMethod):

@@ -1,9 +1,9 @@
 """LDM's first stage (Rombach et al. 2022, Sec. 3.1; CompVis/latent-diffusion ``model.py``).
 
 An encoder x (B, C, H, W) → q(z | x) = N(μ, diag σ²) with z of shape (B, c, H/f, W/f), a decoder
-z → x̂, and pix2pix's patch discriminator for the adversarial term. The encoder is the UNet's
-:class:`DownPath` without time embedding (its ResBlocks, attention and middle block); the
-decoder mirrors it without skip connections.
+z → x̂, and pix2pix's patch discriminator (its hinge loss, training logic, is in
+methods/autoencoder_kl.py). The encoder is the UNet's :class:`DownPath` without time embedding
+(its ResBlocks, attention and middle block); the decoder mirrors it without skip connections.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_apps.nn.layers import CondSequential, GroupNorm, Upsample
@@ -182,8 +181,3 @@ class PatchDiscriminator(nn.Sequential):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
-
-
-def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
-    """L_D = ½ (E[max(0, 1 − D(x))] + E[max(0, 1 + D(x̂))]) (LDM's hinge loss)."""
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())

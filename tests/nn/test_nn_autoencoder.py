@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from diffusion_apps.methods.autoencoder_kl import hinge_d_loss
 from diffusion_apps.nn import (
     Autoencoder,
     CaptionEncoder,
@@ -13,7 +14,6 @@ from diffusion_apps.nn import (
     DiagonalGaussian,
     PatchDiscriminator,
 )
-from diffusion_apps.nn.autoencoder import hinge_d_loss
 
 
 @pytest.mark.parametrize(("mult", "f"), [((1, 2), 2), ((1, 2, 2), 4), ((1, 1, 2, 2), 8)])
