@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs
 CKPT ?= $(RUN)/ddpm/version_0/checkpoints/last.ckpt
 
-.PHONY: venv demo test test-all lint format tensorboard eval bench bench-diffae bench-pdae bench-guided bench-ldm clean
+.PHONY: venv demo test test-all lint format tensorboard eval bench bench-diffae bench-pdae bench-guided bench-ldm bench-fast clean
 
 venv: $(STAMP)
 
@@ -127,6 +127,16 @@ bench-ldm: $(STAMP)
 	$(PY) -m diffusion_apps eval --ckpt_paths $(LDM_AE),$(LDM),$(LDM_CAPTION)$(if $(wildcard $(CKPT)),$(comma)$(CKPT)) \
 		--num_samples 500 --samplers ddim:50 --precision bf16 --out_dir benchmarks/results/ldm
 	$(PY) benchmarks/ldm.py --ldm $(LDM) --caption $(LDM_CAPTION)
+
+## bench-fast: quality against NFE for the DDPM $(CKPT): distils its consistency model unless present
+##   (about 40 min on 2 CPU cores), then DDPM-1000, DDIM-100…1, DPM-Solver++ 20/10/5 and consistency
+##   1/2/4 steps, N = 500 each (about an hour on 2 CPU cores, mostly DDPM-1000)
+##   -> benchmarks/results/fast_sampling/{curve.md,curve.png,eval.md}
+CONSISTENCY := $(RUN)/consistency/version_0/checkpoints/last.ckpt
+bench-fast: $(STAMP)
+	test -f $(CONSISTENCY) || $(PY) -m diffusion_apps fit --config configs/consistency.yaml \
+		--model.init_args.teacher $(CKPT) --trainer.logger.init_args.version 0
+	$(PY) benchmarks/fast_sampling.py --teacher $(CKPT) --consistency $(CONSISTENCY)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

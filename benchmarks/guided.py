@@ -112,7 +112,7 @@ def main() -> None:
     metric.set_reference(*mean_cov(real), real)
     out = Path(args.out)
     rows = []
-    for sampler, steps in parse_samplers(args.samplers):
+    for sampler, steps, _ in parse_samplers(args.samplers):
         for scale in (float(s) for s in args.scales.split(",")):
             x, seconds = run(
                 guided,

@@ -11,9 +11,10 @@ import torch
 def sample(
     ckpt_path: str,
     num_samples: int = 64,
-    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] | None = None,
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m", "consistency"] | None = None,
     steps: int | None = None,
     eta: float | None = None,
+    spacing: Literal["uniform", "quad", "logsnr"] | None = None,
     seed: int = 0,
     batch_size: int = 64,
     out_dir: str | None = None,
@@ -34,10 +35,12 @@ def sample(
     Args:
         ckpt_path: checkpoint written by ``fit``.
         num_samples: how many images.
-        sampler: "ddpm" (ancestral), "ddim" or "dpmpp_2m" (DPM-Solver++(2M)); default: the
-            checkpoint's.
+        sampler: "ddpm" (ancestral), "ddim" or "dpmpp_2m" (DPM-Solver++(2M)); "consistency"
+            for a consistency model; default: the checkpoint's.
         steps: sampler steps (DDPM with fewer than T steps is respaced); default: the checkpoint's.
         eta: DDIM η; default: the checkpoint's.
+        spacing: the timestep subsequence ("logsnr" suits DPM-Solver++); default: the
+            checkpoint's.
         seed: seed of the generator that draws x_T and the sampler noise.
         batch_size: images per forward pass.
         out_dir: where to write; default ``<run dir>/samples/<ckpt>_<sampler><steps>_seed<seed>``.
@@ -100,11 +103,12 @@ def sample(
     out.mkdir(parents=True, exist_ok=True)
 
     generator = torch.Generator(dev).manual_seed(seed)
+    options = {k: v for k, v in dict(eta=eta, spacing=spacing).items() if v is not None}
     images = []
     for start in tqdm(range(0, num_samples, batch_size), desc=f"{sampler}-{steps}", unit="batch"):
         n = min(batch_size, num_samples - start)
         with autocast(dev, precision):
-            batch = draw(start, n, sampler=sampler, steps=steps, eta=eta, generator=generator)
+            batch = draw(start, n, sampler=sampler, steps=steps, generator=generator, **options)
         for i, img in enumerate(to_unit(batch)):
             save_image(img, out / f"{start + i:06d}.png")
         images.append(batch.cpu())

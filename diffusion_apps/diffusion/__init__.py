@@ -10,19 +10,21 @@ from diffusion_apps.diffusion.guidance import (
 from diffusion_apps.diffusion.interpolation import slerp
 from diffusion_apps.diffusion.samplers import (
     EpsFn,
+    Spacing,
     ddim_invert,
     ddim_sample,
     ddpm_sample,
+    dpm_solver_pp_2m,
     timestep_subsequence,
 )
 from diffusion_apps.diffusion.schedule import NoiseSchedule, ScheduleKind
-from diffusion_apps.diffusion.solvers import dpm_solver_pp_2m
 
 __all__ = [
     "EpsFn",
     "GradFn",
     "NoiseSchedule",
     "ScheduleKind",
+    "Spacing",
     "classifier_free_guidance",
     "classifier_log_prob_grad",
     "ddim_invert",

@@ -1,4 +1,5 @@
-"""Stateless samplers (k-diffusion style): DDPM ancestral, DDIM and DDIM inversion.
+"""Stateless samplers (k-diffusion style): DDPM ancestral, DDIM, DDIM inversion and
+DPM-Solver++(2M).
 
 Model contract: ``eps_fn(x_t, t, **cond) -> ε̂`` where ``t`` is an int64 tensor (B,) of ORIGINAL
 schedule indices (respacing never renumbers t) and ``cond`` is passed through unchanged.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -24,38 +25,57 @@ from diffusion_apps.diffusion.schedule import NoiseSchedule
 
 EpsFn = Callable[..., Tensor]
 Variance = Literal["beta", "beta_tilde"]
+Spacing = Literal["uniform", "quad", "logsnr"]
 
 
 def timestep_subsequence(
-    num_timesteps: int, steps: int, kind: Literal["uniform", "quad"] = "uniform"
+    num_timesteps: int,
+    steps: int,
+    kind: Spacing = "uniform",
+    alphas_cumprod: Tensor | None = None,
 ) -> Tensor:
-    """The S-step subsequences of [0, T) of DDIM (Song et al. 2021; official ermongroup/ddim).
+    """The S-step subsequences of [0, T) of DDIM (Song et al. 2021; official ermongroup/ddim) and
+    DPM-Solver (Lu et al. 2022).
 
     ``uniform``: ``arange(0, T, T // S)[:S]``, i.e. t_i = i·⌊T/S⌋: it starts at 0 and ends at
     T − T/S when S divides T (the official DDIM code; latent-diffusion adds +1, we do not).
     ``quad``: t_i = ⌊(i·√(0.8 T)/(S − 1))²⌋, rounded like the official code's ``numpy.linspace``.
     Its repeats near 0 (from S ≈ √(0.8 T) on: 96 distinct of S = 100 at T = 1000) are dropped; the
     official sampler runs them as no-op steps t → t that still cost a model call.
+    ``logsnr``: uniform in λ = log(√ᾱ/√(1 − ᾱ)) from λ_{T−1} to λ_0 (DPM-Solver's ``logSNR``
+    skip type, its choice for low resolutions), each λ rounded to the nearest index, repeats
+    dropped. It needs ``alphas_cumprod``, and unlike the others it ends at T − 1.
 
     Args:
         num_timesteps: T.
         steps: S, with 1 ≤ S ≤ T.
         kind: Spacing rule.
+        alphas_cumprod: ᾱ_0 … ᾱ_{T−1}, for ``logsnr``.
 
     Returns:
-        Strictly increasing int64 tensor, (S,) (``quad``: at most S).
+        Strictly increasing int64 tensor, (S,) (``quad``, ``logsnr``: at most S).
     """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, num_timesteps={num_timesteps}], got {steps}")
     if kind == "uniform":
         return torch.arange(0, num_timesteps, num_timesteps // steps)[:steps]
-    if kind != "quad":
-        raise ValueError(f"kind must be 'uniform' or 'quad', got {kind!r}")
-    stop = math.sqrt(0.8 * num_timesteps)  # numpy.linspace's rounding, as in the official code
-    root = torch.arange(steps, dtype=torch.float64) * (stop / max(steps - 1, 1))
-    if steps > 1:
-        root[-1] = stop
-    return (root**2).long().unique()
+    if kind == "quad":
+        stop = math.sqrt(0.8 * num_timesteps)  # numpy.linspace's rounding, as in the official code
+        root = torch.arange(steps, dtype=torch.float64) * (stop / max(steps - 1, 1))
+        if steps > 1:
+            root[-1] = stop
+        return (root**2).long().unique()
+    if kind != "logsnr":
+        raise ValueError(f"kind must be one of {get_args(Spacing)}, got {kind!r}")
+    if alphas_cumprod is None or len(alphas_cumprod) != num_timesteps:
+        raise ValueError("kind='logsnr' needs the schedule's alphas_cumprod (T values)")
+    alpha_bar = alphas_cumprod.detach().cpu().double()
+    lam = 0.5 * (alpha_bar.log() - (1 - alpha_bar).log())  # decreasing in t
+    if steps == 1:
+        return torch.tensor([num_timesteps - 1])
+    wanted = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
+    nearest = (lam[None, :] - wanted[:, None]).abs().argmin(1)
+    return nearest.unique()
 
 
 def _subsequence(
@@ -242,3 +262,61 @@ def ddim_invert(
     zeros = torch.zeros_like(alpha_bar)
     table = torch.stack([alpha_bar_prev, alpha_bar.sqrt(), zeros, (1 - alpha_bar).sqrt(), zeros], 1)
     return _run(eps_fn, x0, [ts[0], *ts[:-1]], table, False, None, progress, cond)
+
+
+def dpm_solver_pp_2m(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    *,
+    timesteps: Tensor | None = None,
+    clip_x0: bool = False,
+    progress: bool = False,
+    **cond: Any,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep, second order, data prediction;
+    an ODE solver of the same probability-flow ODE as DDIM (η = 0), on the same contract.
+
+    With α = √ᾱ, σ = √(1 − ᾱ), λ = log(α/σ), the data prediction x_θ = (x − σ ε̂)/α, and
+    h_i = λ_{t_{i−1}} − λ_{t_i} for the step from t_i to t_{i−1}:
+        x_{t_{i−1}} = (σ_{t_{i−1}}/σ_{t_i}) x_{t_i} − α_{t_{i−1}} (e^{−h_i} − 1) D_i,
+        D_i = (1 + 1/(2 r_i)) x_θ(x_{t_i}) − 1/(2 r_i) x_θ(x_{t_{i+1}}),   r_i = h_{i+1}/h_i,
+    and D = x_θ(x_{t_i}) (first order, which is DDIM with η = 0) for the first step, and for
+    the last one, to ᾱ = 1 (h = ∞), which returns x_θ as DDIM does (diffusers'
+    ``lower_order_final``). One network evaluation per step.
+
+    Args:
+        eps_fn: ε-prediction model ``eps_fn(x_t, t, **cond)``.
+        schedule: The noise schedule the model was trained with.
+        x_T: Start noise at level t_{S−1}, shape (B, …).
+        timesteps: Increasing subsequence of [0, T); default all T.
+        clip_x0: Clamp x_θ to [−1, 1] (thresholding, which data prediction allows).
+        progress: Show a tqdm bar.
+        **cond: Passed to ``eps_fn`` unchanged.
+
+    Returns:
+        Samples shaped like x_T.
+    """
+    ts, alpha_bar, alpha_bar_prev = _subsequence(schedule, timesteps)
+    # Per step, from t_{S−1} down: (α_s, σ_s, σ_t/σ_s, α_t, h), in float64, then Python floats.
+    alpha_s, sigma_s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    alpha_t, sigma_t = alpha_bar_prev.sqrt(), (1 - alpha_bar_prev).sqrt()
+    h = (alpha_t / sigma_t).log() - (alpha_s / sigma_s).log()  # +inf for the last step
+    rows = torch.stack([alpha_s, sigma_s, sigma_t / sigma_s, alpha_t, h], 1).flip(0).tolist()
+    t_all = torch.tensor(ts[::-1], dtype=torch.long, device=x_T.device)
+
+    def data_prediction(x: Tensor, i: int, a_s: float, s_s: float) -> Tensor:
+        x0 = torch.add(x, eps_fn(x, t_all[i].expand(x.shape[0]), **cond), alpha=-s_s).div_(a_s)
+        return x0.clamp_(-1, 1) if clip_x0 else x0  # x_θ = (x − σ_s ε̂)/α_s
+
+    x, x0_prev, h_prev = x_T, None, None
+    for i, (a_s, s_s, sigma_ratio, a_t, h_i) in enumerate(tqdm(rows[:-1], disable=not progress)):
+        x0 = data_prediction(x, i, a_s, s_s)
+        d = x0
+        if x0_prev is not None:  # second order: extrapolate x_θ along λ
+            half_inv_r = h_i / (2 * h_prev)
+            d = x0.mul(1 + half_inv_r).add_(x0_prev, alpha=-half_inv_r)
+        x = d.mul(-a_t * math.expm1(-h_i)).add_(x, alpha=sigma_ratio)
+        x0_prev, h_prev = x0, h_i
+    a_s, s_s = rows[-1][:2]  # the last step, to clean data (h = ∞): x_θ itself
+    return data_prediction(x, len(rows) - 1, a_s, s_s)

@@ -66,7 +66,7 @@ class SampleQuality(L.Callback):
         every_n_val_epochs: int = 1,
         num_samples: int = 1000,
         batch_size: int = 250,
-        sampler: Literal["ddpm", "ddim", "dpmpp_2m"] | None = None,
+        sampler: Literal["ddpm", "ddim", "dpmpp_2m", "consistency"] | None = None,
         steps: int | None = None,
         space: Literal["digits", "inception"] = "digits",
         feature_extractor_weights_path: str | None = None,

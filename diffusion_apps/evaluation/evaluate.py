@@ -15,7 +15,7 @@ import time
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -52,18 +52,37 @@ def set_reference(metric, space: str, weights_path: str | None = None) -> None:
     metric.set_reference(*mean_cov(feats), feats)  # feats: (N, d)
 
 
-def parse_samplers(spec: str | Sequence[str]) -> list[tuple[str, int]]:
-    """``"ddpm:1000,ddim:50"`` or ``["ddpm:1000", "ddim:50"]`` → ``[("ddpm", 1000), ("ddim", 50)]``.
+class SamplerSetting(NamedTuple):
+    """One ``sampler:steps[:spacing]`` item of ``--samplers``."""
 
-    Whitespace around items is ignored; each item must be ``name:steps`` with steps >= 1.
+    name: str
+    steps: int
+    spacing: str | None = None  # the timestep subsequence; None: the checkpoint's
+
+    @property
+    def label(self) -> str:
+        """How the report names it: ``ddim``, or ``dpmpp_2m (logsnr)``."""
+        return self.name if self.spacing is None else f"{self.name} ({self.spacing})"
+
+
+def parse_samplers(spec: str | Sequence[str]) -> list[SamplerSetting]:
+    """``"ddpm:1000,dpmpp_2m:10:logsnr"`` (or the items as a list) → ``[("ddpm", 1000, None),
+    ("dpmpp_2m", 10, "logsnr")]``.
+
+    Whitespace around items is ignored; each item must be ``name:steps`` with steps >= 1,
+    optionally followed by ``:spacing`` (a ``timestep_spacing`` of DDPM-based modules).
     """
     items = spec.split(",") if isinstance(spec, str) else [s for x in spec for s in x.split(",")]
     settings = []
     for item in (i.strip() for i in items):
-        name, _, steps = item.partition(":")
-        if not name or not steps.isdigit() or int(steps) < 1:
-            raise ValueError(f"--samplers: {item!r} is not 'sampler:steps' (e.g. 'ddim:50')")
-        settings.append((name, int(steps)))
+        name, steps, *rest = item.split(":") + [""]
+        spacing = rest[0] if len(rest) == 2 else None
+        if not name or not steps.isdigit() or int(steps) < 1 or len(rest) > 2 or spacing == "":
+            raise ValueError(
+                f"--samplers: {item!r} is not 'sampler:steps' or 'sampler:steps:spacing' "
+                "(e.g. 'ddim:50', 'dpmpp_2m:10:logsnr')"
+            )
+        settings.append(SamplerSetting(name, int(steps), spacing))
     if not settings:
         raise ValueError("--samplers: no sampler setting given (e.g. 'ddim:50')")
     return settings
@@ -156,6 +175,20 @@ def _floor(space: str, weights_path: str | None):
     )
 
 
+def _check_samplers(settings: list[SamplerSetting], modules: list) -> None:
+    """Every setting must be a sampler of at least one of the generating ``modules``."""
+    offered = [_sampler_names(m) for m in modules]
+    if not modules or None in offered:
+        return
+    names = list(dict.fromkeys(n for names in offered for n in names))
+    for setting in settings:
+        if setting.name not in names:
+            raise ValueError(
+                f"--samplers: no checkpoint has a sampler {setting.name!r} "
+                f"(they have {', '.join(names)})"
+            )
+
+
 def _generation_rows(module, name, step, settings, metric, args, rank, world, out_dir):
     """One row per sampler setting. Every setting starts from the same generator seed, so the
     samplers are compared on the same x_T (common random numbers)."""
@@ -165,17 +198,19 @@ def _generation_rows(module, name, step, settings, metric, args, rank, world, ou
     from diffusion_apps.images import autocast, save_grid
 
     allowed = _sampler_names(module)
-    for sampler, _ in settings:
-        if allowed is not None and sampler not in allowed:
-            raise ValueError(
-                f"--samplers: {type(module).__name__} has no sampler {sampler!r} "
-                f"(it has {', '.join(allowed)})"
-            )
+    own = [s for s in settings if allowed is None or s.name in allowed]
+    if len(own) < len(settings) and rank == 0:
+        skipped = ", ".join(f"{s.name}:{s.steps}" for s in settings if s not in own)
+        print(f"eval: {name}: {type(module).__name__} has no sampler of {skipped}; not run")
+    if not own:  # e.g. a consistency model among DDPMs: its own default
+        own = [SamplerSetting(module.sampler, module.sample_steps)]
     metric = metric.to(module.device)
     n = rank_share(args["num_samples"], rank, world)
     asked = getattr(module, "class_conditional", False)
     rows = []
-    for sampler, steps in settings:
+    for setting in own:
+        sampler, steps = setting.name, setting.steps
+        extra = {} if setting.spacing is None else {"spacing": setting.spacing}
         generator = torch.Generator(module.device).manual_seed(args["seed"] + rank)
         kept, seconds = [], 0.0
         bar = tqdm(
@@ -186,6 +221,7 @@ def _generation_rows(module, name, step, settings, metric, args, rank, world, ou
             # A class-conditional model is asked for the classes 0, 1, …, 9 in turn.
             labels = torch.arange(start, start + size, device=module.device) % 10 if asked else None
             kw = {"labels": labels.tolist()} if asked else {}
+            kw.update(extra)
             if module.device.type == "cuda":
                 torch.cuda.synchronize(module.device)
             tic = time.perf_counter()
@@ -205,10 +241,14 @@ def _generation_rows(module, name, step, settings, metric, args, rank, world, ou
         metric.reset()
         seconds = max_over_ranks(seconds, world)
         if rank == 0:
-            save_grid(torch.cat(kept), out_dir / "grids" / f"{_slug(name)}_{sampler}{steps}.png")
+            save_grid(
+                torch.cat(kept),
+                out_dir / "grids" / f"{_slug(name)}_{_slug(setting.label)}{steps}.png",
+            )
         nfe = _nfe(module, sampler, steps)
         method = type(module).__name__
-        rows.append(Row(name, method, step, sampler, nfe, args["num_samples"], metrics, seconds))
+        n_total = args["num_samples"]
+        rows.append(Row(name, method, step, setting.label, nfe, n_total, metrics, seconds))
     return rows
 
 
@@ -309,15 +349,16 @@ def evaluate(
     if world > 1:
         torch.distributed.barrier()
     rows: list[Row] = [floor or _floor(space, feature_extractor_weights_path)]
-    metric = None
+    loaded = []
     for path in paths:
-        name = str(path) if ckpt_paths else os.path.relpath(path, run_dir)
         try:
-            ckpt = read_checkpoint(path)
-            module = load_module(path).to(dev)
+            loaded.append((path, read_checkpoint(path), load_module(path).to(dev)))
         except CheckpointError as err:
             print(f"eval: skipped {path}: {err}", file=sys.stderr)
-            continue
+    _check_samplers(settings, [m for _, _, m in loaded if can_sample(m)])
+    metric = None
+    for path, ckpt, module in loaded:
+        name = str(path) if ckpt_paths else os.path.relpath(path, run_dir)
         method, step = type(module).__name__, int(ckpt.get("global_step", 0))
         new: list[Row] = []
         if metric is None and (
@@ -369,6 +410,11 @@ def evaluate(
         header.append(
             "Class-conditional rows (LatentDiffusion): asked for the classes 0, 1, …, 9 in turn, "
             "at the checkpoint's guidance scale; accuracy is the share classified as asked."
+        )
+    if any(row.method == "ConsistencyDistillation" for row in rows):
+        header.append(
+            "Consistency rows: the student's EMA weights, in fp32 whatever the network precision "
+            "(x̂_0 = x̄ − σ ε̂ would multiply bf16 rounding by σ); NFE = consistency steps."
         )
     md = out / "eval.md"
     if rank == 0:

@@ -2,6 +2,7 @@
 
 from diffusion_apps.methods.autoencoder_kl import AutoencoderKL
 from diffusion_apps.methods.base import DiffusionMethod
+from diffusion_apps.methods.consistency import ConsistencyDistillation
 from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.methods.diffae import DiffAE
 from diffusion_apps.methods.guided import ClassifierGuidedDDPM, NoisyClassifier
@@ -12,6 +13,7 @@ from diffusion_apps.methods.pdae import PDAE
 __all__ = [
     "AutoencoderKL",
     "ClassifierGuidedDDPM",
+    "ConsistencyDistillation",
     "DDPM",
     "DiffAE",
     "DiffusionMethod",

@@ -12,6 +12,7 @@ from torch import Tensor
 from diffusion_apps.diffusion import (
     EpsFn,
     NoiseSchedule,
+    Spacing,
     ddim_sample,
     ddpm_sample,
     dpm_solver_pp_2m,
@@ -39,7 +40,8 @@ class DDPM(DiffusionMethod):
         sampler: sampler used for validation grids (``sample`` can override it).
         sample_steps: number of steps of that sampler (DDPM: T means every step).
         eta: DDIM η (0 deterministic, 1 = DDPM posterior variance).
-        timestep_spacing: DDIM/DDPM timestep subsequence, "uniform" or "quad".
+        timestep_spacing: sampling timestep subsequence, "uniform", "quad" or "logsnr" (see
+            :func:`~diffusion_apps.diffusion.timestep_subsequence`).
         variance: ancestral σ²_t, β_t ("beta", the paper's CIFAR-10 choice) or β̃_t.
         clip_x0: clamp x̂0 to [−1, 1] at each sampling step.
         num_val_samples: images in the grid drawn at each validation.
@@ -57,7 +59,7 @@ class DDPM(DiffusionMethod):
         sampler: Sampler = "ddim",
         sample_steps: int = 50,
         eta: float = 0.0,
-        timestep_spacing: Literal["uniform", "quad"] = "uniform",
+        timestep_spacing: Spacing = "uniform",
         variance: Literal["beta", "beta_tilde"] = "beta",
         clip_x0: bool = True,
         num_val_samples: int = 64,
@@ -174,10 +176,12 @@ class DDPM(DiffusionMethod):
         gen = torch.Generator(self.device).manual_seed(batch_idx)
         return self.sample(len(batch[0]), generator=gen)
 
-    def timesteps(self, steps: int) -> Tensor:
-        """The ``timestep_spacing`` subsequence of min(steps, T) of the T training steps."""
+    def timesteps(self, steps: int, spacing: Spacing | None = None) -> Tensor:
+        """The subsequence of min(steps, T) of the T training steps, spaced by ``spacing``
+        (default: ``timestep_spacing``)."""
         T = self.schedule.num_timesteps
-        return timestep_subsequence(T, min(steps, T), self.timestep_spacing)
+        spacing = spacing or self.timestep_spacing
+        return timestep_subsequence(T, min(steps, T), spacing, self.schedule.alphas_cumprod)
 
     def sample(self, *args, **kwargs) -> Tensor:
         """Samples in [−1, 1], (N, C, H, W): :meth:`draw` (same arguments) clamped."""
@@ -194,20 +198,22 @@ class DDPM(DiffusionMethod):
         progress: bool = False,
         x_T: Tensor | None = None,
         eps_fn: EpsFn | None = None,
+        spacing: Spacing | None = None,
         **cond,
     ) -> Tensor:
         """x̂_0 (N, *sample_shape) by DDPM ancestral, DDIM or DPM-Solver++(2M) sampling, not
         clamped.
 
-        Unset arguments fall back to the module's configured sampler, steps and η. ``eps_fn``
-        replaces :meth:`eps` (a guidance wrapper of it, which receives ``cond``).
+        Unset arguments fall back to the module's configured sampler, steps, η and timestep
+        spacing. ``eps_fn`` replaces :meth:`eps` (a guidance wrapper of it, which receives
+        ``cond``).
         """
         sampler = sampler or self.sampler
         if sampler not in typing.get_args(Sampler):
             raise ValueError(f"sampler must be one of {typing.get_args(Sampler)}, got {sampler!r}")
         eta = self.eta if eta is None else eta
         eps_fn = eps_fn or self.eps
-        timesteps = self.timesteps(steps or self.sample_steps)
+        timesteps = self.timesteps(steps or self.sample_steps, spacing)
         if x_T is None:
             x_T = torch.randn(
                 (num_samples, *self.sample_shape), generator=generator, device=self.device

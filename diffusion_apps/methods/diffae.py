@@ -6,11 +6,9 @@ trained jointly with L_simple; the stochastic code x_T is the DDIM inversion of 
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch import Tensor
 
-from diffusion_apps.diffusion import EpsFn, NoiseSchedule
+from diffusion_apps.diffusion import EpsFn, NoiseSchedule, Spacing
 from diffusion_apps.methods.autoencoder import DiffusionAutoencoder
 from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.nn import EncoderUNet, UNet
@@ -47,7 +45,7 @@ class DiffAE(DiffusionAutoencoder, DDPM):
         schedule: NoiseSchedule | None = None,
         sample_steps: int = 100,
         encode_steps: int = 100,
-        timestep_spacing: Literal["uniform", "quad"] = "uniform",
+        timestep_spacing: Spacing = "uniform",
         clip_x0: bool = False,
         num_val_samples: int = 8,
         lr: float = 1e-4,

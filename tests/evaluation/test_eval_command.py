@@ -74,7 +74,7 @@ def test_named_checkpoints_and_a_list_of_samplers(run_dir, tmp_path):
 
 
 def test_unknown_sampler_is_named(run_dir, tmp_path):
-    with pytest.raises(ValueError, match="no sampler 'heun' .*ddpm, ddim"):
+    with pytest.raises(ValueError, match="no checkpoint has a sampler 'heun' .*ddpm, ddim"):
         main(["eval", "--run_dir", str(run_dir), "--samplers", "heun:2", "--num_samples", "4"])
 
 
@@ -105,10 +105,11 @@ def test_one_checkpoint_per_run_version_last_first(tmp_path):
 
 
 def test_sampler_settings_parse():
-    expected = [("ddpm", 1000), ("ddim", 50)]
-    assert parse_samplers("ddpm:1000, ddim:50") == expected
-    assert parse_samplers(["ddpm:1000", "ddim:50"]) == expected
-    for bad in ("ddim", "ddim:0", ":5", "ddim:x"):
+    expected = [("ddpm", 1000, None), ("dpmpp_2m", 10, "logsnr")]
+    assert parse_samplers("ddpm:1000, dpmpp_2m:10:logsnr") == expected
+    assert parse_samplers(["ddpm:1000", "dpmpp_2m:10:logsnr"]) == expected
+    assert parse_samplers("dpmpp_2m:10:logsnr")[0].label == "dpmpp_2m (logsnr)"
+    for bad in ("ddim", "ddim:0", ":5", "ddim:x", "ddim:5:", "ddim:5:quad:x"):
         with pytest.raises(ValueError, match="sampler:steps"):
             parse_samplers(bad)
 

@@ -92,11 +92,11 @@ def test_loss_is_computed_in_fp32_under_bf16_autocast():
 
 @pytest.mark.parametrize(
     ("sampler", "steps", "spacing"),
-    [("ddpm", 1000, "uniform"), ("ddim", 1000, "uniform"), ("dpmpp_2m", 100, "quad")],
+    [("ddpm", 1000, "uniform"), ("ddim", 1000, "uniform"), ("dpmpp_2m", 20, "logsnr")],
 )
 def test_sample_draws_the_data_distribution(sampler, steps, spacing):
     """sample() with the exact denoiser and T = 1000 returns N(μ, σ²) images (DPM-Solver++, a
-    second-order ODE solver, in 100 "quad" steps; see tests/diffusion/test_diffusion_solvers).
+    second-order ODE solver, in 20 "logsnr" steps; see tests/diffusion/test_diffusion_dpm_solver).
 
     Tolerance: 5 standard errors, plus 3% of σ² for the variance (the discretisation bias;
     the samplers' own tests show it shrinking with steps).
