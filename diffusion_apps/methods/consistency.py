@@ -20,8 +20,8 @@ Distance = Literal["l2", "pseudo_huber"]
 def karras_timesteps(alphas_cumprod: Tensor, num_scales: int, rho: float = 7.0) -> Tensor:
     """The discretisation t_1 < … < t_N of a discrete schedule: the teacher indices nearest (in
     log σ) to the Karras et al. points σ_i = (σ_min^{1/ρ} + (i−1)/(N−1)·(σ_max^{1/ρ} −
-    σ_min^{1/ρ}))^ρ (CM's choice, ρ = 7), σ_t = √((1 − ᾱ_t)/ᾱ_t), σ_min = σ_0, σ_max = σ_{T−1};
-    repeats dropped (int64, at most N)."""
+    σ_min^{1/ρ}))^ρ (CM's choice, ρ = 7), σ_t = √((1 − ᾱ_t)/ᾱ_t), σ_min = σ_0 and σ_max at the
+    last ᾱ given; repeats dropped (int64, at most N)."""
     if num_scales < 2:
         raise ValueError(f"num_scales must be >= 2, got {num_scales}")
     alpha_bar = alphas_cumprod.detach().cpu().double()
@@ -43,10 +43,12 @@ class ConsistencyDistillation(DiffusionMethod):
     Consistency function, with the boundary condition f_θ(x̄, σ_min) = x̄ (CM, Appendix C):
         f_θ(x̄, σ) = c_skip(σ) x̄ + c_out(σ) F_θ(x̄, σ),
         c_skip = σ_d²/((σ − σ_min)² + σ_d²),   c_out = σ_d (σ − σ_min)/√(σ² + σ_d²),
-    σ_d = 0.5, σ_min = σ_{t_1}. F_θ is the student UNet, initialised from the teacher's and read
-    as EDM's raw network: the teacher's x̂_0 = x̄ − σ ε̂ is EDM's denoiser c_skip x̄ + c_out F at
-    σ_min = 0, so F_θ = (σ x̄/√(σ² + σ_d²) − √(σ² + σ_d²) ε̂_θ)/σ_d, and at initialisation f_θ is
-    the teacher's x̂_0 (as with CM's EDM teacher, whose F the student copies).
+    σ_d = 0.5, σ_min = σ_{t_1} (t_1 = 0). F_θ is the student UNet, initialised from the teacher's
+    and read as EDM's raw network: the teacher's x̂_0 = x̄ − σ ε̂ is EDM's denoiser c_skip x̄ +
+    c_out F at σ_min = 0, so
+        F_θ = (σ x̄/√(σ² + σ_d²) − √(σ² + σ_d²) ε̂_θ)/σ_d,
+    and at initialisation f_θ is the teacher's x̂_0 (as with CM's EDM teacher, whose F the
+    student copies).
 
     Loss (Algorithm 2, λ ≡ 1): n ~ U{1, …, N − 1}, z ~ N(0, I), x̄_{t_{n+1}} = x_0 + σ_{t_{n+1}} z,
         L = d(f_θ(x̄_{t_{n+1}}, σ_{t_{n+1}}), f_θ⁻(x̂_{t_n}, σ_{t_n})),
@@ -62,6 +64,10 @@ class ConsistencyDistillation(DiffusionMethod):
         teacher: path of a trained (unconditional, pixel-space) DDPM checkpoint, read with
             ``weights_only=True``; its config and weights are saved in this module's checkpoints.
         num_scales: N, discretisation points (CM on CIFAR-10: 18).
+        max_timestep: t_N, the noisiest point, where one-step sampling starts from x̄ = σ_{t_N} z
+            (default T − 1). Below T − 1 it trades a small prior mismatch (x̄ = x_0 + σ z drawn
+            as σ z, off by x_0/σ) for less amplification of the student's ε̂ error by σ (see
+            Precision); EDM and CM stop at σ = 80.
         teacher_solver: the ODE step of the teacher between adjacent points.
         distance: d.
         target_decay: μ of the target network θ⁻ (CM's CD: 0.95).
@@ -79,6 +85,7 @@ class ConsistencyDistillation(DiffusionMethod):
         self,
         teacher: str,
         num_scales: int = 18,
+        max_timestep: int | None = None,
         teacher_solver: TeacherSolver = "heun",
         distance: Distance = "pseudo_huber",
         target_decay: float = 0.95,
@@ -111,7 +118,11 @@ class ConsistencyDistillation(DiffusionMethod):
         self.student = copy.deepcopy(self.teacher).requires_grad_(True).train()
         self.target = copy.deepcopy(self.teacher)  # θ⁻, frozen, moved by EMA
         schedule = self.teacher.schedule
-        ts = karras_timesteps(schedule.alphas_cumprod, num_scales)
+        T = schedule.num_timesteps
+        t_max = T - 1 if max_timestep is None else max_timestep
+        if not 0 < t_max < T:
+            raise ValueError(f"max_timestep must be in [1, {T - 1}] (the teacher's T = {T})")
+        ts = karras_timesteps(schedule.alphas_cumprod[: t_max + 1], num_scales)
         alpha_bar = schedule.alphas_cumprod.double()
         sigmas = ((1 - alpha_bar) / alpha_bar).sqrt()
         self.register_buffer("timesteps", ts, persistent=False)  # t_1 < … < t_N

@@ -170,6 +170,15 @@ def test_sampling_points_and_arguments(model):
     assert x.shape == (3, 1, 16, 16) and x.abs().max() <= 1
 
 
+def test_max_timestep_caps_the_discretisation(run_dir):
+    teacher = str(run_dir / "runs/tiny_ddpm/version_0/checkpoints/last.ckpt")
+    capped = ConsistencyDistillation(teacher, num_scales=6, max_timestep=50)
+    assert capped.timesteps[0] == 0 and capped.timesteps[-1] == 50
+    assert capped.sampling_timesteps(1) == [50]
+    with pytest.raises(ValueError, match=r"max_timestep must be in \[1, 99\]"):
+        ConsistencyDistillation(teacher, max_timestep=100)
+
+
 def test_karras_discretisation_of_the_ddpm_schedule():
     """Indices whose σ^{1/7} are evenly spaced from σ_0 to σ_{T−1} (up to rounding to an index)."""
     from diffusion_apps.diffusion import NoiseSchedule
