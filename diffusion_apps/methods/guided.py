@@ -146,8 +146,9 @@ class ClassifierGuidedDDPM(LightningModule):
         return cls(load_module(ddpm_path, DDPM), load_module(classifier_path, NoisyClassifier))
 
     def guided_eps(self, scale: float, sampler: Sampler, timesteps: Tensor) -> EpsFn:
-        """ε_θ wrapped by Algorithm 1's mean shift (``ddpm``) or Algorithm 2's ε shift
-        (``ddim``); the wrapper takes the labels as ``y``. At s = 0, ε_θ alone (no gradient)."""
+        """ε_θ wrapped by Algorithm 1's mean shift (``ddpm``) or Algorithm 2's ε shift (the ODE
+        samplers ``ddim`` and ``dpmpp_2m``, whose ε̂ it shifts as DPM-Solver's guided sampling
+        does); the wrapper takes the labels as ``y``. At s = 0, ε_θ alone (no gradient)."""
         ddpm = self.ddpm
 
         def eps(x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
@@ -156,7 +157,7 @@ class ClassifierGuidedDDPM(LightningModule):
         if scale == 0:
             return eps
         grad = classifier_log_prob_grad(self.classifier)
-        if sampler == "ddim":
+        if sampler != "ddpm":
             return eps_shift_guidance(eps, grad, ddpm.schedule, scale)
         return mean_shift_guidance(eps, grad, ddpm.schedule, scale, ddpm.variance, timesteps)
 

@@ -90,11 +90,12 @@ def test_scale_zero_is_the_unguided_ddpm(guided, sampler):
     assert not torch.equal(guided.sample(labels, 5.0, sampler, 5, generator=gen()), unguided)
 
 
-def test_ddim_guidance_is_algorithm_2(guided):
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_ode_sampler_guidance_is_algorithm_2(guided, sampler):
     """ε' = ε_θ − s √(1 − ᾱ_t) ∇ log softmax(f_φ(x_t, t))_y, the gradient taken here by hand."""
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     t, y, s = torch.tensor([40, 90]), torch.tensor([1, 7]), 3.0
-    eps_fn = guided.guided_eps(s, "ddim", guided.ddpm.timesteps(5))
+    eps_fn = guided.guided_eps(s, sampler, guided.ddpm.timesteps(5))
     x_req = x.clone().requires_grad_()
     log_p = guided.classifier(x_req, t).log_softmax(-1)[torch.arange(2), y].sum()
     (g,) = torch.autograd.grad(log_p, x_req)
