@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 
 
 class EMA(WeightAveraging):
@@ -43,3 +45,58 @@ class EMA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a NaN/Inf loss or gradient and stopped before it reached the weights."""
+
+
+class FiniteLoss(Callback):
+    """Never train on a NaN/Inf loss or gradient. Every ``fit`` has it (``--finite_loss.action``).
+
+    Checked before the optimiser step: the loss (before backward) and every gradient (one host
+    sync per step). ``stop`` raises :class:`NonFiniteLossError` naming the step and the last
+    checkpoint written, from which ``--ckpt_path`` resumes; the weights, the optimiser and the
+    checkpoints are untouched by the bad step. ``skip`` drops the step's gradients instead (AdamW
+    then leaves weights and moments as they are; the step still counts), logs
+    ``train/skipped_steps`` and trains on.
+
+    Args:
+        action: "stop" or "skip".
+    """
+
+    def __init__(self, action: Literal["stop", "skip"] = "stop") -> None:
+        if action not in ("stop", "skip"):
+            raise ValueError(f"finite_loss.action must be 'stop' or 'skip', got {action!r}")
+        self.action, self.skipped, self._bad_loss = action, 0, None
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        if not bool(torch.isfinite(loss).all()):
+            self._bad_loss = float(loss.detach().float().mean())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        finite_grads = not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        bad, self._bad_loss = self._bad_loss, None
+        if bad is None and finite_grads:
+            return
+        what = f"loss {bad}" if bad is not None else "a gradient with NaN/Inf"
+        if self.action == "stop":
+            last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none yet"
+            raise NonFiniteLossError(
+                f"{what} at step {trainer.global_step} (epoch {trainer.current_epoch}): training "
+                f"stopped before it reached the weights. Last checkpoint: {last} (resume with "
+                "--ckpt_path). Lower the learning rate, check the data, or pass "
+                "--finite_loss.action skip to skip such steps."
+            )
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self.skipped += 1
+        pl_module.log("train/skipped_steps", float(self.skipped))
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))

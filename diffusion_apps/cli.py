@@ -29,6 +29,11 @@ class DiffusionCLI(LightningCLI):
             run=run,
         )
 
+    def add_arguments_to_parser(self, parser) -> None:
+        from diffusion_apps.callbacks import FiniteLoss
+
+        parser.add_lightning_class_args(FiniteLoss, "finite_loss")  # in every run
+
 
 def _function_cli(name: str, args: Sequence[str]) -> None:
     """``sample``, ``eval``, ``autoencode``: a jsonargparse CLI of the command's typed function."""
@@ -47,7 +52,13 @@ def _function_cli(name: str, args: Sequence[str]) -> None:
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point; ``args`` replaces ``sys.argv[1:]`` (tests call ``main([...])`` in-process)."""
     args = list(sys.argv[1:] if args is None else args)
-    if args and args[0] in ("sample", "eval", "autoencode"):
-        _function_cli(args[0], args[1:])
-    else:
-        DiffusionCLI(args=args)
+    from diffusion_apps.callbacks import NonFiniteLossError
+    from diffusion_apps.checkpoint import CheckpointError
+
+    try:
+        if args and args[0] in ("sample", "eval", "autoencode"):
+            _function_cli(args[0], args[1:])
+        else:
+            DiffusionCLI(args=args)
+    except (NonFiniteLossError, CheckpointError) as err:  # the message says it all
+        sys.exit(f"error: {err}")

@@ -105,7 +105,7 @@ def test_sample_is_reproducible_and_seed_dependent(in_tmp):
 
 
 def test_sample_rejects_missing_checkpoint(in_tmp):
-    with pytest.raises(ValueError, match="checkpoint not found: .*nope.ckpt"):
+    with pytest.raises(SystemExit, match="error: checkpoint not found: .*nope.ckpt"):
         main(["sample", "--ckpt_path", "nope.ckpt"])
 
 
