@@ -128,12 +128,12 @@ class ConsistencyDistillation(DiffusionMethod):
         self.register_buffer("timesteps", ts, persistent=False)  # t_1 < … < t_N
         self.register_buffer("sigmas", sigmas.float(), persistent=False)  # σ_t, t ∈ [0, T)
         self.sigma_min = float(sigmas[ts[0]])
-        self.teacher_solver, self.distance, self.target_decay = (
-            teacher_solver,
-            distance,
+        self.teacher_solver, self.distance = teacher_solver, distance
+        self.target_decay, self.sigma_data, self.sample_steps = (
             target_decay,
+            sigma_data,
+            sample_steps,
         )
-        self.sigma_data, self.sample_steps = sigma_data, sample_steps
         self.num_val_samples = num_val_samples
 
     @property
@@ -173,7 +173,8 @@ class ConsistencyDistillation(DiffusionMethod):
         return x_bar + d_sigma * (slope + self._eps(self.teacher, euler, t_to)) / 2
 
     def distance_fn(self, a: Tensor, b: Tensor) -> Tensor:
-        """Mean over the batch of d(a, b)."""
+        """Mean over the batch of d(a, b): ‖a − b‖²/dim (``l2``) or √(‖a − b‖² + c²) − c with
+        c = 0.00054·√dim (``pseudo_huber``)."""
         if self.distance == "l2":
             return (a - b).square().mean()
         c = 0.00054 * math.sqrt(a[0].numel())
