@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from typing import Literal
 
+import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, WeightAveraging
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class EMA(WeightAveraging):
@@ -100,3 +103,99 @@ class FiniteLoss(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
+
+
+def random_state(device: torch.device) -> dict:
+    """The torch (CPU and ``device``), numpy and python random states, as tensors, numbers and
+    tuples, which ``torch.load(weights_only=True)`` reads."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+
+
+def set_random_state(state: dict, device: torch.device) -> None:
+    """Inverse of :func:`random_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+
+
+class RandomState(Callback):
+    """A resumed run draws the random numbers the uninterrupted run would have. In every ``fit``.
+
+    Each checkpoint holds every rank's random state (:func:`random_state`); a resumed run sets
+    them when training starts, after the sanity check. Validation (and the sanity check) run on
+    the training state and put it back when done, so a resume is exact whether or not it skips
+    the validation that ran when the checkpoint was written. Resuming on another number of
+    ranks gives every rank the state of rank 0 (with a warning): no longer exact.
+    """
+
+    def __init__(self) -> None:
+        self._trainer = None
+        self._outside_validation: dict | None = None  # the training state, during validation
+        self._to_restore: list[dict] | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict:
+        trainer = self._trainer
+        if trainer is None:
+            return {}
+        state = self._outside_validation or random_state(trainer.strategy.root_device)
+        ranks = [state] * trainer.world_size
+        if trainer.world_size > 1:  # every rank writes the checkpoint dict, rank 0 saves it
+            torch.distributed.all_gather_object(ranks, state)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._to_restore = state_dict.get("ranks")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        ranks, self._to_restore = self._to_restore, None
+        if not ranks:
+            return
+        if len(ranks) != trainer.world_size:
+            rank_zero_warn(
+                f"the checkpoint holds the random state of {len(ranks)} rank(s), this run has "
+                f"{trainer.world_size}: every rank resumes with rank 0's, not exactly"
+            )
+        mine = ranks[trainer.global_rank] if len(ranks) == trainer.world_size else ranks[0]
+        set_random_state(mine, trainer.strategy.root_device)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":
+            self._outside_validation = random_state(trainer.strategy.root_device)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._outside_validation is not None:
+            set_random_state(self._outside_validation, trainer.strategy.root_device)
+            self._outside_validation = None
+
+
+class Checkpoint(ModelCheckpoint):
+    """ModelCheckpoint that also writes ``last`` at the final step.
+
+    Lightning's writes ``last`` only with a periodic save, so a run that ends by ``max_steps``
+    or ``max_time`` between two of them leaves a stale ``last``, and ``--ckpt_path last``
+    would go back in time. Written at the final ``on_train_batch_end``, before the EMA
+    callback copies the averaged weights into the model at the end of training.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        last_epoch = trainer.max_epochs not in (None, -1) and (
+            trainer.current_epoch + 1 >= trainer.max_epochs
+            and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        )
+        final = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step or last_epoch
+        if final and self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

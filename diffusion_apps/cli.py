@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -30,9 +31,35 @@ class DiffusionCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        from diffusion_apps.callbacks import FiniteLoss
+        from diffusion_apps.callbacks import FiniteLoss, RandomState
 
         parser.add_lightning_class_args(FiniteLoss, "finite_loss")  # in every run
+        parser.add_lightning_class_args(RandomState, "random_state")
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit" and self.config.fit.ckpt_path == "last":
+            continue_last_version(self.config.fit.trainer.logger)
+
+
+def continue_last_version(logger) -> None:
+    """With ``--ckpt_path last``, log to the version directory whose ``checkpoints/last.ckpt``
+    is newest, so the resumed run finds that checkpoint and goes on in the same TensorBoard run.
+
+    Lightning would open a new version directory, find no checkpoint there and train from
+    scratch. Nothing changes when the logger's ``version`` is set or no checkpoint exists yet (a
+    first run), nor for a logger without ``save_dir``/``name``/``version``.
+    """
+    args = getattr(logger, "init_args", None)
+    if (
+        args is None
+        or not {"save_dir", "name", "version"} <= set(vars(args))
+        or args.version is not None
+    ):
+        return
+    runs = Path(args.save_dir) / (args.name or "")
+    lasts = sorted(runs.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if lasts:
+        args.version = lasts[-1].parents[1].name
 
 
 def _function_cli(name: str, args: Sequence[str]) -> None:

@@ -1,11 +1,14 @@
 """ImageDataModule: one LightningDataModule for the embedded digits, torchvision sets, folders."""
 
+import warnings
 from typing import Literal
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion_apps.data import sources
+from diffusion_apps.data.sampler import ResumableSampler
 
 Source = Literal["digits", "mnist", "fashion_mnist", "cifar10", "celeba", "folder"]
 
@@ -28,7 +31,7 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: per loader; the train loader drops the last incomplete batch.
         num_workers: loader worker processes (persistent when > 0).
         val_fraction: share of images held out, for "digits" and "folder".
-        seed: seed of that split.
+        seed: seed of that split and of the training order.
         random_flip: random horizontal flips of training images.
         download: let torchvision download missing files.
         pin_memory: pin batches in page-locked memory for fast host-to-GPU copies; by default
@@ -70,6 +73,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.class_names: list[str] | None = None  # set for a labelled "folder"
         self._folder: tuple | None = None  # cached scan_folder(root)
+        self._resume_at = (0, 0)  # (epoch, batches of it already trained on)
 
     @property
     def num_classes(self) -> int | None:
@@ -97,10 +101,10 @@ class ImageDataModule(L.LightningDataModule):
         """Builds ``train_set`` and ``val_set``; idempotent. Folder images are verified here."""
         if self.train_set is not None:
             return
-        size, ch, flip = self.image_size, self.channels, self.random_flip
+        size, ch = self.image_size, self.channels
         if self.dataset == "digits":
             self.train_set, self.val_set = sources.embedded_digits(
-                size, ch, self.val_fraction, self.seed, flip
+                size, ch, self.val_fraction, self.seed
             )
             return
         if self.dataset == "folder":
@@ -118,8 +122,8 @@ class ImageDataModule(L.LightningDataModule):
         # MNIST-like 28x28 sources get 2 px of background at 32, like the embedded digits.
         pad = 2 if self.dataset in ("mnist", "fashion_mnist") and size == 32 else 0
         self.train_set, self.val_set = (
-            sources.PILImageDataset(base, sources.pil_transform(size, ch, f, pad), ch, labelled)
-            for base, f in zip(bases, (flip, False), strict=True)
+            sources.PILImageDataset(base, sources.pil_transform(size, ch, pad), ch, labelled)
+            for base in bases
         )
 
     def _pin_memory(self) -> bool:
@@ -129,15 +133,17 @@ class ImageDataModule(L.LightningDataModule):
         device = trainer.strategy.root_device if trainer is not None else None
         return device is not None and device.type == "cuda"
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: ResumableSampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train,
+            sampler=sampler,
+            drop_last=sampler is not None,
             num_workers=self.num_workers,
             pin_memory=self._pin_memory(),
             persistent_workers=self.num_workers > 0,
+            # the workers' seeds come from here, not from the global stream
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -147,14 +153,46 @@ class ImageDataModule(L.LightningDataModule):
                 f"ImageDataModule: batch_size={self.batch_size} exceeds the "
                 f"{len(self.train_set)} training images of dataset={self.dataset!r}"
             )
-        return self._loader(self.train_set, train=True)
+        trainer = self.trainer
+        ranks = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        epoch, batches = self._resume_at
+        sampler = ResumableSampler(
+            self.train_set, *ranks, self.seed, epoch, batches * self.batch_size
+        )
+        return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.val_set, train=False)
+        return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
         """The held-out split again: ``test`` and ``predict`` run on the val images."""
         return self.val_dataloader()
 
     predict_dataloader = test_dataloader
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Flip each training image horizontally with probability 1/2 (``random_flip``)."""
+        trainer = self.trainer
+        if self.random_flip and trainer is not None and trainer.training:
+            x, y = batch  # (B, C, H, W), (B,)
+            flip = torch.rand(len(x), device=x.device) < 0.5
+            batch = torch.where(flip[:, None, None, None], x.flip(-1), x), y
+        return batch
+
+    def state_dict(self) -> dict:
+        """Where training stands in the order of the epochs: saved in checkpoints."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        epoch = trainer.current_epoch
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches >= trainer.num_training_batches:  # saved at the end of the epoch
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """The next ``train_dataloader`` starts where the checkpoint's run stood."""
+        # Lightning warns that a plain DataLoader cannot resume mid-epoch; this one can.
+        warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before")
+        self._resume_at = (int(state_dict.get("epoch", 0)), int(state_dict.get("batches", 0)))

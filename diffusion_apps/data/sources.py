@@ -61,26 +61,23 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
 
 
 class TensorImageDataset(Dataset):
-    """Images held in one tensor (N, 1 or C, H, W) in [-1, 1], with optional random h-flip.
+    """Images held in one tensor (N, 1 or C, H, W) in [-1, 1].
 
     A single-channel tensor is expanded to ``channels`` per item, so RGB costs no memory.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, channels: int, flip: bool):
-        self.images, self.labels, self.channels, self.flip = images, labels, channels, flip
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, channels: int):
+        self.images, self.labels, self.channels = images, labels, channels
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[i].expand(self.channels, -1, -1)  # (C, H, W)
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, self.labels[i]
+        return self.images[i].expand(self.channels, -1, -1), self.labels[i]  # (C, H, W), ()
 
 
-def embedded_digits(image_size: int, channels: int, val_fraction: float, seed: int, flip: bool):
-    """Train and val TensorImageDatasets of the embedded digits (flip on train only).
+def embedded_digits(image_size: int, channels: int, val_fraction: float, seed: int):
+    """Train and val TensorImageDatasets of the embedded digits.
 
     At 32x32 the 28x28 digits get 2 px of background, the usual MNIST-at-32 framing; other
     sizes are resized (bilinear, antialiased).
@@ -94,12 +91,12 @@ def embedded_digits(image_size: int, channels: int, val_fraction: float, seed: i
         x = x.clamp(-1.0, 1.0)
     train, val = split_indices(len(x), val_fraction, seed)
     return (
-        TensorImageDataset(x[train], labels[train], channels, flip),
-        TensorImageDataset(x[val], labels[val], channels, False),
+        TensorImageDataset(x[train], labels[train], channels),
+        TensorImageDataset(x[val], labels[val], channels),
     )
 
 
-def pil_transform(image_size: int, channels: int, flip: bool, pad: int = 0) -> Callable:
+def pil_transform(image_size: int, channels: int, pad: int = 0) -> Callable:
     """PIL image -> float tensor (channels, image_size, image_size) in [-1, 1].
 
     Resize the shorter side then center-crop (or only pad by ``pad`` px, for 28 -> 32 MNIST).
@@ -107,8 +104,6 @@ def pil_transform(image_size: int, channels: int, flip: bool, pad: int = 0) -> C
     from torchvision import transforms as T
 
     steps = [T.Pad(pad)] if pad else [T.Resize(image_size), T.CenterCrop(image_size)]
-    if flip:
-        steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), T.Normalize([0.5] * channels, [0.5] * channels)]
     return T.Compose(steps)
 

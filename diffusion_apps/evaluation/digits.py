@@ -57,7 +57,7 @@ def embedded_split(split: str) -> tuple[Tensor, Tensor]:
     """Images (N, 1, 32, 32) in [-1, 1] and labels (N,) of the embedded "train" or "val" split."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    train, val = sources.embedded_digits(IMAGE_SIZE, 1, VAL_FRACTION, SPLIT_SEED, flip=False)
+    train, val = sources.embedded_digits(IMAGE_SIZE, 1, VAL_FRACTION, SPLIT_SEED)
     data = train if split == "train" else val
     return data.images, data.labels
 

