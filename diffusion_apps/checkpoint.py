@@ -1,8 +1,10 @@
-"""Load checkpoints safely (``weights_only=True``) and rebuild the module that wrote them."""
+"""Write checkpoints atomically; load them safely (``weights_only=True``) and rebuild the module
+that wrote them."""
 
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 import zipfile
 from contextvars import ContextVar
@@ -11,6 +13,7 @@ from typing import TypeVar
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 M = TypeVar("M", bound=LightningModule)
 PARTS_KEY = "part_configs"  # {path: hyper_parameters} of the parts a module loaded by path
@@ -19,6 +22,34 @@ _parts: ContextVar[dict[str, dict] | None] = ContextVar("parts", default=None)
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or of the wrong kind."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Saves to a hidden temporary file beside the target, syncs it to disk and renames it over
+    the target: a run killed at any moment leaves the old checkpoint or the new one, never part
+    of one. The CLI uses it in every run.
+
+    Lightning's own writes to the system temporary directory and then moves the file, which is
+    a copy (not atomic) when that directory is on another file system than the run, as with
+    /tmp against a network or scratch disk. URLs (``s3://`` ...) are left to Lightning's.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a killed run
+            stale.unlink(missing_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -36,6 +36,16 @@ class DiffusionCLI(LightningCLI):
         parser.add_lightning_class_args(FiniteLoss, "finite_loss")  # in every run
         parser.add_lightning_class_args(RandomState, "random_state")
 
+    def instantiate_trainer(self, **kwargs):
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        from diffusion_apps.checkpoint import AtomicCheckpointIO
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user chose
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit" and self.config.fit.ckpt_path == "last":
             continue_last_version(self.config.fit.trainer.logger)

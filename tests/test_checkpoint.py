@@ -1,13 +1,25 @@
 """Checkpoints load with weights_only=True, rebuild their module, and fail loudly when wrong."""
 
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from lightning import LightningModule
 
-from diffusion_apps.checkpoint import CheckpointError, load_module, read_checkpoint
+from diffusion_apps.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    load_module,
+    read_checkpoint,
+)
 from diffusion_apps.cli import main
 from diffusion_apps.methods import DDPM
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, REPO
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +91,38 @@ def test_mismatched_shapes_are_named(ckpt, tmp_path):
     torch.save(saved, other)
     with pytest.raises(CheckpointError, match="do not fit the DDPM(.|\n)*size mismatch"):
         load_module(other)
+
+
+WRITER = """
+import sys, torch
+from diffusion_apps.checkpoint import AtomicCheckpointIO
+io, i = AtomicCheckpointIO(), 0
+while True:  # 16 MB checkpoints, one after the other
+    w = torch.full((4_000_000,), float(i))
+    io.save_checkpoint({"state_dict": {"w": w}, "i": i}, sys.argv[1])
+    i += 1
+    print(i, flush=True)
+"""
+
+
+def test_a_checkpoint_killed_while_written_is_the_old_or_the_new_one(tmp_path):
+    """SIGKILL a process that does nothing but write checkpoints, at a random moment: the file
+    left is whole every time (with the system temp dir on another file system, as Lightning's
+    own writer would copy from it)."""
+    path, env = tmp_path / "last.ckpt", os.environ | {"PYTHONPATH": str(REPO)}
+    if Path("/dev/shm").is_dir():
+        env["TMPDIR"] = "/dev/shm"
+    rng = random.Random(0)
+    for _ in range(3):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        while int(writer.stdout.readline()) < 2:
+            pass
+        time.sleep(rng.uniform(0.0, 0.2))
+        writer.kill()
+        writer.wait()
+        ckpt = read_checkpoint(path)
+        assert ckpt["state_dict"]["w"].eq(ckpt["i"]).all()
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # killed writes cleaned up

@@ -1,14 +1,22 @@
 """Faults in training: a NaN/Inf loss stops the run with a message naming the step and the last
-checkpoint (nothing trained on it), or skips the step when configured."""
+checkpoint (nothing trained on it), or skips the step when configured; a run killed with SIGKILL
+resumes from its last checkpoint, which is never half-written."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from diffusion_apps.callbacks import FiniteLoss
 from diffusion_apps.checkpoint import read_checkpoint
 from diffusion_apps.cli import main
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, REPO
 
 POISONED_STEP = 3
 CKPT_DIR = "runs/tiny_ddpm/version_0/checkpoints"
@@ -33,11 +41,8 @@ def test_a_nan_loss_stops_the_run_and_names_step_and_checkpoint(in_tmp):
     """The tiny config checkpoints at its validation (step 2); the NaN batch is step 3."""
     with pytest.raises(SystemExit, match=r"loss nan at step 3 .*Last checkpoint: .*last\.ckpt"):
         fit()
-    ckpt = read_checkpoint(in_tmp / CKPT_DIR / "last.ckpt")
-    assert ckpt["global_step"] == 2
-    assert all(
-        torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
-    )
+    written = {p.name: read_checkpoint(p)["global_step"] for p in (in_tmp / CKPT_DIR).iterdir()}
+    assert written == {"last.ckpt": 2, "epoch=0-step=2.ckpt": 2}  # nothing after the bad step
 
 
 def test_skip_leaves_the_weights_and_trains_on(in_tmp):
@@ -53,3 +58,36 @@ def test_skip_leaves_the_weights_and_trains_on(in_tmp):
 def test_bad_action_is_named():
     with pytest.raises(ValueError, match="finite_loss.action must be 'stop' or 'skip'"):
         FiniteLoss("ignore")
+
+
+def test_sigkill_mid_training_resumes_from_last_as_if_never_killed(tmp_path):
+    """Kill -9 a run that checkpoints every step; each file left loads, and ``--ckpt_path last``
+    finishes the run with the weights of a run never killed."""
+    config = yaml.safe_load((CONFIGS / "tiny/ddpm.yaml").read_text())
+    config["trainer"]["callbacks"][1]["init_args"]["every_n_train_steps"] = 1
+    (tmp_path / "every_step.yaml").write_text(yaml.safe_dump(config))
+    args = ["fit", "--config", "every_step.yaml", "--trainer.max_steps", "24"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # threads as in-process
+    command = [sys.executable, "-m", "diffusion_apps", *args, "--ckpt_path", "last"]
+    run = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+    last = tmp_path / CKPT_DIR / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not (last.exists() and read_checkpoint(last)["global_step"] >= 4):
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+        time.sleep(0.05)
+    os.kill(run.pid, signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL
+    steps = {p.name: read_checkpoint(p)["global_step"] for p in last.parent.glob("*.ckpt")}
+    assert 4 <= steps["last.ckpt"] < 24  # every file left is whole (read_checkpoint would say)
+
+    resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"Restored all states from the checkpoint at {last}" in resumed.stderr
+    main(["fit", "--config", str(tmp_path / "every_step.yaml"), "--trainer.max_steps", "24",
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "whole")])  # fmt: skip
+    whole = read_checkpoint(tmp_path / "whole/tiny_ddpm/version_0/checkpoints/last.ckpt")
+    killed = read_checkpoint(last)
+    assert killed["global_step"] == whole["global_step"] == 24
+    for key in ("state_dict", "current_model_state"):
+        for name, value in whole[key].items():
+            assert torch.equal(killed[key][name], value), f"{key}.{name}"
