@@ -70,9 +70,11 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"``: CUDA when available, else the CPU; otherwise ``torch.device(device)``."""
+    """``"auto"``: CUDA when available (under torchrun the GPU of ``LOCAL_RANK``), else the CPU;
+    otherwise ``torch.device(device)``."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        cuda = torch.cuda.is_available()
+        return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     return torch.device(device)
 
 

@@ -7,6 +7,8 @@ from typing import Literal
 
 import torch
 
+GRID_MAX = 256  # images in grid.png
+
 
 def sample(
     ckpt_path: str,
@@ -41,7 +43,8 @@ def sample(
         eta: DDIM η; default: the checkpoint's.
         spacing: the timestep subsequence ("logsnr" suits DPM-Solver++); default: the
             checkpoint's.
-        seed: seed of the generator that draws x_T and the sampler noise.
+        seed: seed of the generators that draw x_T and the sampler noise, one per batch, so the
+            images are the same whatever the number of processes.
         batch_size: images per forward pass.
         out_dir: where to write; default ``<run dir>/samples/<ckpt>_<sampler><steps>_seed<seed>``.
         device: "auto" (CUDA when available), "cpu", "cuda", …
@@ -52,13 +55,16 @@ def sample(
         scale: classifier guidance: the gradient scale s (default 1; 0: unguided). LDM: the
             classifier-free guidance scale w (default: the checkpoint's ``guidance_scale``).
 
+    Under ``torchrun`` the processes take the batches in turn and write their own files.
+
     Returns:
-        The output folder, holding ``000000.png``… and ``grid.png``.
+        The output folder, holding ``000000.png``… and ``grid.png`` (the first 256 images).
     """
     from torchvision.utils import save_image
     from tqdm.auto import tqdm
 
     from diffusion_apps.checkpoint import load_module, resolve_device
+    from diffusion_apps.distributed import gather, process_group
     from diffusion_apps.evaluation.evaluate import can_sample
     from diffusion_apps.images import autocast, save_grid, to_unit
     from diffusion_apps.methods import LatentDiffusion
@@ -102,18 +108,25 @@ def sample(
     out = Path(out_dir or ckpt.parent.parent / "samples" / name)
     out.mkdir(parents=True, exist_ok=True)
 
-    generator = torch.Generator(dev).manual_seed(seed)
+    rank, world = process_group()
+    starts = range(0, num_samples, batch_size)
+    seeds = torch.randint(2**62, (len(starts),), generator=torch.Generator().manual_seed(seed))
     options = {k: v for k, v in dict(eta=eta, spacing=spacing).items() if v is not None}
-    images = []
-    for start in tqdm(range(0, num_samples, batch_size), desc=f"{sampler}-{steps}", unit="batch"):
+    shown = []  # (start, images) of the grid's batches
+    mine = list(starts)[rank::world]
+    for start in tqdm(mine, desc=f"{sampler}-{steps}", unit="batch", disable=rank != 0):
         n = min(batch_size, num_samples - start)
+        generator = torch.Generator(dev).manual_seed(int(seeds[start // batch_size]))
         with autocast(dev, precision):
             batch = draw(start, n, sampler=sampler, steps=steps, generator=generator, **options)
         for i, img in enumerate(to_unit(batch)):
             save_image(img, out / f"{start + i:06d}.png")
-        images.append(batch.cpu())
-    save_grid(torch.cat(images), out / "grid.png")
-    print(f"wrote {num_samples} samples and grid.png to {out}")
+        if start < GRID_MAX:
+            shown.append((start, batch[: GRID_MAX - start].cpu()))
+    shown = sorted((p for parts in gather(shown, world) for p in parts), key=lambda p: p[0])
+    if rank == 0:
+        save_grid(torch.cat([images for _, images in shown]), out / "grid.png")
+        print(f"wrote {num_samples} samples and grid.png to {out}")
     return out
 
 

@@ -80,7 +80,8 @@ def reconstruction_rows(
     their input's label: ``accuracy``)."""
     from tqdm.auto import tqdm
 
-    from diffusion_apps.evaluation.evaluate import max_over_ranks, plain_metrics
+    from diffusion_apps.distributed import max_over_ranks
+    from diffusion_apps.evaluation.evaluate import plain_metrics
 
     staged = is_diffae_like(module)
     modes = [("inferred x_T", True), ("random x_T", False)] if staged else [("", None)]

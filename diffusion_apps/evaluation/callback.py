@@ -18,13 +18,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from diffusion_apps.evaluation.evaluate import (
-    GRID_SIZE,
-    MIN_SAMPLES,
-    can_sample,
-    rank_share,
-    set_reference,
-)
+from diffusion_apps.distributed import rank_share
+from diffusion_apps.evaluation.evaluate import GRID_SIZE, MIN_SAMPLES, can_sample, set_reference
 
 
 class SampleQuality(L.Callback):

@@ -19,6 +19,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from diffusion_apps.distributed import max_over_ranks, process_group, rank_share
+
 DEFAULT_SAMPLERS = "ddpm:1000,ddim:100,ddim:50,ddim:20,ddim:10"
 TRAIN_HINT = (
     "train one with `python -m diffusion_apps fit --config configs/ddpm.yaml` (or `make demo`), "
@@ -29,12 +31,6 @@ MIN_SAMPLES = 4  # precision/recall with k = 3 neighbours needs k + 1 points
 
 
 # -- small pieces shared with the training callback ---------------------------------------------
-
-
-def rank_share(n: int, rank: int, world: int) -> int:
-    """Rank ``rank``'s share of ``n`` samples: ``n // world``, plus one for the first ``n % world``
-    ranks, so the shares add up to ``n``."""
-    return n // world + (rank < n % world)
 
 
 def can_sample(module) -> bool:
@@ -100,32 +96,6 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
         lasts = sorted(p for p in paths if p.name.startswith("last"))
         chosen.append(lasts[0] if lasts else max(paths, key=lambda p: (p.stat().st_mtime, p)))
     return sorted(chosen)
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def max_over_ranks(value: float, world: int) -> float:
-    """The largest ``value`` over the ``world`` ranks (the slowest rank's seconds)."""
-    if world == 1:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
 
 
 def _sampler_names(module) -> tuple[str, ...] | None:
@@ -298,7 +268,12 @@ def evaluate(
     Returns:
         The path of ``eval.md``.
     """
-    from diffusion_apps.checkpoint import CheckpointError, load_module, read_checkpoint
+    from diffusion_apps.checkpoint import (
+        CheckpointError,
+        load_module,
+        read_checkpoint,
+        resolve_device,
+    )
     from diffusion_apps.evaluation import FeatureStats
     from diffusion_apps.evaluation.autoencoding import (
         checkpoint_data,
@@ -326,14 +301,10 @@ def evaluate(
         if not paths:
             sys.exit(f"eval: no checkpoint (*.ckpt) under {run_dir}/: {TRAIN_HINT}")
 
-    rank, world = _distributed()
+    rank, world = process_group()
     if num_samples < world:
         raise ValueError(f"num_samples={num_samples} is fewer than the {world} processes")
-    if device == "auto":
-        cuda = torch.cuda.is_available()
-        dev = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-    else:
-        dev = torch.device(device)
+    dev = resolve_device(device)
     out = Path(out_dir)
     args = dict(
         space=space,

@@ -14,8 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from diffusion_apps.checkpoint import load_module, read_checkpoint
 from diffusion_apps.cli import DiffusionCLI
+from diffusion_apps.distributed import rank_share
 from diffusion_apps.evaluation.callback import SampleQuality
-from diffusion_apps.evaluation.evaluate import rank_share
 from tests.conftest import CONFIGS
 
 TINY = str(CONFIGS / "tiny" / "ddpm.yaml")

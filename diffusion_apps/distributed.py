@@ -1,0 +1,51 @@
+"""Sharing sampling work between the processes of a ``torchrun`` launch (``sample``, ``eval``).
+
+Training needs none of this: Lightning runs DDP itself (``--trainer.devices 2 --trainer.strategy
+ddp``), and ``ImageDataModule`` splits its batches across the ranks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun."""
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if torch.cuda.is_available():  # one GPU per process: collectives use the current one
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_share(n: int, rank: int, world: int) -> int:
+    """Rank ``rank``'s share of ``n`` samples: ``n // world``, plus one for the first ``n % world``
+    ranks, so the shares add up to ``n``."""
+    return n // world + (rank < n % world)
+
+
+def max_over_ranks(value: float, world: int) -> float:
+    """The largest ``value`` over the ``world`` ranks (the slowest rank's seconds)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def gather(value, world: int) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
