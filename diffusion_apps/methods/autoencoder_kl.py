@@ -83,6 +83,16 @@ class AutoencoderKL(DiffusionMethod):
         self.num_val_images = num_val_images
         self.automatic_optimization = False
 
+    def setup(self, stage: str) -> None:
+        """Under DDP, the two backward passes of a step reach different parameters (before
+        ``disc_start`` the discriminator gets none, and the discriminator loss never reaches the
+        autoencoder): DDP must look for the unused ones, or it stops at the second step."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy) and self.discriminator is not None:
+            strategy._ddp_kwargs["find_unused_parameters"] = True  # read when DDP wraps us
+
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         a = self.autoencoder
