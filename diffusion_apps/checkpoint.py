@@ -69,6 +69,33 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def check_resumable(path: str | Path, module: LightningModule) -> None:
+    """That ``--ckpt_path`` can restore ``module``: the file reads with ``weights_only=True``,
+    holds the same method, and every tensor has the module's name and shape. Else a
+    CheckpointError that names the difference, before anything runs or is written."""
+    ckpt = read_checkpoint(path)
+    name = type(module).__name__
+    saved = (ckpt.get("hyper_parameters") or {}).get("_class_path", "").rpartition(".")[2]
+    if saved and saved != name:
+        raise CheckpointError(
+            f"{path} holds a {saved} checkpoint, but this run's model is a {name}"
+        )
+    own, theirs = module.state_dict(), ckpt["state_dict"]
+    problems = [f"{k} missing from the file" for k in own.keys() - theirs.keys()]
+    problems += [f"{k} not in the model" for k in theirs.keys() - own.keys()]
+    problems += [
+        f"{k} is {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+        for k, v in theirs.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if problems:
+        shown = "; ".join(sorted(problems)[:4]) + (" …" if len(problems) > 4 else "")
+        raise CheckpointError(
+            f"{path} does not fit this run's {name} ({len(problems)} tensors differ: {shown}): "
+            "resume with the config of the run that wrote it"
+        )
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"``: CUDA when available (under torchrun the GPU of ``LOCAL_RANK``), else the CPU;
     otherwise ``torch.device(device)``."""

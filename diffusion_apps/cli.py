@@ -15,6 +15,8 @@ from pathlib import Path
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+PACKAGE = Path(__file__).parent
+
 
 class DiffusionCLI(LightningCLI):
     """LightningCLI whose subclass-mode model and data come from the YAML ``class_path``."""
@@ -47,29 +49,48 @@ class DiffusionCLI(LightningCLI):
         return trainer
 
     def before_instantiate_classes(self) -> None:
+        self._last = None  # the checkpoint `--ckpt_path last` stands for, when found
         if self.subcommand == "fit" and self.config.fit.ckpt_path == "last":
-            continue_last_version(self.config.fit.trainer.logger)
+            self._last = continue_last_version(self.config.fit.trainer.logger)
+
+    def _check_ckpt_path(self) -> None:
+        """A checkpoint to resume from or evaluate must fit the model, or stop here, before
+        Lightning loads it into the model (a traceback from deep inside torch)."""
+        from diffusion_apps.checkpoint import check_resumable
+
+        path = self.config[self.subcommand].ckpt_path
+        if path == "last":
+            path = self._last  # None in a first run: Lightning starts from scratch
+        if path is None or path in ("best", "hpc") or "://" in str(path):
+            return
+        check_resumable(path, self.model)
+
+    before_fit = before_validate = before_test = before_predict = _check_ckpt_path
 
 
-def continue_last_version(logger) -> None:
+def continue_last_version(logger) -> Path | None:
     """With ``--ckpt_path last``, log to the version directory whose ``checkpoints/last.ckpt``
-    is newest, so the resumed run finds that checkpoint and goes on in the same TensorBoard run.
+    is newest, so the resumed run finds that checkpoint and goes on in the same TensorBoard run;
+    returns that checkpoint.
 
     Lightning would open a new version directory, find no checkpoint there and train from
-    scratch. Nothing changes when the logger's ``version`` is set or no checkpoint exists yet (a
-    first run), nor for a logger without ``save_dir``/``name``/``version``.
+    scratch. Nothing changes when no checkpoint exists yet (a first run) or the logger's
+    ``version`` is set, nor for a logger without ``save_dir``/``name``/``version``.
     """
     args = getattr(logger, "init_args", None)
-    if (
-        args is None
-        or not {"save_dir", "name", "version"} <= set(vars(args))
-        or args.version is not None
-    ):
-        return
+    if args is None or not {"save_dir", "name", "version"} <= set(vars(args)):
+        return None
     runs = Path(args.save_dir) / (args.name or "")
+    version = args.version
+    if version is not None:
+        last = runs / (f"version_{version}" if isinstance(version, int) else version)
+        last = last / "checkpoints/last.ckpt"
+        return last if last.is_file() else None
     lasts = sorted(runs.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if lasts:
-        args.version = lasts[-1].parents[1].name
+    if not lasts:
+        return None
+    args.version = lasts[-1].parents[1].name
+    return lasts[-1]
 
 
 def _function_cli(name: str, args: Sequence[str]) -> None:
@@ -99,3 +120,16 @@ def main(args: Sequence[str] | None = None) -> None:
             DiffusionCLI(args=args)
     except (NonFiniteLossError, CheckpointError) as err:  # the message says it all
         sys.exit(f"error: {err}")
+    except (ValueError, FileNotFoundError) as err:
+        if not raised_by_a_check(err):
+            raise
+        sys.exit(f"error: {err}")
+
+
+def raised_by_a_check(err: BaseException) -> bool:
+    """Whether ``err`` comes from one of this package's input checks (the innermost frame of its
+    traceback is ours), whose message names the problem; anything else keeps its traceback."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).is_relative_to(PACKAGE)

@@ -145,5 +145,5 @@ def test_validate_test_predict_from_a_checkpoint(in_tmp):
 
 def test_data_that_the_unet_cannot_take_is_named(in_tmp):
     """The tiny UNet takes 16 px images; 32 px data must stop before training, naming both keys."""
-    with pytest.raises(ValueError, match="32px(.|\n)*unet.init_args(.|\n)*data.init_args"):
+    with pytest.raises(SystemExit, match="32px(.|\n)*unet.init_args(.|\n)*data.init_args"):
         main(["fit", "--config", str(TINY), "--data.init_args.image_size", "32"])

@@ -74,7 +74,7 @@ def test_named_checkpoints_and_a_list_of_samplers(run_dir, tmp_path):
 
 
 def test_unknown_sampler_is_named(run_dir, tmp_path):
-    with pytest.raises(ValueError, match="no checkpoint has a sampler 'heun' .*ddpm, ddim"):
+    with pytest.raises(SystemExit, match="no checkpoint has a sampler 'heun' .*ddpm, ddim"):
         main(["eval", "--run_dir", str(run_dir), "--samplers", "heun:2", "--num_samples", "4"])
 
 

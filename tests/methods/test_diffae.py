@@ -210,5 +210,5 @@ def test_autoencode_command_writes_each_mode(trained_run, tmp_path, mode, extra,
 
 def test_autoencode_names_a_bad_attribute(trained_run, tmp_path):
     ckpt = str(trained_run / "checkpoints/last.ckpt")
-    with pytest.raises(ValueError, match=r"--attribute, a class of the labelled data in \[0, 10\)"):
+    with pytest.raises(SystemExit, match=r"--attribute, a class of the labelled data in \[0, 10\)"):
         main(["autoencode", "--ckpt_path", ckpt, "--mode", "manipulate", "--attribute", "10"])

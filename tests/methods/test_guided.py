@@ -138,7 +138,7 @@ def test_bad_input_is_named(guided, run_dir, tmp_path):
     with pytest.raises(ValueError, match="another noise schedule"):
         ClassifierGuidedDDPM(guided.ddpm, other)
     ckpt = str(run_dir / DDPM_CKPT)
-    with pytest.raises(ValueError, match="--labels needs --classifier_path"):
+    with pytest.raises(SystemExit, match="--labels needs --classifier_path"):
         main(["sample", "--ckpt_path", ckpt, "--labels", "[3]", "--out_dir", str(tmp_path)])
 
 
