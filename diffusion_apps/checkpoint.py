@@ -59,7 +59,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
         raise CheckpointError(
             f"cannot read checkpoint {path}: truncated, corrupt, or it holds objects that "
             f"weights_only=True refuses ({type(err).__name__}: {str(err).splitlines()[0]})"
@@ -92,7 +92,7 @@ def check_resumable(path: str | Path, module: LightningModule) -> None:
         shown = "; ".join(sorted(problems)[:4]) + (" …" if len(problems) > 4 else "")
         raise CheckpointError(
             f"{path} does not fit this run's {name} ({len(problems)} tensors differ: {shown}): "
-            "resume with the config of the run that wrote it"
+            "use the config of the run that wrote it"
         )
 
 

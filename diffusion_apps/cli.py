@@ -53,6 +53,12 @@ class DiffusionCLI(LightningCLI):
         if self.subcommand == "fit" and self.config.fit.ckpt_path == "last":
             self._last = continue_last_version(self.config.fit.trainer.logger)
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the model of the config: Lightning's CLI would rebuild it from the hyper-parameters
+        in ``--ckpt_path``, silently training another method than configured, or dropping a
+        changed option (a lower ``lr`` to resume with). :meth:`_check_ckpt_path` checks instead
+        that the checkpoint fits the configured model."""
+
     def _check_ckpt_path(self) -> None:
         """A checkpoint to resume from or evaluate must fit the model, or stop here, before
         Lightning loads it into the model (a traceback from deep inside torch)."""
@@ -121,15 +127,23 @@ def main(args: Sequence[str] | None = None) -> None:
     except (NonFiniteLossError, CheckpointError) as err:  # the message says it all
         sys.exit(f"error: {err}")
     except (ValueError, FileNotFoundError) as err:
-        if not raised_by_a_check(err):
+        check = failed_check(err)
+        if check is None:
             raise
-        sys.exit(f"error: {err}")
+        sys.exit(f"error: {check}")
 
 
-def raised_by_a_check(err: BaseException) -> bool:
-    """Whether ``err`` comes from one of this package's input checks (the innermost frame of its
-    traceback is ours), whose message names the problem; anything else keeps its traceback."""
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).is_relative_to(PACKAGE)
+def failed_check(err: BaseException) -> BaseException | None:
+    """The error of one of this package's input checks behind ``err`` (itself, or what it was
+    raised from, as when jsonargparse wraps a constructor's error): the innermost frame of its
+    traceback is ours, and its message names the problem. None for anything else, which keeps
+    its traceback."""
+    while err is not None:
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        ours = tb is not None and Path(tb.tb_frame.f_code.co_filename).is_relative_to(PACKAGE)
+        if ours and isinstance(err, ValueError | FileNotFoundError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None

@@ -137,9 +137,19 @@ def test_bad_input_is_named(guided, run_dir, tmp_path):
     other.schedule.alphas_cumprod.mul_(0.5)
     with pytest.raises(ValueError, match="another noise schedule"):
         ClassifierGuidedDDPM(guided.ddpm, other)
-    ckpt = str(run_dir / DDPM_CKPT)
+    ckpt, out = str(run_dir / DDPM_CKPT), ["--out_dir", str(tmp_path)]
     with pytest.raises(SystemExit, match="--labels needs --classifier_path"):
-        main(["sample", "--ckpt_path", ckpt, "--labels", "[3]", "--out_dir", str(tmp_path)])
+        main(["sample", "--ckpt_path", ckpt, "--labels", "[3]", *out])
+    guided_by = ["sample", "--ckpt_path", ckpt, "--classifier_path"]
+    with pytest.raises(SystemExit, match=r"^error: .*classes in \[0, 10\)"):
+        main([*guided_by, str(run_dir / CLASSIFIER_CKPT), "--labels", "[3, 12]", *out])
+    with pytest.raises(SystemExit, match="^error: checkpoint not found: .*absent.ckpt"):
+        main([*guided_by, str(tmp_path / "absent.ckpt"), *out])
+    with pytest.raises(
+        SystemExit, match="^error: .*holds a DDPM checkpoint, but a NoisyClassifier"
+    ):
+        main([*guided_by, ckpt, *out])
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_sample_command_draws_guided_digits(run_dir, tmp_path):
