@@ -24,15 +24,21 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or of the wrong kind."""
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Saves to a hidden temporary file beside the target, syncs it to disk and renames it over
-    the target: a run killed at any moment leaves the old checkpoint or the new one, never part
-    of one. The CLI uses it in every run.
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reader and writer, made safe; the CLI uses it in every run.
 
-    Lightning's own writes to the system temporary directory and then moves the file, which is
-    a copy (not atomic) when that directory is on another file system than the run, as with
-    /tmp against a network or scratch disk. URLs (``s3://`` ...) are left to Lightning's.
+    Reads with ``weights_only=True`` whatever the environment says (``--ckpt_path`` restores
+    tensors, numbers and strings, never arbitrary pickled objects).
+
+    Writes to a hidden temporary file beside the target, syncs it to disk and renames it over
+    the target: a run killed at any moment leaves the old checkpoint or the new one, never part
+    of one. Lightning's own writer goes through the system temporary directory and then moves
+    the file, which is a copy (not atomic) when that directory is on another file system than
+    the run, as with /tmp against a network or scratch disk. URLs (``s3://`` ...) are left to it.
     """
+
+    def load_checkpoint(self, path, map_location=lambda storage, _: storage, weights_only=None):
+        return super().load_checkpoint(path, map_location, weights_only=True)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if "://" in str(path):

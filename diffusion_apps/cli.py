@@ -41,11 +41,11 @@ class DiffusionCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-        from diffusion_apps.checkpoint import AtomicCheckpointIO
+        from diffusion_apps.checkpoint import SafeCheckpointIO
 
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user chose
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
         return trainer
 
     def before_instantiate_classes(self) -> None:

@@ -1,6 +1,8 @@
 """Checkpoints load with weights_only=True, rebuild their module, and fail loudly when wrong."""
 
+import ast
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -12,8 +14,8 @@ import torch
 from lightning import LightningModule
 
 from diffusion_apps.checkpoint import (
-    AtomicCheckpointIO,
     CheckpointError,
+    SafeCheckpointIO,
     load_module,
     read_checkpoint,
 )
@@ -95,8 +97,8 @@ def test_mismatched_shapes_are_named(ckpt, tmp_path):
 
 WRITER = """
 import sys, torch
-from diffusion_apps.checkpoint import AtomicCheckpointIO
-io, i = AtomicCheckpointIO(), 0
+from diffusion_apps.checkpoint import SafeCheckpointIO
+io, i = SafeCheckpointIO(), 0
 while True:  # 16 MB checkpoints, one after the other
     w = torch.full((4_000_000,), float(i))
     io.save_checkpoint({"state_dict": {"w": w}, "i": i}, sys.argv[1])
@@ -124,5 +126,24 @@ def test_a_checkpoint_killed_while_written_is_the_old_or_the_new_one(tmp_path):
         writer.wait()
         ckpt = read_checkpoint(path)
         assert ckpt["state_dict"]["w"].eq(ckpt["i"]).all()
-    AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, path)
+    SafeCheckpointIO().save_checkpoint({"state_dict": {}}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # killed writes cleaned up
+
+
+def test_resuming_reads_weights_only_whatever_the_caller_asks(tmp_path):
+    bad = tmp_path / "pickle.ckpt"
+    torch.save({"state_dict": {}, "payload": LightningModule}, bad)
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        SafeCheckpointIO().load_checkpoint(bad, weights_only=False)
+
+
+def test_every_torch_load_of_the_package_is_weights_only():
+    """A scan of the source: no call of torch.load without ``weights_only=True``."""
+    calls = []
+    for path in [*(REPO / "diffusion_apps").rglob("*.py"), *(REPO / "benchmarks").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("torch.load"):
+                flag = next((k.value for k in node.keywords if k.arg == "weights_only"), None)
+                safe = isinstance(flag, ast.Constant) and flag.value is True
+                calls.append((f"{path.name}:{node.lineno}", safe))
+    assert len(calls) >= 3 and all(safe for _, safe in calls), calls
