@@ -115,7 +115,7 @@ def test_a_checkpoint_killed_while_written_is_the_old_or_the_new_one(tmp_path):
     if Path("/dev/shm").is_dir():
         env["TMPDIR"] = "/dev/shm"
     rng = random.Random(0)
-    for _ in range(3):
+    for _ in range(2):
         writer = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(path)], env=env, stdout=subprocess.PIPE, text=True
         )

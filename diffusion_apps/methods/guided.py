@@ -20,7 +20,7 @@ from diffusion_apps.diffusion import (
     mean_shift_guidance,
 )
 from diffusion_apps.methods.base import DiffusionMethod
-from diffusion_apps.methods.ddpm import DDPM, Sampler
+from diffusion_apps.methods.ddpm import DDPM, Sampler, Spacing
 from diffusion_apps.nn import EncoderUNet
 
 NOISE_LEVELS = ("low", "mid", "high")
@@ -171,6 +171,7 @@ class ClassifierGuidedDDPM(LightningModule):
         eta: float | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        spacing: Spacing | None = None,
     ) -> Tensor:
         """Images (N, C, H, W) in [−1, 1], sample i guided towards class ``labels[i]``.
         Unset sampler settings are the DDPM's; s = 0 is the unguided DDPM."""
@@ -178,9 +179,10 @@ class ClassifierGuidedDDPM(LightningModule):
         if labels.dim() != 1 or not len(labels) or labels.min() < 0 or labels.max() >= k:
             raise ValueError(f"labels must be a non-empty (N,) tensor of classes in [0, {k})")
         sampler = sampler or self.ddpm.sampler
-        timesteps = self.ddpm.timesteps(steps or self.ddpm.sample_steps)
+        timesteps = self.ddpm.timesteps(steps or self.ddpm.sample_steps, spacing)
         eps_fn = self.guided_eps(scale, sampler, timesteps)
         labels = labels.to(self.ddpm.device)
         return self.ddpm.sample(
-            len(labels), sampler, steps, eta, generator, progress, eps_fn=eps_fn, y=labels
-        )
+            len(labels), sampler, steps, eta, generator, progress,
+            eps_fn=eps_fn, spacing=spacing, y=labels,
+        )  # fmt: skip

@@ -12,7 +12,7 @@ from torch import Tensor
 from diffusion_apps.data.captions import DIGITS, WORDS, describe
 from diffusion_apps.diffusion import NoiseSchedule, classifier_free_guidance
 from diffusion_apps.methods.autoencoder_kl import AutoencoderKL
-from diffusion_apps.methods.ddpm import DDPM, Sampler
+from diffusion_apps.methods.ddpm import DDPM, Sampler, Spacing
 from diffusion_apps.nn import CaptionEncoder, ClassEmbedder, UNet
 
 
@@ -191,11 +191,13 @@ class LatentDiffusion(DDPM):
         labels: Sequence[int] | None = None,
         prompts: Sequence[str] | None = None,
         guidance_scale: float | None = None,
+        spacing: Spacing | None = None,
     ) -> Tensor:
-        """Images in [−1, 1] (N, C, H, W): latents drawn by DDPM/DDIM with classifier-free
-        guidance of scale w (default ``guidance_scale``; w = 1 is plain conditional sampling and
-        skips the ∅ pass), decoded by the first stage."""
+        """Images in [−1, 1] (N, C, H, W): latents drawn by DDPM/DDIM/DPM-Solver++ with
+        classifier-free guidance of scale w (default ``guidance_scale``; w = 1 is plain
+        conditional sampling and skips the ∅ pass), decoded by the first stage."""
         kw = dict(sampler=sampler, steps=steps, eta=eta, generator=generator, progress=progress)
+        kw["spacing"] = spacing
         if self.condition is None:
             if labels is not None or prompts is not None:
                 raise ValueError("an unconditional LDM takes no labels or prompts")

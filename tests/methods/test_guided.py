@@ -160,3 +160,17 @@ def test_sample_command_draws_guided_digits(run_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
         "000000.png", "000001.png", "000002.png", "grid.png",
     ]  # fmt: skip
+
+
+def test_spacing_reaches_the_guided_sampler(guided):
+    """``spacing`` sets the timesteps of the sampler and of the guidance, like the DDPM's
+    ``timestep_spacing``."""
+    labels = torch.tensor([2, 7])
+
+    def draw(**kw):
+        gen = torch.Generator().manual_seed(3)
+        return guided.sample(labels, 2.0, "dpmpp_2m", 4, generator=gen, **kw)
+
+    logsnr, uniform = draw(spacing="logsnr"), draw()
+    guided.ddpm.timestep_spacing = "logsnr"
+    assert torch.equal(draw(), logsnr) and not torch.allclose(logsnr, uniform)

@@ -297,3 +297,16 @@ def test_lpips_from_local_weights_joins_the_loss_and_stays_out_of_the_checkpoint
     state = ae.state_dict()
     assert not any(k.startswith("perceptual.") for k in state)
     AutoencoderKL(net, lpips_weights_path=str(path)).load_state_dict(state, strict=True)
+
+
+def test_spacing_reaches_the_latent_sampler(run_dir):
+    model = load_module(run_dir / LDM_CKPT, LatentDiffusion)
+    randomize_zero_inits(model.unet)
+
+    def draw(**kw):
+        gen = torch.Generator().manual_seed(1)
+        return model.sample(2, "dpmpp_2m", 4, labels=[3, 5], generator=gen, **kw)
+
+    logsnr, uniform = draw(spacing="logsnr"), draw()
+    model.timestep_spacing = "logsnr"
+    assert torch.equal(draw(), logsnr) and not torch.allclose(logsnr, uniform)
