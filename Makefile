@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs
 CKPT ?= $(RUN)/ddpm/version_0/checkpoints/last.ckpt
 
-.PHONY: venv demo test test-all lint format tensorboard eval bench bench-diffae bench-pdae bench-guided bench-ldm bench-fast clean
+.PHONY: venv demo test test-all lint format tensorboard eval bench bench-diffae bench-pdae bench-guided bench-ldm bench-fast bench-reliability clean
 
 venv: $(STAMP)
 
@@ -137,6 +137,11 @@ bench-fast: $(STAMP)
 	test -f $(CONSISTENCY) || $(PY) -m diffusion_apps fit --config configs/consistency.yaml \
 		--model.init_args.teacher $(CKPT) --trainer.logger.init_args.version 0
 	$(PY) benchmarks/fast_sampling.py --teacher $(CKPT) --consistency $(CONSISTENCY)
+
+## bench-reliability: exact resume and DDP on configs/ddpm.yaml (40 steps, bf16-mixed)
+##   -> benchmarks/results/reliability/reliability.md
+bench-reliability: $(STAMP)
+	$(PY) benchmarks/reliability.py --steps 40
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
