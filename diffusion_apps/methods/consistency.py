@@ -200,7 +200,13 @@ class ConsistencyDistillation(DiffusionMethod):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The step of θ, then θ⁻'s: here rather than at batch end, where the checkpoint
+        callbacks run first and would save a θ⁻ one update behind (a resume would diverge)."""
+        super().optimizer_step(*args, **kwargs)
+        self.update_target()
+
+    def update_target(self) -> None:
         """θ⁻ ← μ θ⁻ + (1 − μ) θ."""
         with torch.no_grad():
             target, student = list(self.target.parameters()), list(self.student.parameters())

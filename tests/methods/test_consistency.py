@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffusion_apps.checkpoint import CheckpointError, load_module
+from diffusion_apps.checkpoint import CheckpointError, load_module, read_checkpoint
 from diffusion_apps.methods import DDPM, ConsistencyDistillation
 from diffusion_apps.methods.consistency import karras_timesteps
 from tests.conftest import CONFIGS, run_cli_in
@@ -133,14 +133,15 @@ def test_target_network_is_an_ema_of_the_student(model):
         student.fill_(1.0)
         target.fill_(0.0)
     teacher_before = model.teacher.unet.out_conv.weight.clone()
-    model.on_train_batch_end(None, None, 0)
+    model.update_target()
     torch.testing.assert_close(target, torch.full_like(target, 1 - model.target_decay))
     assert torch.equal(model.teacher.unet.out_conv.weight, teacher_before)
 
 
 def test_training_keeps_the_teacher_and_logs(run_dir, model):
     """The teacher inside the distilled checkpoint is the DDPM checkpoint's, bit for bit; the
-    student moved away from it; the run logged its loss and 1- and 2-step sample grids."""
+    student and the target moved away from it; the run logged its loss and 1- and 2-step
+    sample grids."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ddpm = load_module(run_dir / "runs/tiny_ddpm/version_0/checkpoints/last.ckpt", DDPM)
@@ -148,6 +149,9 @@ def test_training_keeps_the_teacher_and_logs(run_dir, model):
         assert torch.equal(a, b)
     pairs = zip(model.student.parameters(), ddpm.parameters(), strict=True)
     assert any(not torch.equal(a, b) for a, b in pairs)
+    raw = read_checkpoint(run_dir / CKPT)["current_model_state"]  # θ⁻ followed θ at each step
+    moved = [k for k in raw if k.startswith("target.") and raw[k].is_floating_point()]
+    assert any(not torch.equal(raw[k], raw["teacher." + k[7:]]) for k in moved)
     events = EventAccumulator(str(run_dir / "runs/tiny_consistency/version_0"))
     events.Reload()
     assert {"train/loss", "val/loss"} <= set(events.Tags()["scalars"])
