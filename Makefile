@@ -20,9 +20,9 @@ demo: $(STAMP)
 	$(PY) -m diffusion_apps fit --config configs/ddpm.yaml --trainer.logger.init_args.version 0
 	$(PY) -m diffusion_apps sample --ckpt_path $(CKPT) --num_samples 64 --out_dir $(RUN)/ddpm/version_0/samples_demo
 
-## test: the test suite without the slow quality checks
+## test: the test suite without the slow quality checks, one pytest worker per core (a file per worker)
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n auto --dist loadfile
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
