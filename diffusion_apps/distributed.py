@@ -31,6 +31,20 @@ def rank_share(n: int, rank: int, world: int) -> int:
     return n // world + (rank < n % world)
 
 
+def rank_batches(num_samples: int, batch_size: int, seed: int, rank: int, world: int) -> list:
+    """This rank's batches ``(start, size, generator seed)`` of ``num_samples`` drawn
+    ``batch_size`` at a time: the ranks take the batches in turn, and batch b's seed is the b-th
+    of a sequence drawn from ``seed``, so the samples are the same whatever the number of
+    processes, and every rank's differ."""
+    starts = range(0, num_samples, batch_size)
+    seeds = torch.randint(2**62, (len(starts),), generator=torch.Generator().manual_seed(seed))
+    return [
+        (start, min(batch_size, num_samples - start), int(seeds[b]))
+        for b, start in enumerate(starts)
+        if b % world == rank
+    ]
+
+
 def max_over_ranks(value: float, world: int) -> float:
     """The largest ``value`` over the ``world`` ranks (the slowest rank's seconds)."""
     if world == 1:

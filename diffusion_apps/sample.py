@@ -64,7 +64,7 @@ def sample(
     from tqdm.auto import tqdm
 
     from diffusion_apps.checkpoint import load_module, resolve_device
-    from diffusion_apps.distributed import gather, process_group
+    from diffusion_apps.distributed import gather, process_group, rank_batches
     from diffusion_apps.evaluation.evaluate import can_sample
     from diffusion_apps.images import autocast, save_grid, to_unit
     from diffusion_apps.methods import LatentDiffusion
@@ -109,14 +109,12 @@ def sample(
     out.mkdir(parents=True, exist_ok=True)
 
     rank, world = process_group()
-    starts = range(0, num_samples, batch_size)
-    seeds = torch.randint(2**62, (len(starts),), generator=torch.Generator().manual_seed(seed))
     options = {k: v for k, v in dict(eta=eta, spacing=spacing).items() if v is not None}
     shown = []  # (start, images) of the grid's batches
-    mine = list(starts)[rank::world]
-    for start in tqdm(mine, desc=f"{sampler}-{steps}", unit="batch", disable=rank != 0):
-        n = min(batch_size, num_samples - start)
-        generator = torch.Generator(dev).manual_seed(int(seeds[start // batch_size]))
+    mine = rank_batches(num_samples, batch_size, seed, rank, world)
+    bar = tqdm(mine, desc=f"{sampler}-{steps}", unit="batch", disable=rank != 0)
+    for start, n, batch_seed in bar:
+        generator = torch.Generator(dev).manual_seed(batch_seed)
         with autocast(dev, precision):
             batch = draw(start, n, sampler=sampler, steps=steps, generator=generator, **options)
         for i, img in enumerate(to_unit(batch)):

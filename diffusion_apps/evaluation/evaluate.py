@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from diffusion_apps.distributed import max_over_ranks, process_group, rank_share
+from diffusion_apps.distributed import gather, max_over_ranks, process_group, rank_batches
 
 DEFAULT_SAMPLERS = "ddpm:1000,ddim:100,ddim:50,ddim:20,ddim:10"
 TRAIN_HINT = (
@@ -160,8 +160,9 @@ def _check_samplers(settings: list[SamplerSetting], modules: list) -> None:
 
 
 def _generation_rows(module, name, step, settings, metric, args, rank, world, out_dir):
-    """One row per sampler setting. Every setting starts from the same generator seed, so the
-    samplers are compared on the same x_T (common random numbers)."""
+    """One row per sampler setting. Every setting draws its batches with the same seeds, so the
+    samplers are compared on the same x_T (common random numbers), and the samples are the
+    same whatever the number of processes (:func:`~diffusion_apps.distributed.rank_batches`)."""
     from tqdm.auto import tqdm
 
     from diffusion_apps.evaluation.report import Row
@@ -175,19 +176,19 @@ def _generation_rows(module, name, step, settings, metric, args, rank, world, ou
     if not own:  # e.g. a consistency model among DDPMs: its own default
         own = [SamplerSetting(module.sampler, module.sample_steps)]
     metric = metric.to(module.device)
-    n = rank_share(args["num_samples"], rank, world)
+    batches = rank_batches(args["num_samples"], args["batch_size"], args["seed"], rank, world)
     asked = getattr(module, "class_conditional", False)
     rows = []
     for setting in own:
         sampler, steps = setting.name, setting.steps
         extra = {} if setting.spacing is None else {"spacing": setting.spacing}
-        generator = torch.Generator(module.device).manual_seed(args["seed"] + rank)
-        kept, seconds = [], 0.0
+        kept, seconds = [], 0.0  # kept: (start, images) of the grid's batches
         bar = tqdm(
-            total=n, desc=f"{name} {sampler}-{steps}", unit="img", disable=rank != 0, leave=False
-        )
-        for start in range(0, n, args["batch_size"]):
-            size = min(args["batch_size"], n - start)
+            total=sum(size for _, size, _ in batches), desc=f"{name} {sampler}-{steps}",
+            unit="img", disable=rank != 0, leave=False,
+        )  # fmt: skip
+        for start, size, seed in batches:
+            generator = torch.Generator(module.device).manual_seed(seed)
             # A class-conditional model is asked for the classes 0, 1, …, 9 in turn.
             labels = torch.arange(start, start + size, device=module.device) % 10 if asked else None
             kw = {"labels": labels.tolist()} if asked else {}
@@ -203,16 +204,17 @@ def _generation_rows(module, name, step, settings, metric, args, rank, world, ou
                 torch.cuda.synchronize(module.device)
             seconds += time.perf_counter() - tic
             metric.update(x, real=False, labels=labels if args["space"] == "digits" else None)
-            if sum(map(len, kept)) < GRID_SIZE:
-                kept.append(x[: GRID_SIZE - sum(map(len, kept))].cpu())
+            if start < GRID_SIZE:
+                kept.append((start, x[: GRID_SIZE - start].cpu()))
             bar.update(len(x))
         bar.close()
+        kept = sorted((p for parts in gather(kept, world) for p in parts), key=lambda p: p[0])
         metrics = plain_metrics(metric.compute())
         metric.reset()
         seconds = max_over_ranks(seconds, world)
         if rank == 0:
             save_grid(
-                torch.cat(kept),
+                torch.cat([images for _, images in kept]),
                 out_dir / "grids" / f"{_slug(name)}_{_slug(setting.label)}{steps}.png",
             )
         nfe = _nfe(module, sampler, steps)
@@ -247,8 +249,9 @@ def evaluate(
     Each checkpoint is rebuilt from the config inside it (``weights_only=True``) with its EMA
     weights, and scored by its method's protocol: generation metrics for each sampler setting
     (modules with ``sample``), reconstruction metrics on the val split (modules with
-    ``reconstruct``). Under ``torchrun`` (or an initialised process group) each rank draws its share
-    of the samples with seed ``seed + rank``; rank 0 writes the report.
+    ``reconstruct``). Under ``torchrun`` (or an initialised process group) the ranks take the
+    sample batches in turn, each batch with its own seed drawn from ``seed`` (the same samples as
+    one process draws); rank 0 writes the report.
 
     Args:
         run_dir: searched recursively for ``*.ckpt`` (one per run version, ``last.ckpt`` first).
@@ -259,7 +262,7 @@ def evaluate(
         space: feature space: "digits" (the offline digit classifier; ``fd_digits``) or
             "inception" (FID, KID, IS, P&R).
         out_dir: where the report and the grids go.
-        seed: base seed of the sampling generator.
+        seed: seed of the batch seeds (:func:`~diffusion_apps.distributed.rank_batches`).
         batch_size: samples per forward pass.
         device: "auto" (CUDA when available), "cpu", "cuda", …
         precision: "bf16" runs the network under bfloat16 autocast (the sampler stays fp32).
@@ -302,8 +305,11 @@ def evaluate(
             sys.exit(f"eval: no checkpoint (*.ckpt) under {run_dir}/: {TRAIN_HINT}")
 
     rank, world = process_group()
-    if num_samples < world:
-        raise ValueError(f"num_samples={num_samples} is fewer than the {world} processes")
+    if -(-num_samples // batch_size) < world:  # every rank needs a batch of samples
+        raise ValueError(
+            f"num_samples={num_samples} in batches of {batch_size} are fewer batches than the "
+            f"{world} processes: lower --batch_size"
+        )
     dev = resolve_device(device)
     out = Path(out_dir)
     args = dict(
@@ -362,8 +368,8 @@ def evaluate(
         f"Reference: the real **train** split of the embedded digits ({n_real} images, 32 px), "
         f"in {features}; every generation row compares its N samples against it.{note}",
         f"FLOOR row: the real val split ({rows[0].num_samples} images) against the same reference.",
-        f"Samples from the checkpoints' EMA weights, generator seed {seed} (+ rank), the same "
-        "x_T for every sampler; KID as mean ± std over 100 subsets; precision/recall with "
+        f"Samples from the checkpoints' EMA weights, batch seeds drawn from seed {seed}, the "
+        "same x_T for every sampler; KID as mean ± std over 100 subsets; precision/recall with "
         f"k = 3 nearest neighbours; seconds: sampling wall time ({precision} network "
         f"precision on {dev}).",
     ]

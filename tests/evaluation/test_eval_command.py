@@ -115,13 +115,19 @@ def test_sampler_settings_parse():
 
 
 def test_torchrun_ranks_split_the_samples(run_dir, tmp_path):
-    """Under torchrun each of 2 CPU processes draws its share (4 + 3, seeds 0 and 1) and the
-    metric gathers both: n_fake is 7, and the floor is not counted twice."""
+    """Under torchrun each of 2 CPU processes draws its batches (2 + 2 of the 4 of 2 samples) and
+    the metric gathers both: n_fake is 7, the floor is not counted twice, and the scores are
+    those of one process."""
     command = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2"]
     command += ["-m", "diffusion_apps", "eval", "--run_dir", str(run_dir), "--device", "cpu"]
-    command += ["--num_samples", "7", "--samplers", "ddim:2", "--out_dir", str(tmp_path)]
+    command += ["--num_samples", "7", "--batch_size", "2", "--samplers", "ddim:2"]
+    command += ["--out_dir", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     floor, row = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert floor["num_samples"] == 500 and row["metrics"]["n_fake"] == row["num_samples"] == 7
+    alone = tmp_path / "one_process"  # draws the same 7 samples: the same scores
+    main([*command[command.index("eval") : -1], str(alone)])
+    _, single = json.loads((alone / "eval.json").read_text())["rows"]
+    assert single["metrics"] == pytest.approx(row["metrics"], rel=1e-4)
