@@ -115,7 +115,7 @@ def _function_cli(name: str, args: Sequence[str]) -> None:
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point; ``args`` replaces ``sys.argv[1:]`` (tests call ``main([...])`` in-process)."""
-    args = list(sys.argv[1:] if args is None else args)
+    given, args = args, list(sys.argv[1:] if args is None else args)
     from diffusion_apps.callbacks import NonFiniteLossError
     from diffusion_apps.checkpoint import CheckpointError
 
@@ -123,7 +123,7 @@ def main(args: Sequence[str] | None = None) -> None:
         if args and args[0] in ("sample", "eval", "autoencode"):
             _function_cli(args[0], args[1:])
         else:
-            DiffusionCLI(args=args)
+            DiffusionCLI(args=None if given is None else args)  # None: Lightning reads argv
     except (NonFiniteLossError, CheckpointError) as err:  # the message says it all
         sys.exit(f"error: {err}")
     except (ValueError, FileNotFoundError) as err:
