@@ -61,8 +61,22 @@ def test_resume_from_a_truncated_checkpoint(runs, monkeypatch):
     resume(runs, cut, named="cannot read checkpoint .*cut.ckpt: truncated", monkeypatch=monkeypatch)
 
 
-def test_a_bad_value_checked_by_a_constructor(in_tmp):
-    fails(["fit", "--config", TINY, "--model.init_args.lr=-1"], "lr must be > 0, got -1")
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["--model.init_args.lr=-1"], "lr must be > 0, got -1"),
+        (["--model.init_args.unet.init_args.num_groups=3"], "num_groups=3 does not divide"),
+        (["--data.init_args.batch_size=0"], "invalid batch_size=0"),
+        (
+            ["--model.init_args.unet.init_args.image_size=18", "--data.init_args.image_size=18",
+             "--model.init_args.unet.init_args.channel_mult=[1,2,2]"],
+            r"image_size=18 is not divisible by 2\*\*2=4",
+        ),
+    ],
+    ids=["lr", "num_groups", "batch_size", "unet-levels"],
+)  # fmt: skip
+def test_a_bad_value_checked_by_a_constructor(in_tmp, overrides, named):
+    fails(["fit", "--config", TINY, *overrides], named)
     assert not (in_tmp / "runs").exists()
 
 
