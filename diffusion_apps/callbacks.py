@@ -182,16 +182,21 @@ class RandomState(Callback):
 
 
 class Checkpoint(ModelCheckpoint):
-    """ModelCheckpoint that also writes ``last`` at the final step.
+    """ModelCheckpoint that also writes ``last`` at the final step, and on SIGTERM.
 
     Lightning's writes ``last`` only with a periodic save, so a run that ends by ``max_steps``
     or ``max_time`` between two of them leaves a stale ``last``, and ``--ckpt_path last``
-    would go back in time. Written at the final ``on_train_batch_end``, before the EMA
-    callback copies the averaged weights into the model at the end of training.
+    would go back in time. On SIGTERM (a preempted job), Lightning trains on to the end of the
+    epoch and exits without saving; here the run stops after the current step, with ``last``
+    written. Written at the final ``on_train_batch_end``, before the EMA callback copies the
+    averaged weights into the model at the end of training.
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        signalled = bool(getattr(trainer, "received_sigterm", False))
+        if trainer.strategy.reduce_boolean_decision(signalled, all=False):  # any rank
+            trainer.should_stop = True
         last_epoch = trainer.max_epochs not in (None, -1) and (
             trainer.current_epoch + 1 >= trainer.max_epochs
             and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch

@@ -91,3 +91,27 @@ def test_sigkill_mid_training_resumes_from_last_as_if_never_killed(tmp_path):
     for key in ("state_dict", "current_model_state"):
         for name, value in whole[key].items():
             assert torch.equal(killed[key][name], value), f"{key}.{name}"
+
+
+def test_sigterm_stops_after_the_step_with_last_written(tmp_path):
+    """A preempted job (SIGTERM) stops after its current step and writes ``last`` there, instead
+    of training on to the end of the epoch (562 steps here) and exiting without a checkpoint."""
+    config = yaml.safe_load((CONFIGS / "tiny/ddpm.yaml").read_text())
+    config["trainer"]["callbacks"][1]["init_args"]["every_n_train_steps"] = 1000
+    config["trainer"]["val_check_interval"] = 1000
+    (tmp_path / "rare_saves.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "diffusion_apps", "fit", "--config", "rare_saves.yaml"]
+    command += ["--trainer.max_steps", "1000"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        run = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=stderr)
+        logs, deadline = tmp_path / "runs/tiny_ddpm/version_0", time.monotonic() + 120
+        while not list(logs.glob("events.out.tfevents.*")):  # the trainer is set up
+            assert run.poll() is None and time.monotonic() < deadline, "no training started"
+            time.sleep(0.1)
+        time.sleep(1.0)  # some steps in
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
+    last = read_checkpoint(tmp_path / CKPT_DIR / "last.ckpt")
+    assert 1 <= last["global_step"] < 500
+    assert [p.name for p in (tmp_path / CKPT_DIR).iterdir()] == ["last.ckpt"]
