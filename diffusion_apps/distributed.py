@@ -31,15 +31,22 @@ def rank_share(n: int, rank: int, world: int) -> int:
     return n // world + (rank < n % world)
 
 
+def batch_seeds(seed: int, num_batches: int) -> list[int]:
+    """Generator seeds of batches 0, 1, …: a sequence drawn from ``seed``, so batch b draws the
+    same noise whichever process takes it."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(2**62, (num_batches,), generator=generator).tolist()
+
+
 def rank_batches(num_samples: int, batch_size: int, seed: int, rank: int, world: int) -> list:
     """This rank's batches ``(start, size, generator seed)`` of ``num_samples`` drawn
     ``batch_size`` at a time: the ranks take the batches in turn, and batch b's seed is the b-th
     of a sequence drawn from ``seed``, so the samples are the same whatever the number of
     processes, and every rank's differ."""
     starts = range(0, num_samples, batch_size)
-    seeds = torch.randint(2**62, (len(starts),), generator=torch.Generator().manual_seed(seed))
+    seeds = batch_seeds(seed, len(starts))
     return [
-        (start, min(batch_size, num_samples - start), int(seeds[b]))
+        (start, min(batch_size, num_samples - start), seeds[b])
         for b, start in enumerate(starts)
         if b % world == rank
     ]

@@ -80,7 +80,7 @@ def reconstruction_rows(
     their input's label: ``accuracy``)."""
     from tqdm.auto import tqdm
 
-    from diffusion_apps.distributed import max_over_ranks
+    from diffusion_apps.distributed import batch_seeds, max_over_ranks
     from diffusion_apps.evaluation.evaluate import plain_metrics
 
     staged = is_diffae_like(module)
@@ -91,12 +91,13 @@ def reconstruction_rows(
         metric = ReconstructionMetrics().to(module.device)
         stages = ("encode_s", "invert_s", "decode_s") if inferred else ("encode_s", "decode_s")
         times = dict.fromkeys(stages, 0.0) if staged else {}
-        generator = torch.Generator(module.device).manual_seed(seed + rank)
         loader, batches, seconds = data.val_dataloader(), 0, 0.0
+        seeds = batch_seeds(seed, len(loader))  # random x_T: the same whatever the ranks
         desc = f"{name} reconstruct {label}".strip()
         for i, (x, y) in enumerate(tqdm(loader, desc=desc, disable=rank != 0, leave=False)):
             if i % world != rank:
                 continue
+            generator = torch.Generator(module.device).manual_seed(seeds[i])
             x = x.to(module.device)
             tic = _synced(module.device)
             with torch.no_grad():
