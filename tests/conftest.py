@@ -37,3 +37,29 @@ def run_cli_in(root: Path, *commands: list[str]) -> Path:
     finally:
         os.chdir(cwd)
     return root
+
+
+def fit_resuming(root, config, name: str, steps: int, *extra: str) -> dict:
+    """``fit --ckpt_path last``: the first run of ``name`` starts from scratch, later ones
+    resume; returns the ``last.ckpt`` written."""
+    args = ["fit", "--config", str(config), "--trainer.max_steps", str(steps)]
+    args += ["--trainer.logger.init_args.name", name, "--ckpt_path", "last", *extra]
+    run_cli_in(root, args)
+    versions = list((root / "runs" / name).iterdir())
+    assert [v.name for v in versions] == ["version_0"]  # the resumed run went on there
+    return torch.load(versions[0] / "checkpoints/last.ckpt", weights_only=True)
+
+
+def assert_same_training_state(a: dict, b: dict, steps: int) -> None:
+    """Two checkpoints hold the same training state, bit for bit."""
+    assert a["global_step"] == b["global_step"] == steps
+    for key in ("state_dict", "current_model_state"):  # EMA (when used) and raw weights
+        assert a.get(key, {}).keys() == b.get(key, {}).keys()
+        for name in a.get(key, {}):
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        for i, moments in opt_a["state"].items():
+            for name, value in moments.items():
+                assert torch.equal(value, opt_b["state"][i][name]), f"AdamW {i}.{name}"
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    assert a["ImageDataModule"] == b["ImageDataModule"]
