@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 
+from diffusion_apps.distributed import gather
+
 
 class EMA(WeightAveraging):
     """Exponential moving average of the weights, used for validation, sampling and checkpoints.
@@ -151,10 +153,8 @@ class RandomState(Callback):
         if trainer is None:
             return {}
         state = self._outside_validation or random_state(trainer.strategy.root_device)
-        ranks = [state] * trainer.world_size
-        if trainer.world_size > 1:  # every rank writes the checkpoint dict, rank 0 saves it
-            torch.distributed.all_gather_object(ranks, state)
-        return {"ranks": ranks}
+        # Every rank builds the checkpoint dict (a collective is safe), rank 0 saves it.
+        return {"ranks": gather(state, trainer.world_size)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._to_restore = state_dict.get("ranks")

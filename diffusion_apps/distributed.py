@@ -1,7 +1,8 @@
 """Sharing sampling work between the processes of a ``torchrun`` launch (``sample``, ``eval``).
 
-Training needs none of this: Lightning runs DDP itself (``--trainer.devices 2 --trainer.strategy
-ddp``), and ``ImageDataModule`` splits its batches across the ranks.
+Training's DDP is Lightning's (``--trainer.devices 2 --trainer.strategy ddp``), with
+``ImageDataModule`` splitting the batches across the ranks; of this module it uses only
+:func:`gather` (every rank's random state, in checkpoints).
 """
 
 from __future__ import annotations
@@ -70,3 +71,10 @@ def gather(value, world: int) -> list:
     values = [None] * world
     dist.all_gather_object(values, value)
     return values
+
+
+def first_images(batches: list, world: int) -> torch.Tensor:
+    """The images of every rank's ``batches`` — ``(start, images)`` pairs, where ``start`` is the
+    index of the batch's first sample — in sample order: a grid as one process draws it."""
+    parts = sorted((p for mine in gather(batches, world) for p in mine), key=lambda p: p[0])
+    return torch.cat([images for _, images in parts])

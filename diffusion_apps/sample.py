@@ -64,7 +64,7 @@ def sample(
     from tqdm.auto import tqdm
 
     from diffusion_apps.checkpoint import load_module, resolve_device
-    from diffusion_apps.distributed import gather, process_group, rank_batches
+    from diffusion_apps.distributed import first_images, process_group, rank_batches
     from diffusion_apps.evaluation.evaluate import can_sample
     from diffusion_apps.images import autocast, save_grid, to_unit
     from diffusion_apps.methods import LatentDiffusion
@@ -121,9 +121,9 @@ def sample(
             save_image(img, out / f"{start + i:06d}.png")
         if start < GRID_MAX:
             shown.append((start, batch[: GRID_MAX - start].cpu()))
-    shown = sorted((p for parts in gather(shown, world) for p in parts), key=lambda p: p[0])
+    grid = first_images(shown, world)
     if rank == 0:
-        save_grid(torch.cat([images for _, images in shown]), out / "grid.png")
+        save_grid(grid, out / "grid.png")
         print(f"wrote {num_samples} samples and grid.png to {out}")
     return out
 

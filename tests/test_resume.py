@@ -6,6 +6,10 @@ validation step and between two periodic checkpoints (where ``Checkpoint`` write
 Every other method: tests/methods/test_resume_methods.py.
 """
 
+import random
+
+import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,10 +19,19 @@ from tests.conftest import CONFIGS, assert_same_training_state, fit_resuming
 STEPS = 8
 
 
+class DrawsInValidation(L.Callback):
+    """Validation code that draws from the global streams (a user's metric, say): the resume at
+    a validation step is exact only if validation leaves the training streams as it found them."""
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_):
+        torch.rand(3), np.random.rand(), random.random()
+
+
 def write_config(root, num_workers: int = 0):
     config = yaml.safe_load((CONFIGS / "tiny/ddpm.yaml").read_text())
     config["trainer"]["limit_train_batches"] = 3
     config["trainer"]["callbacks"][1]["init_args"]["every_n_train_steps"] = 3
+    config["trainer"]["callbacks"].append({"class_path": "tests.test_resume.DrawsInValidation"})
     config["data"]["init_args"] |= {"random_flip": True, "num_workers": num_workers}
     path = root / f"workers{num_workers}.yaml"
     path.write_text(yaml.safe_dump(config))

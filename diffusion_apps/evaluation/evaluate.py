@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from diffusion_apps.distributed import gather, max_over_ranks, process_group, rank_batches
+from diffusion_apps.distributed import first_images, max_over_ranks, process_group, rank_batches
 
 DEFAULT_SAMPLERS = "ddpm:1000,ddim:100,ddim:50,ddim:20,ddim:10"
 TRAIN_HINT = (
@@ -208,13 +208,13 @@ def _generation_rows(module, name, step, settings, metric, args, rank, world, ou
                 kept.append((start, x[: GRID_SIZE - start].cpu()))
             bar.update(len(x))
         bar.close()
-        kept = sorted((p for parts in gather(kept, world) for p in parts), key=lambda p: p[0])
+        grid = first_images(kept, world)
         metrics = plain_metrics(metric.compute())
         metric.reset()
         seconds = max_over_ranks(seconds, world)
         if rank == 0:
             save_grid(
-                torch.cat([images for _, images in kept]),
+                grid,
                 out_dir / "grids" / f"{_slug(name)}_{_slug(setting.label)}{steps}.png",
             )
         nfe = _nfe(module, sampler, steps)

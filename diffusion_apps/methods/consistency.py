@@ -17,15 +17,14 @@ TeacherSolver = Literal["ddim", "heun"]
 Distance = Literal["l2", "pseudo_huber"]
 
 
-def karras_timesteps(alphas_cumprod: Tensor, num_scales: int, rho: float = 7.0) -> Tensor:
-    """The discretisation t_1 < … < t_N of a discrete schedule: the teacher indices nearest (in
-    log σ) to the Karras et al. points σ_i = (σ_min^{1/ρ} + (i−1)/(N−1)·(σ_max^{1/ρ} −
-    σ_min^{1/ρ}))^ρ (CM's choice, ρ = 7), σ_t = √((1 − ᾱ_t)/ᾱ_t), σ_min = σ_0 and σ_max at the
-    last ᾱ given; repeats dropped (int64, at most N)."""
+def karras_timesteps(sigmas: Tensor, num_scales: int, rho: float = 7.0) -> Tensor:
+    """The discretisation t_1 < … < t_N of a discrete schedule with noise levels ``sigmas``
+    (σ_t, increasing in t): the indices nearest (in log σ) to the Karras et al. points
+    σ_i = (σ_min^{1/ρ} + (i−1)/(N−1)·(σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ (CM's choice, ρ = 7), with
+    σ_min = σ_0 and σ_max the last σ given; repeats dropped (int64, at most N)."""
     if num_scales < 2:
         raise ValueError(f"num_scales must be >= 2, got {num_scales}")
-    alpha_bar = alphas_cumprod.detach().cpu().double()
-    log_sigma = 0.5 * ((1 - alpha_bar).log() - alpha_bar.log())  # increasing in t
+    log_sigma = sigmas.detach().cpu().double().log()
     lo, hi = (log_sigma[[0, -1]] / rho).exp().tolist()
     wanted = torch.linspace(lo, hi, num_scales, dtype=torch.float64).log() * rho
     return (log_sigma[None, :] - wanted[:, None]).abs().argmin(1).unique()
@@ -122,19 +121,14 @@ class ConsistencyDistillation(DiffusionMethod):
         t_max = T - 1 if max_timestep is None else max_timestep
         if not 0 < t_max < T:
             raise ValueError(f"max_timestep must be in [1, {T - 1}] (the teacher's T = {T})")
-        ts = karras_timesteps(schedule.alphas_cumprod[: t_max + 1], num_scales)
-        alpha_bar = schedule.alphas_cumprod.double()
-        sigmas = ((1 - alpha_bar) / alpha_bar).sqrt()
+        sigmas = schedule.snr(torch.arange(T)).rsqrt()  # σ_t = √((1 − ᾱ_t)/ᾱ_t), t ∈ [0, T)
+        ts = karras_timesteps(sigmas[: t_max + 1], num_scales)
         self.register_buffer("timesteps", ts, persistent=False)  # t_1 < … < t_N
-        self.register_buffer("sigmas", sigmas.float(), persistent=False)  # σ_t, t ∈ [0, T)
+        self.register_buffer("sigmas", sigmas, persistent=False)
         self.sigma_min = float(sigmas[ts[0]])
         self.teacher_solver, self.distance = teacher_solver, distance
-        self.target_decay, self.sigma_data, self.sample_steps = (
-            target_decay,
-            sigma_data,
-            sample_steps,
-        )
-        self.num_val_samples = num_val_samples
+        self.target_decay, self.sigma_data = target_decay, sigma_data
+        self.sample_steps, self.num_val_samples = sample_steps, num_val_samples
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -187,14 +187,15 @@ def test_karras_discretisation_of_the_ddpm_schedule():
     """Indices whose σ^{1/7} are evenly spaced from σ_0 to σ_{T−1} (up to rounding to an index)."""
     from diffusion_apps.diffusion import NoiseSchedule
 
-    alpha_bar = NoiseSchedule("linear", 1000).alphas_cumprod
-    ts = karras_timesteps(alpha_bar, 18)
+    schedule = NoiseSchedule("linear", 1000)
+    alpha_bar = schedule.alphas_cumprod
+    ts = karras_timesteps(schedule.snr(torch.arange(1000)).rsqrt(), 18)
     assert ts[0] == 0 and ts[-1] == 999 and (ts.diff() > 0).all() and len(ts) == 18
     root = (((1 - alpha_bar) / alpha_bar) ** (1 / 14))[ts].double()  # σ^{1/7}
     even = torch.full((17,), float(root[-1] - root[0]) / 17, dtype=torch.float64)
     torch.testing.assert_close(root.diff(), even, rtol=0.05, atol=0)
     with pytest.raises(ValueError, match="num_scales"):
-        karras_timesteps(alpha_bar, 1)
+        karras_timesteps(torch.ones(3), 1)
 
 
 def test_a_missing_teacher_is_named(tmp_path):
