@@ -53,7 +53,10 @@ def _make_betas(
 
 
 def _per_sample(values: Tensor, x: Tensor) -> Tensor:
-    """Cast per-sample coefficients (B,) to x's dtype/device, shaped (B, 1, …, 1) to broadcast."""
+    """Cast per-sample coefficients (B,) to x's dtype/device, shaped (B, 1, …, 1) to broadcast.
+
+    Compute the coefficients from the float32 tables first and cast last: √(1 − ᾱ_t) of a bf16
+    ᾱ_t is 0 for t < 10."""
     return values.to(x).reshape(-1, *([1] * (x.ndim - 1)))
 
 
@@ -71,8 +74,10 @@ class NoiseSchedule(nn.Module):
 
     The tables are computed in float64 and kept as non-persistent float32 buffers ``betas``,
     ``alphas_cumprod`` (ᾱ_t) and ``alphas_cumprod_prev`` (ᾱ_{t−1}, ᾱ_{−1} = 1): they follow
-    ``.to(device)``, stay out of ``state_dict`` (the config is the source of truth), and must not be
-    cast to half precision (1 − ᾱ_t underflows near t = 0).
+    ``.to(device)`` and stay out of ``state_dict`` (the config is the source of truth). They stay
+    float32 whatever dtype the module is cast to (``bf16-true`` would round ᾱ_0 … ᾱ_9 to 1:
+    √(1 − ᾱ_t) = 0, SNR = ∞), and every coefficient is computed from them before the cast to the
+    data's dtype.
 
     Args:
         kind: Which β schedule.
@@ -106,6 +111,15 @@ class NoiseSchedule(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.register_buffer("alphas_cumprod_prev", alphas_cumprod_prev.float(), persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Follow ``fn``'s device, never its dtype: the tables stay float32 (see above)."""
+        tables = {name: self._buffers[name] for name in ("betas", "alphas_cumprod",
+                                                         "alphas_cumprod_prev")}  # fmt: skip
+        super()._apply(fn, recurse)
+        for name, table in tables.items():
+            self._buffers[name] = table.to(self._buffers[name].device)
+        return self
+
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, num_timesteps={self.num_timesteps}"
 
@@ -120,8 +134,8 @@ class NoiseSchedule(nn.Module):
 
     def _scales(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """(√ᾱ_t, √(1 − ᾱ_t)) broadcast against x."""
-        alpha_bar = _per_sample(self.alpha_bar(t), x)
-        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        alpha_bar = self.alpha_bar(t)
+        return _per_sample(alpha_bar.sqrt(), x), _per_sample((1 - alpha_bar).sqrt(), x)
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε (DDPM eq. 4, reparameterised)."""
@@ -162,10 +176,9 @@ class NoiseSchedule(nn.Module):
         Returns:
             ``mean`` shaped like x_t and ``variance`` shaped (B, 1, …, 1).
         """
-        beta = _per_sample(self.betas[t], x_t)
-        alpha_bar = _per_sample(self.alphas_cumprod[t], x_t)
-        alpha_bar_prev = _per_sample(self.alphas_cumprod_prev[t], x_t)
-        mean = (
-            alpha_bar_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - alpha_bar_prev) * x_t
-        ) / (1 - alpha_bar)
-        return mean, beta * (1 - alpha_bar_prev) / (1 - alpha_bar)
+        beta, alpha_bar = self.betas[t], self.alphas_cumprod[t]
+        alpha_bar_prev = self.alphas_cumprod_prev[t]
+        c_x0 = alpha_bar_prev.sqrt() * beta / (1 - alpha_bar)
+        c_xt = (1 - beta).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar)
+        mean = _per_sample(c_x0, x_t) * x0 + _per_sample(c_xt, x_t) * x_t
+        return mean, _per_sample(beta * (1 - alpha_bar_prev) / (1 - alpha_bar), x_t)

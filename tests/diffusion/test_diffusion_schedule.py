@@ -97,8 +97,6 @@ def test_buffers_are_not_saved_and_follow_to():
     names = {name for name, _ in schedule.named_buffers()}
     assert names == {"betas", "alphas_cumprod", "alphas_cumprod_prev"}
     assert all(b.dtype == torch.float32 for b in schedule.buffers())
-    schedule.to(torch.float64)
-    assert all(b.dtype == torch.float64 for b in schedule.buffers())
     schedule.to("meta")
     assert all(b.device.type == "meta" for b in schedule.buffers())
 
@@ -166,3 +164,31 @@ def test_posterior_is_product_of_gaussians():
     mean0, var0 = schedule.posterior(x0.float(), x_t.float(), torch.zeros(5, dtype=torch.long))
     torch.testing.assert_close(mean0, x0.float(), rtol=1e-3, atol=1e-6)
     assert torch.all(var0 == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_tables_stay_float32_when_the_module_is_cast(dtype):
+    """bf16-true / 16-true cast every floating buffer: ᾱ_0 … ᾱ_9 would round to exactly 1, so
+    √(1 − ᾱ) = 0 and SNR = ∞. The tables keep their float32 values, on the new device."""
+    reference = NoiseSchedule()
+    schedule = NoiseSchedule().to(dtype)
+    for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev"):
+        assert getattr(schedule, name).dtype == torch.float32, name
+        assert torch.equal(getattr(schedule, name), getattr(reference, name)), name
+    t = torch.arange(10)
+    assert torch.isfinite(schedule.snr(t)).all()
+
+
+def test_coefficients_are_computed_before_the_cast_to_the_data_dtype():
+    """A bf16 x_t at t = 0 still gets σ = √(1 − ᾱ_0) = 0.01, not √(1 − bf16(ᾱ_0)) = 0."""
+    schedule = NoiseSchedule()
+    t = torch.zeros(4, dtype=torch.long)
+    x0 = torch.zeros(4, 3, dtype=torch.bfloat16)
+    noise = torch.ones(4, 3, dtype=torch.bfloat16)
+    x_t = schedule.q_sample(x0, t, noise)
+    expected = math.sqrt(1e-4)  # β_0 = 1e-4
+    assert x_t.dtype == torch.bfloat16
+    torch.testing.assert_close(x_t.float(), torch.full((4, 3), expected), rtol=2**-7, atol=0)
+    eps = schedule.predict_eps(x_t, t, x0)
+    assert torch.isfinite(eps).all()
+    torch.testing.assert_close(eps.float(), noise.float(), rtol=2**-6, atol=0)
