@@ -46,6 +46,8 @@ class EMA(WeightAveraging):
 
     def _update(self, averaged: list, current: list, num_averaged: torch.Tensor) -> None:
         weight = 1.0 - self.decay_at(int(num_averaged))
+        # The average is made before bf16-true/16-true casts the model, and stays float32.
+        current = [c.to(a.dtype) for a, c in zip(averaged, current, strict=True)]
         torch._foreach_lerp_(averaged, current, weight)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:

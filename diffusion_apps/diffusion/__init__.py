@@ -11,6 +11,7 @@ from diffusion_apps.diffusion.interpolation import slerp
 from diffusion_apps.diffusion.samplers import (
     EpsFn,
     Spacing,
+    clip_denoised,
     ddim_invert,
     ddim_sample,
     ddpm_sample,
@@ -26,6 +27,7 @@ __all__ = [
     "ScheduleKind",
     "Spacing",
     "classifier_free_guidance",
+    "clip_denoised",
     "classifier_log_prob_grad",
     "ddim_invert",
     "ddim_sample",

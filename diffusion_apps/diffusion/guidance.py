@@ -2,6 +2,12 @@
 
 A ``grad_fn(x_t, t, **cond)`` returns g = ∇_{x_t} log p(y | x_t), or a learned shift such as PDAE's
 G_ψ. It receives the ORIGINAL timestep index t, as the samplers pass it.
+
+Clipping: guided-diffusion clamps the model's x̂_0 to [−1, 1] before it shifts ε or the mean, and
+never after. Wrap the model, not the guided ε, in
+:func:`~diffusion_apps.diffusion.samplers.clip_denoised`:
+``eps_shift_guidance(clip_denoised(eps, schedule), grad_fn, schedule, s)`` with ``clip_x0=False``.
+Coefficients are computed in float64 from the schedule's tables, as the samplers do.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ def eps_shift_guidance(
     """
 
     def guided(x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        sigma = _per_sample((1 - schedule.alpha_bar(t)).sqrt(), x_t)
+        sigma = _per_sample((1 - schedule.alpha_bar(t).double()).sqrt(), x_t)
         return eps_fn(x_t, t, **cond) - scale * sigma * grad_fn(x_t, t, **cond)
 
     return guided
@@ -39,21 +45,25 @@ def mean_shift_guidance(
     schedule: NoiseSchedule,
     scale: float = 1.0,
     variance: Variance = "beta",
-    timesteps: Tensor | None = None,
+    *,
+    timesteps: Tensor,
 ) -> EpsFn:
     """μ' = μ_θ + s Σ_t g (Dhariwal & Nichol 2021, Algorithm 1), as an ε shift for ``ddpm_sample``.
 
-    ``ddpm_sample`` with the same ``variance`` and ``timesteps`` has
-    μ = (x_t − β'_t/√(1 − ᾱ_t) ε)/√α'_t and Σ_t = β'_t or β̃'_t, so the shift is
-    Δε = −s Σ_t √α'_t √(1 − ᾱ_t)/β'_t · g. With Σ = β̃ this is s c_t g, PDAE's
-    c_t = −√α_t (1 − ᾱ_{t−1})/√(1 − ᾱ_t). Exact when ``clip_x0=False``; indices outside
-    ``timesteps`` give NaN, so a mismatched subsequence cannot pass silently.
+    ``ddpm_sample`` with the same ``variance`` and ``timesteps`` (required: the shift depends on
+    the subsequence) has μ = (x_t − β'_t/√(1 − ᾱ_t) ε)/√α'_t and Σ_t = β'_t or β̃'_t, so the
+    shift is Δε = −s Σ_t √α'_t √(1 − ᾱ_t)/β'_t · g. With Σ = β̃ this is s c_t g, PDAE's
+    c_t = −√α_t (1 − ᾱ_{t−1})/√(1 − ᾱ_t). At t_0 the fixed-large Σ is β̃'_1, as in
+    guided-diffusion (its log-variance table starts there). Indices outside ``timesteps`` give
+    NaN, so a mismatched subsequence cannot pass silently.
     """
     ts, alpha_bar, alpha_bar_prev = _subsequence(schedule, timesteps)
     beta, sigma2 = _respaced_variance(alpha_bar, alpha_bar_prev, variance)
+    if variance == "beta" and len(ts) > 1:  # sigma2 is beta itself here: copy it first
+        sigma2 = torch.cat([beta[1:2] * (1 - alpha_bar[:1]) / (1 - alpha_bar[1:2]), beta[1:]])
     shift = torch.full((schedule.num_timesteps,), float("nan"), dtype=torch.float64)
     shift[ts] = -sigma2 * (1 - beta).sqrt() * (1 - alpha_bar).sqrt() / beta
-    shift = shift.to(schedule.alphas_cumprod)
+    shift = shift.to(schedule.alphas_cumprod.device)
 
     def guided(x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
         return eps_fn(x_t, t, **cond) + scale * _per_sample(shift[t], x_t) * grad_fn(x_t, t, **cond)

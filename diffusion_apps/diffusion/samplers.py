@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from diffusion_apps.diffusion.schedule import NoiseSchedule
+from diffusion_apps.diffusion.schedule import NoiseSchedule, _per_sample
 
 EpsFn = Callable[..., Tensor]
 Variance = Literal["beta", "beta_tilde"]
@@ -39,7 +39,8 @@ def timestep_subsequence(
 
     ``uniform``: ``arange(0, T, T // S)[:S]``, i.e. t_i = i·⌊T/S⌋: it starts at 0 and ends at
     T − T/S when S divides T (the official DDIM code; latent-diffusion adds +1, we do not).
-    ``quad``: t_i = ⌊(i·√(0.8 T)/(S − 1))²⌋, rounded like the official code's ``numpy.linspace``.
+    ``quad``: t_i = ⌊(i·√(0.8 T)/(S − 1))²⌋, rounded like the official code's ``numpy.linspace``:
+    the walk starts at t_{S−1} = 0.8·T, not near T (the official choice).
     Its repeats near 0 (from S ≈ √(0.8 T) on: 96 distinct of S = 100 at T = 1000) are dropped; the
     official sampler runs them as no-op steps t → t that still cost a model call.
     ``logsnr``: uniform in λ = log(√ᾱ/√(1 − ᾱ)) from λ_{T−1} to λ_0 (DPM-Solver's ``logSNR``
@@ -100,12 +101,30 @@ def _respaced_variance(
     return beta, beta if variance == "beta" else beta * (1 - alpha_bar_prev) / (1 - alpha_bar)
 
 
+def clip_denoised(eps_fn: EpsFn, schedule: NoiseSchedule) -> EpsFn:
+    """ε̃ = (x_t − √ᾱ_t x̂_0)/√(1 − ᾱ_t), x̂_0 = clamp((x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t, −1, 1): the
+    model's ε with its x̂_0 clamped to the data range (guided-diffusion's ``clip_denoised``).
+
+    This is what the samplers' ``clip_x0`` wraps around their ``eps_fn``. It is the one hook for
+    the order of clamping and guidance: guided-diffusion clamps the model's x̂_0 first and
+    shifts after, never clamping again, which is ``eps_shift_guidance(clip_denoised(eps, …), …)``
+    given to a sampler with ``clip_x0=False``. Coefficients in float64, cast to x_t's dtype.
+    """
+
+    def clipped(x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        alpha_bar = schedule.alpha_bar(t).double()
+        signal, sigma = _per_sample(alpha_bar.sqrt(), x_t), _per_sample((1 - alpha_bar).sqrt(), x_t)
+        x0 = ((x_t - sigma * eps_fn(x_t, t, **cond)) / signal).clamp_(-1, 1)
+        return (x_t - signal * x0) / sigma
+
+    return clipped
+
+
 def _run(
     eps_fn: EpsFn,
     x: Tensor,
     ts: Sequence[int],
     table: Tensor,
-    clip_x0: bool,
     generator: torch.Generator | None,
     progress: bool,
     cond: dict[str, Any],
@@ -113,29 +132,18 @@ def _run(
     """Walk ``ts``: x ← c_x0·x̂_0 + c_x·x + c_ε·ε̂ + σ·z, z ~ N(0, I), x̂_0 = (x − √(1 − ᾱ)ε̂)/√ᾱ.
 
     ``table`` (S, 5) holds the rows (ᾱ_t, c_x0, c_x, c_ε, σ). They are folded once, in float64,
-    into two coefficients on the network's output u = ε̂ and on x:
-        x ← (c_ε − c_x0·√((1 − ᾱ)/ᾱ))·ε̂ + (c_x + c_x0/√ᾱ)·x + σz,
-    or, with ``clip_x0`` (guided-diffusion's ``clip_denoised``: x̂_0 clamped to [−1, 1] and ε̂
-    re-derived from it, ε̂ = (x − √ᾱ x̂_0)/√(1 − ᾱ)), on u = x̂_0 and x:
-        x ← (c_x0 − c_ε·√(ᾱ/(1 − ᾱ)))·x̂_0 + (c_x + c_ε/√(1 − ᾱ))·x + σz.
+    into two coefficients on the network's output ε̂ and on x:
+        x ← (c_ε − c_x0·√((1 − ᾱ)/ᾱ))·ε̂ + (c_x + c_x0/√ᾱ)·x + σz.
     The loop gets them as Python floats: a step is the network call plus two elementwise passes
-    (a third for the noise, two more for clipping), and nothing in it synchronises host and
-    device.
+    (a third for the noise), and nothing in it synchronises host and device.
     """
     alpha_bar, c_x0, c_x, c_eps, sigma = table.unbind(1)
-    if clip_x0:
-        c_u = c_x0 - c_eps * (alpha_bar / (1 - alpha_bar)).sqrt()
-        c_x = c_x + c_eps / (1 - alpha_bar).sqrt()
-    else:
-        c_u = c_eps - c_x0 * ((1 - alpha_bar) / alpha_bar).sqrt()
-        c_x = c_x + c_x0 / alpha_bar.sqrt()
-    rows = torch.stack([alpha_bar, c_u, c_x, sigma], 1).tolist()
+    c_u = c_eps - c_x0 * ((1 - alpha_bar) / alpha_bar).sqrt()
+    c_x = c_x + c_x0 / alpha_bar.sqrt()
+    rows = torch.stack([c_u, c_x, sigma], 1).tolist()
     t_all = torch.tensor(list(ts), dtype=torch.long, device=x.device)
-    for i, (alpha_bar_t, c_u_t, c_x_t, sigma_t) in enumerate(tqdm(rows, disable=not progress)):
+    for i, (c_u_t, c_x_t, sigma_t) in enumerate(tqdm(rows, disable=not progress)):
         u = eps_fn(x, t_all[i].expand(x.shape[0]), **cond)
-        if clip_x0:  # u ← x̂_0 = clamp((x − √(1 − ᾱ)ε̂)/√ᾱ, −1, 1)
-            u = torch.add(x, u, alpha=-math.sqrt(1 - alpha_bar_t))
-            u = u.div_(math.sqrt(alpha_bar_t)).clamp_(-1, 1)
         x_next = u.mul(c_u_t).add_(x, alpha=c_x_t)
         if sigma_t > 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -170,7 +178,9 @@ def ddpm_sample(
         x_T: Start noise at level t_{S−1}, shape (B, …).
         timesteps: Increasing subsequence of [0, T); default all T.
         variance: σ² choice, see above.
-        clip_x0: Clamp x̂_0 to [−1, 1] before taking the mean.
+        clip_x0: Clamp x̂_0 to [−1, 1] and re-derive ε̂ from it (:func:`clip_denoised` around
+            ``eps_fn``, after any guidance in it; to clamp before a guidance shift, wrap the model
+            in :func:`clip_denoised` inside the guidance instead).
         generator: RNG for z, on x_T's device.
         progress: Show a tqdm bar.
         **cond: Passed to ``eps_fn`` unchanged.
@@ -185,7 +195,8 @@ def ddpm_sample(
     sigma = sigma2.sqrt()
     sigma[0] = 0.0
     table = torch.stack([alpha_bar, c_x0, c_x, torch.zeros_like(beta), sigma], dim=1)
-    return _run(eps_fn, x_T, ts[::-1], table.flip(0), clip_x0, generator, progress, cond)
+    eps_fn = clip_denoised(eps_fn, schedule) if clip_x0 else eps_fn
+    return _run(eps_fn, x_T, ts[::-1], table.flip(0), generator, progress, cond)
 
 
 def ddim_sample(
@@ -212,7 +223,9 @@ def ddim_sample(
         x_T: Start noise at level t_{S−1}, shape (B, …).
         timesteps: Increasing subsequence of [0, T); default all T.
         eta: η ≥ 0.
-        clip_x0: Clamp x̂_0 to [−1, 1] and re-derive ε̂ from it.
+        clip_x0: Clamp x̂_0 to [−1, 1] and re-derive ε̂ from it (:func:`clip_denoised` around
+            ``eps_fn``, after any guidance in it; to clamp before a guidance shift, wrap the model
+            in :func:`clip_denoised` inside the guidance instead).
         generator: RNG for z (used only when η > 0), on x_T's device.
         progress: Show a tqdm bar.
         **cond: Passed to ``eps_fn`` unchanged.
@@ -226,7 +239,8 @@ def ddim_sample(
     table = torch.stack(
         [alpha_bar, alpha_bar_prev.sqrt(), torch.zeros_like(sigma), c_eps, sigma], 1
     )
-    return _run(eps_fn, x_T, ts[::-1], table.flip(0), clip_x0, generator, progress, cond)
+    eps_fn = clip_denoised(eps_fn, schedule) if clip_x0 else eps_fn
+    return _run(eps_fn, x_T, ts[::-1], table.flip(0), generator, progress, cond)
 
 
 def ddim_invert(
@@ -261,7 +275,7 @@ def ddim_invert(
     ts, alpha_bar, alpha_bar_prev = _subsequence(schedule, timesteps)
     zeros = torch.zeros_like(alpha_bar)
     table = torch.stack([alpha_bar_prev, alpha_bar.sqrt(), zeros, (1 - alpha_bar).sqrt(), zeros], 1)
-    return _run(eps_fn, x0, [ts[0], *ts[:-1]], table, False, None, progress, cond)
+    return _run(eps_fn, x0, [ts[0], *ts[:-1]], table, None, progress, cond)
 
 
 def dpm_solver_pp_2m(
@@ -290,7 +304,9 @@ def dpm_solver_pp_2m(
         schedule: The noise schedule the model was trained with.
         x_T: Start noise at level t_{S−1}, shape (B, …).
         timesteps: Increasing subsequence of [0, T); default all T.
-        clip_x0: Clamp x_θ to [−1, 1] (thresholding, which data prediction allows).
+        clip_x0: Clamp x_θ = x̂_0 to [−1, 1] and re-derive ε̂ from it (:func:`clip_denoised` around
+            ``eps_fn``, after any guidance in it; to clamp before a guidance shift, wrap the model
+            in :func:`clip_denoised` inside the guidance instead).
         progress: Show a tqdm bar.
         **cond: Passed to ``eps_fn`` unchanged.
 
@@ -304,10 +320,11 @@ def dpm_solver_pp_2m(
     h = (alpha_t / sigma_t).log() - (alpha_s / sigma_s).log()  # +inf for the last step
     rows = torch.stack([alpha_s, sigma_s, sigma_t / sigma_s, alpha_t, h], 1).flip(0).tolist()
     t_all = torch.tensor(ts[::-1], dtype=torch.long, device=x_T.device)
+    eps_fn = clip_denoised(eps_fn, schedule) if clip_x0 else eps_fn
 
     def data_prediction(x: Tensor, i: int, a_s: float, s_s: float) -> Tensor:
-        x0 = torch.add(x, eps_fn(x, t_all[i].expand(x.shape[0]), **cond), alpha=-s_s).div_(a_s)
-        return x0.clamp_(-1, 1) if clip_x0 else x0  # x_θ = (x − σ_s ε̂)/α_s
+        # x_θ = (x − σ_s ε̂)/α_s
+        return torch.add(x, eps_fn(x, t_all[i].expand(x.shape[0]), **cond), alpha=-s_s).div_(a_s)
 
     x, x0_prev, h_prev = x_T, None, None
     for i, (a_s, s_s, sigma_ratio, a_t, h_i) in enumerate(tqdm(rows[:-1], disable=not progress)):

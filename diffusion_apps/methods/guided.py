@@ -72,7 +72,7 @@ class NoisyClassifier(DiffusionMethod):
                 f"{tuple(ddpm.sample_shape)}"
             )
         self.classifier = classifier
-        self.schedule = ddpm.schedule  # buffers: saved with the weights
+        self.schedule = ddpm.schedule  # non-persistent buffers: rebuilt from the DDPM's config
 
     @property
     def num_classes(self) -> int:
@@ -120,9 +120,10 @@ class ClassifierGuidedDDPM(LightningModule):
         ancestral (Algorithm 1):  μ' = μ_θ(x_t, t) + s·Σ_t·g,   x_{t−1} ~ N(μ', Σ_t);
         DDIM (Algorithm 2):       ε' = ε_θ(x_t, t) − s·√(1−ᾱ_t)·g, then x̂_0 and the step from ε'.
     On a respaced subsequence the classifier gets the original timestep index. With
-    ``clip_x0`` (the DDPM's setting) x̂_0 is clamped after the shift, as guided-diffusion does
-    for DDIM; for the ancestral step the shift then passes through the clamp, where
-    guided-diffusion adds Σ·g to the clamped mean (the two agree wherever no pixel is clamped).
+    ``clip_x0`` (the DDPM's setting) the model's x̂_0 is clamped first and the shift comes after,
+    unclamped, as guided-diffusion does (``p_mean_variance`` clamps; ``condition_score``
+    re-derives ε from the clamped x̂_0 and shifts it; ``condition_mean`` adds s·Σ·g to the mean of
+    the clamped x̂_0). DPM-Solver++ takes the same order, so s means the same for every sampler.
 
     A LightningModule (not a plain ``nn.Module``) so that ``.to(device)`` also updates the
     ``device`` of both parts, which the DDPM's sampling loop draws x_T on.
@@ -146,20 +147,23 @@ class ClassifierGuidedDDPM(LightningModule):
         return cls(load_module(ddpm_path, DDPM), load_module(classifier_path, NoisyClassifier))
 
     def guided_eps(self, scale: float, sampler: Sampler, timesteps: Tensor) -> EpsFn:
-        """ε_θ wrapped by Algorithm 1's mean shift (``ddpm``) or Algorithm 2's ε shift (the ODE
-        samplers ``ddim`` and ``dpmpp_2m``, whose ε̂ it shifts as DPM-Solver's guided sampling
-        does); the wrapper takes the labels as ``y``. At s = 0, ε_θ alone (no gradient)."""
+        """The DDPM's :meth:`~DDPM.sampling_eps` (x̂_0 clamped with ``clip_x0``) wrapped by
+        Algorithm 1's mean shift (``ddpm``) or Algorithm 2's ε shift (the ODE samplers ``ddim``
+        and ``dpmpp_2m``); the wrapper takes the labels as ``y``. At s = 0, no gradient."""
         ddpm = self.ddpm
+        clipped = ddpm.sampling_eps()
 
         def eps(x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
-            return ddpm.eps(x_t, t)
+            return clipped(x_t, t)
 
         if scale == 0:
             return eps
         grad = classifier_log_prob_grad(self.classifier)
         if sampler != "ddpm":
             return eps_shift_guidance(eps, grad, ddpm.schedule, scale)
-        return mean_shift_guidance(eps, grad, ddpm.schedule, scale, ddpm.variance, timesteps)
+        return mean_shift_guidance(
+            eps, grad, ddpm.schedule, scale, ddpm.variance, timesteps=timesteps
+        )
 
     @torch.no_grad()
     def sample(
@@ -179,7 +183,7 @@ class ClassifierGuidedDDPM(LightningModule):
         if labels.dim() != 1 or not len(labels) or labels.min() < 0 or labels.max() >= k:
             raise ValueError(f"labels must be a non-empty (N,) tensor of classes in [0, {k})")
         sampler = sampler or self.ddpm.sampler
-        timesteps = self.ddpm.timesteps(steps or self.ddpm.sample_steps, spacing)
+        timesteps = self.ddpm.timesteps(steps or self.ddpm.sample_steps, spacing, sampler)
         eps_fn = self.guided_eps(scale, sampler, timesteps)
         labels = labels.to(self.ddpm.device)
         return self.ddpm.sample(

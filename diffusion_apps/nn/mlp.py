@@ -74,6 +74,7 @@ class SkipMLP(nn.Module):
             raise ValueError(f"expected z of shape (B, {self.dim}), got {tuple(z.shape)}")
         if t.ndim == 0:
             t = t.expand(z.shape[0])
+        z = z.to(self.out.weight.dtype)  # bf16-true weights, fp32 sampler state
         emb = F.silu(self.time_embed(timestep_embedding(t, self.time_dim).to(z.dtype)))
         h = self.layers[0](z, emb)
         for layer in self.layers[1:]:

@@ -400,6 +400,7 @@ class UNet(nn.Module):
         _check_x(x, self.in_channels, self.image_size)
         t = _check_t(t, x.shape[0])
         self._check_conditioning(x.shape[0], y, cond, context)
+        x = x.to(self.down.conv_in.weight.dtype)  # bf16-true weights, fp32 sampler state
         emb = self.time_embed(timestep_embedding(t, self.base_channels).to(x.dtype))
         if self.label_embed is not None:
             emb = emb + self.label_embed(y)
@@ -472,6 +473,7 @@ class EncoderUNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         """Encode x (B, in_channels, H, W) [at timesteps t (B,)] to (B, out_dim)."""
         _check_x(x, self.in_channels, self.image_size)
+        x = x.to(self.down.conv_in.weight.dtype)  # bf16-true weights, fp32 sampler state
         emb = None
         if self.time_embed is not None:
             t = _check_t(t, x.shape[0])

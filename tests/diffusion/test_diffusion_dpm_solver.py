@@ -86,4 +86,4 @@ def test_guidance_wrappers_and_clipping_pass_through():
     x = dpm_solver_pp_2m(wrapped, schedule, randn(3, 2) * 10, timesteps=torch.tensor([0, 50, 99]),
                          clip_x0=True, y=0.5)  # fmt: skip
     assert calls == [99, 50, 0]  # original indices, one call per step
-    assert x.abs().max() <= 1.0
+    assert x.abs().max() <= 1 + 1e-5  # x_θ re-derived from the clamped one: rounding only

@@ -24,6 +24,7 @@ from diffusion_apps.diffusion import (
 )
 
 SCHEDULE = NoiseSchedule("linear", 1000)
+ALL = torch.arange(1000)  # every timestep: the full chain
 MEANS = torch.tensor([[1.5, 1.0], [-1.5, -1.0]])  # m_0, m_1
 STD = 0.5
 
@@ -65,7 +66,7 @@ def test_scale_zero_is_identity():
     expected = mixture_eps(x, t)
     assert torch.equal(eps_shift_guidance(mixture_eps, grad, SCHEDULE, 0.0)(x, t, y=y), expected)
     for variance in ("beta", "beta_tilde"):
-        guided = mean_shift_guidance(mixture_eps, grad, SCHEDULE, 0.0, variance)
+        guided = mean_shift_guidance(mixture_eps, grad, SCHEDULE, 0.0, variance, timesteps=ALL)
         assert torch.equal(guided(x, t, y=y), expected)
 
 
@@ -82,7 +83,12 @@ def test_mean_shift_with_posterior_variance_is_pdae_c_t():
     ~1e-3 relative precision."""
     g, t, scale = torch.tensor([0.3, -2.0]), torch.tensor([0, 1, 10, 500, 999]), 0.7
     guided = mean_shift_guidance(
-        lambda x, t: torch.zeros_like(x), constant_grad(g), SCHEDULE, scale, "beta_tilde"
+        lambda x, t: torch.zeros_like(x),
+        constant_grad(g),
+        SCHEDULE,
+        scale,
+        "beta_tilde",
+        timesteps=ALL,
     )
     a = alpha_bar_closed_form()
     a_prev = torch.cat([torch.ones(1, dtype=torch.float64), a[:-1]])
@@ -102,7 +108,7 @@ def test_mean_shift_moves_the_respaced_ddpm_mean_by_sigma_g(variance):
         return g * (t == t_hi)[:, None]
 
     zero = lambda x, t: torch.zeros_like(x)
-    guided = mean_shift_guidance(zero, grad_fn, SCHEDULE, scale, variance, timesteps)
+    guided = mean_shift_guidance(zero, grad_fn, SCHEDULE, scale, variance, timesteps=timesteps)
     x_T = randn(3, 2)
     runs = [
         ddpm_sample(
@@ -179,7 +185,7 @@ def assert_class_conditional(x, assert_gaussian):
 @pytest.mark.parametrize("variance", ["beta", "beta_tilde"])
 def test_mean_shift_ddpm_samples_the_class_conditional(variance, assert_gaussian):
     grad = classifier_log_prob_grad(log_likelihoods)
-    guided = mean_shift_guidance(mixture_eps, grad, SCHEDULE, 1.0, variance)
+    guided = mean_shift_guidance(mixture_eps, grad, SCHEDULE, 1.0, variance, timesteps=ALL)
     x = ddpm_sample(
         guided,
         SCHEDULE,
@@ -200,7 +206,7 @@ def test_eps_shift_ddim_samples_the_class_conditional(assert_gaussian):
 
 def test_unguided_ddpm_samples_the_mixture():
     grad = classifier_log_prob_grad(log_likelihoods)
-    guided = mean_shift_guidance(mixture_eps, grad, SCHEDULE, 0.0)
+    guided = mean_shift_guidance(mixture_eps, grad, SCHEDULE, 0.0, timesteps=ALL)
     x = ddpm_sample(
         guided, SCHEDULE, randn(N, 2), y=LABELS, generator=torch.Generator().manual_seed(1)
     )

@@ -142,7 +142,7 @@ def test_clip_x0_clamps_and_rederives_eps():
     eps = (x_T.double() - a.sqrt() * x0) / (1 - a).sqrt()
     expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     torch.testing.assert_close(recorder.calls[1][0].double(), expected, rtol=1e-5, atol=1e-5)
-    assert out.abs().max() <= 1
+    assert out.abs().max() <= 1 + 1e-5  # x̂_0 re-derived from the clamped one: rounding only
     generator = torch.Generator().manual_seed(0)
     out = ddpm_sample(
         recorder,
@@ -152,7 +152,7 @@ def test_clip_x0_clamps_and_rederives_eps():
         clip_x0=True,
         generator=generator,
     )
-    assert out.abs().max() <= 1
+    assert out.abs().max() <= 1 + 1e-5  # x̂_0 re-derived from the clamped one: rounding only
 
 
 # --- distributions -----------------------------------------------------------------------------

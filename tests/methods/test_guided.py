@@ -92,16 +92,20 @@ def test_scale_zero_is_the_unguided_ddpm(guided, sampler):
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 def test_ode_sampler_guidance_is_algorithm_2(guided, sampler):
-    """ε' = ε_θ − s √(1 − ᾱ_t) ∇ log softmax(f_φ(x_t, t))_y, the gradient taken here by hand."""
-    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    """ε' = ε̃ − s √(1 − ᾱ_t) ∇ log softmax(f_φ(x_t, t))_y, the gradient taken here by hand, and
+    ε̃ = (x_t − √ᾱ_t clamp(x̂_0))/√(1 − ᾱ_t) the DDPM's ε with its x̂_0 clamped (clip_x0)."""
+    x = 3 * torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     t, y, s = torch.tensor([40, 90]), torch.tensor([1, 7]), 3.0
     eps_fn = guided.guided_eps(s, sampler, guided.ddpm.timesteps(5))
     x_req = x.clone().requires_grad_()
     log_p = guided.classifier(x_req, t).log_softmax(-1)[torch.arange(2), y].sum()
     (g,) = torch.autograd.grad(log_p, x_req)
-    sigma = (1 - guided.ddpm.schedule.alpha_bar(t)).sqrt().view(2, 1, 1, 1)
+    alpha_bar = guided.ddpm.schedule.alpha_bar(t).view(2, 1, 1, 1)
+    signal, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     with torch.no_grad():
-        expected = guided.ddpm.eps(x, t) - s * sigma * g
+        x0 = ((x - sigma * guided.ddpm.eps(x, t)) / signal).clamp(-1, 1)
+        assert (x0.abs() == 1).float().mean() > 0.1  # the clamp is at work
+        expected = (x - signal * x0) / sigma - s * sigma * g
         torch.testing.assert_close(eps_fn(x, t, y=y), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -164,13 +168,63 @@ def test_sample_command_draws_guided_digits(run_dir, tmp_path):
 
 def test_spacing_reaches_the_guided_sampler(guided):
     """``spacing`` sets the timesteps of the sampler and of the guidance, like the DDPM's
-    ``timestep_spacing``."""
+    ``timestep_spacing``; DPM-Solver++ takes ``logsnr`` unless told otherwise."""
     labels = torch.tensor([2, 7])
 
-    def draw(**kw):
+    def draw(sampler, **kw):
         gen = torch.Generator().manual_seed(3)
-        return guided.sample(labels, 2.0, "dpmpp_2m", 4, generator=gen, **kw)
+        return guided.sample(labels, 2.0, sampler, 4, generator=gen, **kw)
 
-    logsnr, uniform = draw(spacing="logsnr"), draw()
-    guided.ddpm.timestep_spacing = "logsnr"
-    assert torch.equal(draw(), logsnr) and not torch.allclose(logsnr, uniform)
+    assert torch.equal(draw("dpmpp_2m"), draw("dpmpp_2m", spacing="logsnr"))
+    assert not torch.allclose(draw("dpmpp_2m"), draw("dpmpp_2m", spacing="uniform"))
+    quad, uniform = draw("ddpm", spacing="quad"), draw("ddpm")
+    guided.ddpm.timestep_spacing = "quad"
+    assert torch.equal(draw("ddpm"), quad) and not torch.allclose(quad, uniform)
+
+
+def official_diffusion(ddpm, steps):
+    """guided-diffusion's own SpacedDiffusion on the DDPM's betas and respaced timesteps."""
+    from guided_diffusion import gaussian_diffusion as gd
+    from guided_diffusion.respace import SpacedDiffusion
+
+    variance = {"beta": gd.ModelVarType.FIXED_LARGE, "beta_tilde": gd.ModelVarType.FIXED_SMALL}
+    return SpacedDiffusion(
+        use_timesteps=ddpm.timesteps(steps).tolist(),
+        betas=ddpm.schedule.betas.double().numpy(),
+        model_mean_type=gd.ModelMeanType.EPSILON,
+        model_var_type=variance[ddpm.variance],
+        loss_type=gd.LossType.MSE,
+    )
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_guidance_with_clipping_is_guided_diffusions(guided, sampler):
+    """With clip_x0 (the tiny DDPM's setting) at s = 5, our guided DDIM (Algorithm 2) and
+    ancestral (Algorithm 1) samples equal guided-diffusion's ``ddim_sample``/``p_sample`` loops
+    on the same networks: x̂_0 is clamped first, the shift (ε − s√(1−ᾱ)g, or μ + sΣg) comes
+    after and is not clamped again. The old order (shift, then clamp) missed by ~0.1."""
+    ddpm, steps, scale = guided.ddpm, 3, 5.0
+    assert ddpm.clip_x0
+    official = official_diffusion(ddpm, steps)
+    labels = torch.tensor([3, 8, 1, 0])
+
+    def model(x, t, y=None):
+        return ddpm.eps(x, t)
+
+    def cond_fn(x, t, y):  # classifier_sample.py's cond_fn, written out
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = torch.log_softmax(guided.classifier(x_in, t), dim=-1)
+            selected = log_probs[range(len(log_probs)), y.view(-1)]
+            return torch.autograd.grad(selected.sum(), x_in)[0] * scale
+
+    torch.manual_seed(11)  # the official loop draws from the global stream, ours from a generator
+    x = torch.randn(4, *ddpm.sample_shape)
+    with torch.no_grad():
+        for i in reversed(range(steps)):
+            t = torch.full((4,), i, dtype=torch.long)
+            step = official.ddim_sample if sampler == "ddim" else official.p_sample
+            x = step(model, x, t, clip_denoised=True, cond_fn=cond_fn, model_kwargs={"y": labels})
+            x = x["sample"]
+    ours = guided.sample(labels, scale, sampler, steps, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(ours, x.clamp(-1, 1), rtol=0, atol=2e-4)  # sample() clamps
