@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs
 CKPT ?= $(RUN)/ddpm/version_0/checkpoints/last.ckpt
 
-.PHONY: venv demo test test-all lint format tensorboard eval bench bench-diffae bench-pdae bench-guided bench-ldm bench-fast bench-reliability clean
+.PHONY: venv demo test test-all lint format tensorboard eval bench bench-diffae bench-pdae bench-guided bench-ldm bench-fast bench-reliability bench-precision clean
 
 venv: $(STAMP)
 
@@ -39,10 +39,10 @@ tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir $(RUN)
 
 ## eval: score every checkpoint under $(RUN) (or CKPT=a.ckpt,b.ckpt) -> reports/eval.md, eval.json, grids
-##   make eval N=500 SAMPLERS=ddpm:1000,ddim:100,ddim:50,ddim:20,ddim:10 SPACE=digits PRECISION=bf16
-##   (N=500 matches the floor's 500 real val images; bf16 halves CPU sampling time)
+##   make eval N=500 SAMPLERS=ddpm:1000,ddim:100,ddim:50,ddim:20,ddim:10 SPACE=digits PRECISION=auto
+##   (N=500 matches the floor's 500 real val images; auto: bf16 where the CPU/GPU runs it natively)
 N ?= 500
-PRECISION ?= bf16
+PRECISION ?= auto
 SAMPLERS ?= ddpm:1000,ddim:100,ddim:50,ddim:20,ddim:10
 SPACE ?= digits
 REPORTS ?= reports
@@ -74,7 +74,7 @@ bench-diffae: $(STAMP)
 	test -f $(LATENT) || $(PY) -m diffusion_apps fit --config configs/diffae_latent.yaml \
 		--model.init_args.autoencoder $(DIFFAE) --trainer.logger.init_args.version 0
 	$(PY) -m diffusion_apps eval --ckpt_paths $(DIFFAE),$(LATENT)$(if $(wildcard $(CKPT)),$(comma)$(CKPT)) \
-		--num_samples 500 --samplers ddim:50 --precision bf16 --out_dir benchmarks/results/diffae
+		--num_samples 500 --samplers ddim:50 --out_dir benchmarks/results/diffae
 	$(PY) benchmarks/autoencoder_extras.py --ckpt $(DIFFAE)
 	for mode in reconstruct interpolate variations; do \
 		$(PY) -m diffusion_apps autoencode --ckpt_path $(DIFFAE) --mode $$mode --out_dir docs/diffae; done
@@ -92,7 +92,7 @@ bench-pdae: $(STAMP)
 	test -f $(PDAE_LATENT) || $(PY) -m diffusion_apps fit --config configs/pdae_latent.yaml \
 		--model.init_args.autoencoder $(PDAE) --trainer.logger.init_args.version 0
 	$(PY) -m diffusion_apps eval --ckpt_paths $(PDAE),$(PDAE_LATENT)$(if $(wildcard $(DIFFAE)),$(comma)$(DIFFAE))$(if $(wildcard $(LATENT)),$(comma)$(LATENT)) \
-		--num_samples 500 --samplers ddim:50 --precision bf16 --out_dir benchmarks/results/pdae
+		--num_samples 500 --samplers ddim:50 --out_dir benchmarks/results/pdae
 	$(PY) benchmarks/autoencoder_extras.py --ckpt $(PDAE) --out benchmarks/results/pdae/extras.md
 	test ! -f $(DIFFAE) || $(PY) benchmarks/pdae_cost.py --pdae_run $(RUN)/pdae/version_0 --diffae $(DIFFAE)
 	$(PY) benchmarks/pdae_gap.py --ckpt $(PDAE)
@@ -125,7 +125,7 @@ bench-ldm: $(STAMP)
 	test -f $(LDM_CAPTION) || $(PY) -m diffusion_apps fit --config configs/ldm_caption.yaml \
 		--model.init_args.autoencoder $(LDM_AE) --trainer.logger.init_args.version 0
 	$(PY) -m diffusion_apps eval --ckpt_paths $(LDM_AE),$(LDM),$(LDM_CAPTION)$(if $(wildcard $(CKPT)),$(comma)$(CKPT)) \
-		--num_samples 500 --samplers ddim:50 --precision bf16 --out_dir benchmarks/results/ldm
+		--num_samples 500 --samplers ddim:50 --out_dir benchmarks/results/ldm
 	$(PY) benchmarks/ldm.py --ldm $(LDM) --caption $(LDM_CAPTION)
 
 ## bench-fast: quality against NFE for the DDPM $(CKPT): distils its consistency model unless present
@@ -138,10 +138,16 @@ bench-fast: $(STAMP)
 		--model.init_args.teacher $(CKPT) --trainer.logger.init_args.version 0
 	$(PY) benchmarks/fast_sampling.py --teacher $(CKPT) --consistency $(CONSISTENCY)
 
-## bench-reliability: exact resume and DDP on configs/ddpm.yaml (40 steps, bf16-mixed)
+## bench-reliability: exact resume and DDP on configs/ddpm.yaml (40 steps, the CPU's precision)
 ##   -> benchmarks/results/reliability/reliability.md
 bench-reliability: $(STAMP)
 	$(PY) benchmarks/reliability.py --steps 40
+
+## bench-precision: configs/ddpm.yaml's training step and sampling call in fp32 and bf16-mixed on
+##   this CPU, side by side, with the flags the automatic choice reads (about 5 min on 2 CPU cores)
+##   -> benchmarks/results/precision/precision.md
+bench-precision: $(STAMP)
+	$(PY) benchmarks/precision.py --steps 20 --rounds 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samplers", default=SAMPLERS)
     p.add_argument("--num_samples", type=int, default=500)
     p.add_argument("--batch_size", type=int, default=250)
-    p.add_argument("--precision", choices=["32", "bf16"], default="bf16")
+    p.add_argument("--precision", choices=["auto", "32", "bf16"], default="auto")
     p.add_argument("--out", default="benchmarks/results/fast_sampling")
     args = p.parse_args(argv)
 

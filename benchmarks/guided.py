@@ -25,8 +25,9 @@ from diffusion_apps.checkpoint import load_module, resolve_device
 from diffusion_apps.evaluation import FeatureStats, frechet_distance, mean_cov, reference_features
 from diffusion_apps.evaluation.digits import embedded_split
 from diffusion_apps.evaluation.evaluate import parse_samplers
-from diffusion_apps.images import autocast, save_grid
+from diffusion_apps.images import save_grid
 from diffusion_apps.methods import DDPM, ClassifierGuidedDDPM, NoisyClassifier
+from diffusion_apps.precision import autocast, sampling_precision
 
 
 def per_class_fd(real, real_labels, fake, fake_labels) -> float:
@@ -89,12 +90,13 @@ def main() -> None:
     )
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="bf16", choices=["32", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/guided")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    args.precision = sampling_precision(args.precision, device)
     guided = ClassifierGuidedDDPM(
         load_module(args.ddpm, DDPM), load_module(args.classifier, NoisyClassifier)
     ).to(device)

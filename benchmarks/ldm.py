@@ -44,9 +44,10 @@ from diffusion_apps.diffusion import ddim_sample
 from diffusion_apps.evaluation import FeatureStats, digit_classifier, mean_cov, reference_features
 from diffusion_apps.evaluation.digits import embedded_split
 from diffusion_apps.evaluation.metrics import space_input
-from diffusion_apps.images import autocast, save_grid
+from diffusion_apps.images import save_grid
 from diffusion_apps.methods import LatentDiffusion
 from diffusion_apps.nn import UNet
+from diffusion_apps.precision import autocast, sampling_precision
 
 
 def digits_at(split: str, n: int, size: int) -> torch.Tensor:
@@ -256,7 +257,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--reps", type=int, default=10, help="timed training steps")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="bf16", choices=["32", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/ldm")
     parser.add_argument("--docs", type=Path, default=Path("docs/ldm"))
@@ -264,6 +265,7 @@ def main() -> None:
     args.scales = [float(s) for s in args.scales.split(",")]
 
     device = resolve_device(args.device)
+    args.precision = sampling_precision(args.precision, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
     model = load_module(args.ldm, LatentDiffusion).to(device)
     real = reference_features("digits", "train", progress=False)

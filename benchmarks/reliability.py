@@ -1,4 +1,4 @@
-"""Resume and DDP, measured on the real DDPM config (configs/ddpm.yaml, bf16-mixed, batch 64).
+"""Resume and DDP, measured on the real DDPM config (configs/ddpm.yaml, batch 64).
 
     python benchmarks/reliability.py --steps 40
 
@@ -27,6 +27,8 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+
+from diffusion_apps import precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +129,7 @@ def main() -> None:
     identical = all(bits[k] for k in ("state_dict", "current_model_state", "adamw"))
     ddp = results["ddp"]
     lines = [
-        "# Resume and DDP on configs/ddpm.yaml (bf16-mixed, batch 64 per process)",
+        f"# Resume and DDP on configs/ddpm.yaml ({precision.choose('cpu')[0]}, batch 64 a process)",
         "",
         f"Machine: {results['machine']}; `python benchmarks/reliability.py --steps {n}`.",
         "",

@@ -49,6 +49,11 @@ class DiffusionCLI(LightningCLI):
         return trainer
 
     def before_instantiate_classes(self) -> None:
+        from diffusion_apps import precision
+
+        precision.configure(
+            (self.config[self.subcommand] if self.subcommand else self.config).trainer
+        )
         self._last = None  # the checkpoint `--ckpt_path last` stands for, when found
         if self.subcommand == "fit" and self.config.fit.ckpt_path == "last":
             self._last = continue_last_version(self.config.fit.trainer.logger)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 
@@ -31,8 +30,3 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid(images, nrow), path)
     return path
-
-
-def autocast(device: torch.device, precision: str):
-    """bfloat16 autocast of the network for ``precision == "bf16"``, else a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

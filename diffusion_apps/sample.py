@@ -21,7 +21,7 @@ def sample(
     batch_size: int = 64,
     out_dir: str | None = None,
     device: str = "auto",
-    precision: Literal["32", "bf16"] = "32",
+    precision: Literal["auto", "32", "bf16"] = "auto",
     classifier_path: str | None = None,
     labels: list[int] | None = None,
     prompts: list[str] | None = None,
@@ -48,7 +48,9 @@ def sample(
         batch_size: images per forward pass.
         out_dir: where to write; default ``<run dir>/samples/<ckpt>_<sampler><steps>_seed<seed>``.
         device: "auto" (CUDA when available), "cpu", "cuda", …
-        precision: "bf16" runs the network under bfloat16 autocast (the sampler stays fp32).
+        precision: "bf16" runs the network under bfloat16 autocast (the sampler stays fp32);
+            "auto": bf16 where the device runs it natively (a CPU with AVX512-BF16 or AMX, a
+            bf16 GPU), else fp32. The choice is printed.
         classifier_path: a NoisyClassifier checkpoint trained for this DDPM: guided sampling.
         labels: the target classes, repeated to ``num_samples`` (default 0, 1, …, K−1).
         prompts: a caption-conditioned LDM: captions ("thick slanted seven"), repeated likewise.
@@ -66,14 +68,16 @@ def sample(
     from diffusion_apps.checkpoint import load_module, resolve_device
     from diffusion_apps.distributed import first_images, process_group, rank_batches
     from diffusion_apps.evaluation.evaluate import can_sample
-    from diffusion_apps.images import autocast, save_grid, to_unit
+    from diffusion_apps.images import save_grid, to_unit
     from diffusion_apps.methods import LatentDiffusion
+    from diffusion_apps.precision import autocast, sampling_precision
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(
             f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}"
         )
     dev = resolve_device(device)
+    precision = sampling_precision(precision, dev)
     module = load_module(ckpt_path).to(dev)
     if not can_sample(module):
         raise SystemExit(

@@ -166,7 +166,8 @@ def _generation_rows(module, name, step, settings, metric, args, rank, world, ou
     from tqdm.auto import tqdm
 
     from diffusion_apps.evaluation.report import Row
-    from diffusion_apps.images import autocast, save_grid
+    from diffusion_apps.images import save_grid
+    from diffusion_apps.precision import autocast
 
     allowed = _sampler_names(module)
     own = [s for s in settings if allowed is None or s.name in allowed]
@@ -241,7 +242,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 250,
     device: str = "auto",
-    precision: Literal["32", "bf16"] = "32",
+    precision: Literal["auto", "32", "bf16"] = "auto",
     feature_extractor_weights_path: str | None = None,
 ) -> Path:
     """Evaluate checkpoints and write ``<out_dir>/eval.md``, ``eval.json`` and sample grids.
@@ -265,7 +266,9 @@ def evaluate(
         seed: seed of the batch seeds (:func:`~diffusion_apps.distributed.rank_batches`).
         batch_size: samples per forward pass.
         device: "auto" (CUDA when available), "cpu", "cuda", …
-        precision: "bf16" runs the network under bfloat16 autocast (the sampler stays fp32).
+        precision: "bf16" runs the network under bfloat16 autocast (the sampler stays fp32);
+            "auto": bf16 where the device runs it natively (a CPU with AVX512-BF16 or AMX, a
+            bf16 GPU), else fp32. The choice is printed and written in the report.
         feature_extractor_weights_path: local Inception weights for ``space="inception"`` offline.
 
     Returns:
@@ -284,6 +287,7 @@ def evaluate(
         reconstruction_rows,
     )
     from diffusion_apps.evaluation.report import Row, write_report
+    from diffusion_apps.precision import sampling_precision
 
     if num_samples < MIN_SAMPLES or batch_size < 1:
         raise ValueError(
@@ -311,6 +315,7 @@ def evaluate(
             f"{world} processes: lower --batch_size"
         )
     dev = resolve_device(device)
+    precision = sampling_precision(precision, dev)
     out = Path(out_dir)
     args = dict(
         space=space,
