@@ -41,8 +41,8 @@ def sample(
             for a consistency model; default: the checkpoint's.
         steps: sampler steps (DDPM with fewer than T steps is respaced); default: the checkpoint's.
         eta: DDIM η; default: the checkpoint's.
-        spacing: the timestep subsequence ("logsnr" suits DPM-Solver++); default: the
-            checkpoint's.
+        spacing: the timestep subsequence; default: "logsnr" for dpmpp_2m (on uniform steps
+            its last step overshoots), the checkpoint's ``timestep_spacing`` otherwise.
         seed: seed of the generators that draw x_T and the sampler noise, one per batch, so the
             images are the same whatever the number of processes.
         batch_size: images per forward pass.

@@ -124,7 +124,9 @@ def plain_metrics(values: dict) -> dict[str, float | int]:
 
 
 def _nfe(module, sampler: str, steps: int) -> int:
-    """Network evaluations per sample: one per step, at most T (the samplers here are 1st order)."""
+    """Network evaluations per sample: one per step, at most T. DDPM and DDIM call the network
+    once a step, and so does DPM-Solver++(2M): its second order is multistep, reusing the
+    previous step's x̂_0."""
     if callable(getattr(module, "nfe", None)):
         return int(module.nfe(sampler, steps))
     schedule = getattr(module, "schedule", None)
@@ -259,7 +261,8 @@ def evaluate(
         ckpt_paths: checkpoints to evaluate instead of searching ``run_dir`` (a list, or one
             path, or comma-separated paths).
         num_samples: N, samples per checkpoint and sampler setting.
-        samplers: ``"sampler:steps"`` settings, comma-separated or as a list.
+        samplers: ``"sampler:steps[:spacing]"`` settings, comma-separated or as a list (spacing:
+            default "logsnr" for dpmpp_2m, else the checkpoint's).
         space: feature space: "digits" (the offline digit classifier; ``fd_digits``) or
             "inception" (FID, KID, IS, P&R).
         out_dir: where the report and the grids go.

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion_apps.diffusion import NoiseSchedule
+from diffusion_apps.diffusion import NoiseSchedule, timestep_subsequence
 from diffusion_apps.methods import DDPM
 
 MU, SIGMA = 0.2, 0.2  # |x| > 1 (clamped by sample()) has probability 3e-5
@@ -135,3 +135,25 @@ def test_compile_option_compiles_the_networks_in_place():
     assert impl is not None
     compiled.configure_model()  # called again on every fit/validate: compiles once
     assert unet._compiled_call_impl is impl and set(compiled.state_dict()) == keys
+
+
+def test_dpm_solver_takes_logsnr_steps_unless_told():
+    """On uniform t DPM-Solver++'s last step overshoots (worse than DDIM): ``dpmpp_2m`` gets
+    log-SNR spacing by default, the other samplers the configured one; a given spacing wins."""
+    model = make("eps", T=1000, timestep_spacing="uniform")
+    seen = []
+
+    def recorder(x_t, t, **_):
+        seen.append(int(t[0]))
+        return torch.zeros_like(x_t)
+
+    def walked(sampler, **kw):
+        seen.clear()
+        model.draw(2, sampler, 10, eps_fn=recorder, **kw)
+        return sorted(set(seen))
+
+    logsnr = timestep_subsequence(1000, 10, "logsnr", model.schedule.alphas_cumprod).tolist()
+    uniform = timestep_subsequence(1000, 10, "uniform").tolist()
+    assert walked("dpmpp_2m") == logsnr != uniform
+    assert walked("ddim") == uniform
+    assert walked("dpmpp_2m", spacing="uniform") == uniform
