@@ -41,8 +41,9 @@ def autoencode(
         attribute: manipulate: the class (attribute index) to move towards, e.g. 8.
         scales: manipulate: the s of z' = denorm(norm(z) + s·√d·w/‖w‖); default 0, 0.3 (the
             paper's), 1, 2, 3 (a digit's class needs s ≈ 2–4).
-        steps: DDIM decoding steps; default: the checkpoint's ``sample_steps``.
-        encode_steps: DDIM inversion steps; default: the checkpoint's.
+        steps: DDIM decoding steps, and inversion steps unless ``encode_steps`` are given;
+            default: the checkpoint's ``sample_steps`` (and ``encode_steps``).
+        encode_steps: DDIM inversion steps; default: ``steps``, else the checkpoint's.
         seed: seed of the random x_T.
         out_dir: default ``<run dir>/autoencode``.
         device: "auto" (CUDA when available), "cpu", "cuda", …
@@ -69,8 +70,6 @@ def autoencode(
     if mode == "trajectory" and not hasattr(module, "interpolate_trajectory"):
         raise SystemExit(f"autoencode: trajectory interpolation is PDAE's; {ckpt_path} holds a "
                          f"{type(module).__name__}")  # fmt: skip
-    if encode_steps is not None:
-        module.encode_steps = encode_steps
     data = checkpoint_data(read_checkpoint(ckpt_path), module)
     images, labels = next(iter(DataLoader(data.val_set, batch_size=len(data.val_set))))
     gen = torch.Generator(dev).manual_seed(seed)
@@ -83,13 +82,15 @@ def autoencode(
             )
         images = images[labels != attribute]
     x = images[:num_images].to(dev)
+    paired = dict(steps=steps, encode_steps=encode_steps)  # inversion and decoding
     if mode == "reconstruct":
-        rows = [x, module.reconstruct(x, steps=steps), module.reconstruct(x, False, steps, gen)]
+        random = module.reconstruct(x, False, steps, gen)
+        rows = [x, module.reconstruct(x, **paired), random]
         grid, nrow = torch.cat(rows), len(x)
     elif mode in ("interpolate", "trajectory"):
         half = len(x) // 2
         interpolate = module.interpolate if mode == "interpolate" else module.interpolate_trajectory
-        strips = interpolate(x[:half], x[half : 2 * half], steps=steps)
+        strips = interpolate(x[:half], x[half : 2 * half], **paired)
         framed = [x[:half, None], strips, x[half : 2 * half, None]]
         grid, nrow = torch.cat(framed, dim=1), strips.shape[1] + 2
     elif mode == "variations":
@@ -99,7 +100,7 @@ def autoencode(
         loader = DataLoader(data.train_set, batch_size=250)
         probe = module.fit_probe(loader)
         scales = [0.0, 0.3, 1.0, 2.0, 3.0] if scales is None else scales
-        grid = module.manipulate(x, probe, attribute, scales, steps)
+        grid = module.manipulate(x, probe, attribute, scales, **paired)
         grid, nrow = torch.cat([x[:, None], grid], dim=1), len(scales) + 1
     out = Path(out_dir or Path(ckpt_path).parent.parent / "autoencode")
     path = out / f"{mode}.png"

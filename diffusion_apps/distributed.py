@@ -1,8 +1,9 @@
 """Sharing sampling work between the processes of a ``torchrun`` launch (``sample``, ``eval``).
 
 Training's DDP is Lightning's (``--trainer.devices 2 --trainer.strategy ddp``), with
-``ImageDataModule`` splitting the batches across the ranks; of this module it uses only
-:func:`gather` (every rank's random state, in checkpoints).
+``ImageDataModule`` splitting the batches across the ranks; of this module it uses
+:func:`gather` (every rank's random state, in checkpoints), :func:`pooled_mean_std` (statistics
+of the data measured before training) and :func:`predict_indices`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,30 @@ def gather(value, world: int) -> list:
     values = [None] * world
     dist.all_gather_object(values, value)
     return values
+
+
+def pooled_mean_std(
+    sums: torch.Tensor, squares: torch.Tensor, count: int, trainer=None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(μ, σ, n) of values of which this process holds the sums Σz, Σz² (float64) and the count:
+    μ = Σz/n, σ = √((Σz² − nμ²)/(n − 1)), the sums first added up over every rank of the
+    Lightning ``trainer`` (None: this process alone), so each rank gets the statistics of all
+    the ranks' data, not of its own shard."""
+    totals = torch.stack([sums, squares, torch.full_like(sums, count)])
+    if trainer is not None:
+        totals = trainer.strategy.reduce(totals, reduce_op="sum")
+    sums, squares, n = totals
+    mean = sums / n
+    var = (squares / n - mean.square()).clamp(min=0) * n / (n - 1)
+    return mean, var.sqrt(), int(n.flatten()[0])
+
+
+def predict_indices(trainer, batch_idx: int, dataloader_idx: int = 0) -> list[int]:
+    """The dataset indices of the items of predict batch ``batch_idx``, as Lightning's predict
+    loop records them (under DDP its sampler deals the items out to the ranks in turn)."""
+    loaders = trainer.predict_dataloaders
+    loader = loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
+    return loader.batch_sampler.seen_batch_indices[batch_idx]
 
 
 def first_images(batches: list, world: int) -> torch.Tensor:

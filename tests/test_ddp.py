@@ -2,7 +2,9 @@
 torchrun subprocess (in-process DDP would re-run the pytest session in rank 1), and ``sample``
 splits its batches across the ranks. The launch by Lightning itself (``python -m diffusion_apps
 fit --trainer.devices 2``) and the metric sync are tested in evaluation/test_eval_callback.py,
-``eval`` under torchrun in evaluation/test_eval_command.py."""
+``eval`` under torchrun in evaluation/test_eval_command.py. The statistics measured before
+training (LDM's scale, LatentDDIM's μ and σ) pool every rank's data, and ``predict`` draws each
+item's image as one process does."""
 
 import json
 import os
@@ -11,7 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from diffusion_apps.checkpoint import load_module
+from diffusion_apps.cli import DiffusionCLI
+from diffusion_apps.data import ImageDataModule
 from tests.conftest import CONFIGS, REPO, run_cli_in
 
 ORDER = [  # each after the checkpoints it builds on
@@ -44,6 +50,55 @@ def test_every_method_trains_in_step_on_two_processes(ddp_run):
         # DDP averaged the gradients: the ranks trained on different batches to equal weights
         assert rank0["weights"] == rank1["weights"], config
         assert not set(rank0["indices"]) & set(rank1["indices"]), config
+        assert rank0["buffers"] == rank1["buffers"], config
+
+
+def last_checkpoint(root, config: str):
+    return load_module(root / "runs" / f"tiny_{Path(config).stem}/version_0/checkpoints/last.ckpt")
+
+
+def test_the_latent_scale_is_one_over_the_std_of_every_ranks_first_batch(ddp_run):
+    """s = 1/std(z) over the z ~ q(z | x) of both ranks' first batches, drawn again here from the
+    images and random state each rank measured with (only rank 0's before the all-reduce)."""
+    root, seen = ddp_run
+    data = ImageDataModule(image_size=16, batch_size=8)  # the tiny configs' data
+    data.setup()
+    scaled = [config for config, views in seen.items() if "scale_factor" in views[0]["buffers"]]
+    assert len(scaled) == 2  # ldm, ldm_caption
+    for config in scaled:
+        autoencoder = last_checkpoint(root, config).autoencoder
+        z = []
+        for view in seen[config]:
+            images = torch.tensor(view["scale_input"]["images"])
+            first = torch.stack([data.train_set[i][0] for i in view["indices"][:8]])
+            assert torch.equal(images, first), config  # the rank's first training batch
+            with torch.random.fork_rng():
+                torch.set_rng_state(
+                    torch.tensor(view["scale_input"]["rng_state"], dtype=torch.uint8)
+                )
+                z.append(autoencoder.encode(images).sample())
+        expected = 1 / torch.cat(z).double().flatten().std()
+        for view in seen[config]:
+            assert view["buffers"]["scale_factor"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_latent_statistics_are_measured_over_the_whole_train_split(ddp_run):
+    """LatentDDIM's μ and σ: every rank's equal the mean and std of the codes of the whole train
+    split computed here in one process (up to the 2 + 2 images each rank's loader drops, ~1e-4
+    of their size; one rank's half of the split is off by ~1e-2)."""
+    root, seen = ddp_run
+    data = ImageDataModule(image_size=16, batch_size=8)
+    data.setup()
+    images = torch.stack([x for x, _ in data.train_set])
+    stats = [config for config, views in seen.items() if "z_mean" in views[0]["buffers"]]
+    assert len(stats) == 2  # diffae_latent, pdae_latent
+    for config in stats:
+        autoencoder = last_checkpoint(root, config).autoencoder
+        z = torch.cat([autoencoder.encode(x) for x in images.split(500)]).double()
+        for view in seen[config]:
+            mean, std = (torch.tensor(view["buffers"][k]).double() for k in ("z_mean", "z_std"))
+            torch.testing.assert_close(mean, z.mean(0), atol=1e-4, rtol=1e-3)
+            torch.testing.assert_close(std, z.std(0), atol=1e-4, rtol=1e-3)
 
 
 def test_sample_splits_batches_across_ranks_as_one_process_would(ddp_run):
@@ -56,3 +111,21 @@ def test_sample_splits_batches_across_ranks_as_one_process_would(ddp_run):
     assert [p.name for p in one] == [p.name for p in two]
     for a, b in zip(two, one, strict=True):
         assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_predict_draws_each_items_image_as_one_process_does(ddp_run, monkeypatch):
+    """The two ranks predict different items (Lightning deals them out in turn) and different
+    images; each item's image is the one a single process predicts for it."""
+    root, _ = ddp_run
+    monkeypatch.chdir(root)
+    ranks = [torch.load(root / f"predict_{rank}.pt") for rank in (0, 1)]
+    args = ["predict", "--config", str(CONFIGS / "tiny/ddpm.yaml")]
+    args += ["--ckpt_path", "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"]
+    cli = DiffusionCLI(
+        args=[*args, "--trainer.limit_predict_batches", "2", "--trainer.logger", "false"]
+    )
+    one = torch.cat(cli.trainer.predict_loop.predictions)  # items 0, 1, …, 15
+    assert sorted(ranks[0]["indices"] + ranks[1]["indices"]) == list(range(len(one)))
+    assert not torch.allclose(ranks[0]["images"], ranks[1]["images"], atol=1e-2)
+    for rank in ranks:
+        torch.testing.assert_close(rank["images"], one[rank["indices"]])

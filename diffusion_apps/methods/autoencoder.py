@@ -33,12 +33,18 @@ class DiffusionAutoencoder:
         ``semantic_variations``    x_T (inferred) fixed, z varied
         ``fit_probe``          a linear classifier on normalised z (attribute directions)
         ``manipulate``         decode(z', x_T), z' = denorm(norm(z) + s·√d·w/‖w‖)
+
+    The modes that infer x_T take ``steps`` (default: ``sample_steps``) and ``encode_steps``
+    (default: ``steps`` when given, else ``encode_steps``): one ``steps`` sets the inversion
+    and the decoding alike, so x_T is decoded from the noise level it was inverted to.
     """
 
     generates_unconditionally = False  # x_0 needs a z: see LatentDDIM
 
-    def code_eps(self) -> EpsFn:
-        """The decoder's ε-model ``eps(x_t, t, z)``."""
+    def code_eps(self, decoding: bool = False) -> EpsFn:
+        """The decoder's ε-model ``eps(x_t, t, z)``. ``decoding`` adds ``clip_x0``'s clamp of
+        the network's x̂_0 (:meth:`DDPM.sampling_eps`), before any learned shift; inversion runs
+        the unclamped ODE."""
         raise NotImplementedError
 
     def draw(
@@ -49,7 +55,8 @@ class DiffusionAutoencoder:
         that says how to sample unconditionally."""
         if z is None:
             raise ValueError(LATENT_HINT)
-        return super().draw(num_samples, *args, eps_fn=eps_fn or self.code_eps(), z=z, **kwargs)
+        eps_fn = eps_fn or self.code_eps(decoding=True)
+        return super().draw(num_samples, *args, eps_fn=eps_fn, z=z, **kwargs)
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
         """Reconstructions (inferred x_T) of the batch's images."""
@@ -64,7 +71,8 @@ class DiffusionAutoencoder:
     def encode_stochastic(
         self, x0: Tensor, z: Tensor | None = None, steps: int | None = None
     ) -> Tensor:
-        """x_T by deterministic DDIM inversion of x0 conditioned on z (DiffAE eq. 8)."""
+        """x_T by deterministic DDIM inversion of x0 conditioned on z (DiffAE eq. 8), over the
+        subsequence of ``steps`` steps (default ``encode_steps``)."""
         z = self.encode(x0) if z is None else z
         ts = self.timesteps(steps or self.encode_steps)
         return ddim_invert(self.code_eps(), self.schedule, x0, timesteps=ts, z=z)
@@ -83,18 +91,24 @@ class DiffusionAutoencoder:
         inferred: bool = True,
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        encode_steps: int | None = None,
     ) -> Tensor:
         """decode(z, x_T) with x_T inferred by ``encode_stochastic`` or drawn N(0, I)."""
         z = self.encode(x0)
         if inferred:
-            x_T = self.encode_stochastic(x0, z)
+            x_T = self.encode_stochastic(x0, z, encode_steps or steps)
         else:
             x_T = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return self.decode(z, x_T, steps)
 
     @torch.no_grad()
     def interpolate(
-        self, x_a: Tensor, x_b: Tensor, num: int = 7, steps: int | None = None
+        self,
+        x_a: Tensor,
+        x_b: Tensor,
+        num: int = 7,
+        steps: int | None = None,
+        encode_steps: int | None = None,
     ) -> Tensor:
         """Decoded interpolations (B, num, C, H, W) from x_a (w = 0) to x_b (w = 1):
         z by lerp, x_T (inferred) by slerp, as DiffAE does."""
@@ -102,15 +116,18 @@ class DiffusionAutoencoder:
         def frame(z_a: Tensor, z_b: Tensor, x_T: Tensor, w: float) -> Tensor:
             return self.decode(torch.lerp(z_a, z_b, w), x_T, steps)
 
-        return self.interpolation_frames(x_a, x_b, num, frame)
+        return self.interpolation_frames(x_a, x_b, num, frame, encode_steps or steps)
 
-    def interpolation_frames(self, x_a: Tensor, x_b: Tensor, num: int, frame) -> Tensor:
+    def interpolation_frames(
+        self, x_a: Tensor, x_b: Tensor, num: int, frame, encode_steps: int | None = None
+    ) -> Tensor:
         """(B, num, C, H, W): ``frame(z_a, z_b, x_T, w)`` for ``num`` weights w from 0 to 1, x_T
-        the slerp of the two images' inferred x_T."""
+        the slerp of the two images' x_T inferred over ``encode_steps``."""
         if num < 2:
             raise ValueError(f"num must be >= 2, got {num}")
         z_a, z_b = self.encode(x_a), self.encode(x_b)
-        t_a, t_b = self.encode_stochastic(x_a, z_a), self.encode_stochastic(x_b, z_b)
+        t_a = self.encode_stochastic(x_a, z_a, encode_steps)
+        t_b = self.encode_stochastic(x_b, z_b, encode_steps)
         frames = [
             frame(z_a, z_b, slerp(t_a, t_b, w), w) for w in torch.linspace(0, 1, num).tolist()
         ]
@@ -134,10 +151,12 @@ class DiffusionAutoencoder:
         return torch.stack(frames, dim=1)
 
     @torch.no_grad()
-    def semantic_variations(self, x0: Tensor, z: Tensor, steps: int | None = None) -> Tensor:
+    def semantic_variations(
+        self, x0: Tensor, z: Tensor, steps: int | None = None, encode_steps: int | None = None
+    ) -> Tensor:
         """(B, K, C, H, W): each image's inferred x_T decoded with each of the K codes z
         (K, D) — the stochastic detail stays, the semantics change."""
-        x_T = self.encode_stochastic(x0)
+        x_T = self.encode_stochastic(x0, steps=encode_steps or steps)
         frames = [self.decode(z.expand(len(x0), -1), x_T, steps) for z in z]
         return torch.stack(frames, dim=1)
 
@@ -155,6 +174,7 @@ class DiffusionAutoencoder:
         attribute: int,
         scales: list[float] | tuple[float, ...] = (0.3,),
         steps: int | None = None,
+        encode_steps: int | None = None,
     ) -> Tensor:
         """(B, S, C, H, W): each image decoded from its inferred x_T with z moved along
         ``attribute``'s direction by each of the S ``scales`` (DiffAE Sec. 4.2),
@@ -162,7 +182,7 @@ class DiffusionAutoencoder:
         w the probe's weights for the attribute, norm/denorm its training-set statistics.
         Scale 0 is the reconstruction; the paper uses s = 0.3 on CelebA-HQ."""
         z = self.encode(x0)
-        x_T = self.encode_stochastic(x0, z)
+        x_T = self.encode_stochastic(x0, z, encode_steps or steps)
         frames = [self.decode(probe.shift(z, attribute, s), x_T, steps) for s in scales]
         return torch.stack(frames, dim=1)
 

@@ -171,10 +171,16 @@ class DDPM(DiffusionMethod):
     def test_step(self, batch, batch_idx: int) -> None:
         self.log("test/loss", self._heldout_loss(batch, batch_idx), sync_dist=True)
 
-    def predict_step(self, batch, batch_idx: int) -> Tensor:
-        """One sample per item of the batch, seeded by the batch index (``sample`` writes files)."""
-        gen = torch.Generator(self.device).manual_seed(batch_idx)
-        return self.sample(len(batch[0]), generator=gen)
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """One sample per item of the batch, item i of the predict set drawn on its own from a
+        generator seeded i: under DDP, where the items are dealt out to the ranks, each item's
+        image is the one a single process draws, and no two ranks draw the same. One image per
+        sampler run: ``sample`` batches (and writes files)."""
+        from diffusion_apps.distributed import predict_indices
+
+        indices = predict_indices(self.trainer, batch_idx, dataloader_idx)
+        gens = [torch.Generator(self.device).manual_seed(i) for i in indices]
+        return torch.cat([self.sample(1, generator=gen) for gen in gens])
 
     def timesteps(self, steps: int, spacing: Spacing | None = None) -> Tensor:
         """The subsequence of min(steps, T) of the T training steps, spaced by ``spacing``

@@ -66,8 +66,10 @@ class DiffAE(DiffusionAutoencoder, DDPM):
         if encode_steps < 1:
             raise ValueError(f"encode_steps must be >= 1, got {encode_steps}")
         super().__init__(
-            unet, schedule, "eps", "ddim", sample_steps, 0.0, timestep_spacing, "beta", clip_x0,
-            num_val_samples, "mse", lr, weight_decay, warmup_steps, adam_betas, compile,
+            unet, schedule=schedule, prediction="eps", sampler="ddim", sample_steps=sample_steps,
+            eta=0.0, timestep_spacing=timestep_spacing, variance="beta", clip_x0=clip_x0,
+            num_val_samples=num_val_samples, loss="mse", lr=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, adam_betas=adam_betas, compile=compile,
         )  # fmt: skip
         self.encoder = encoder
         self.encode_steps = encode_steps
@@ -76,10 +78,11 @@ class DiffAE(DiffusionAutoencoder, DDPM):
         """z_sem = Enc_φ(x_0), trained through the diffusion loss."""
         return {"cond": self.encoder(x0)}
 
-    def code_eps(self) -> EpsFn:
-        """ε_θ(x_t, t, z_sem): the UNet's AdaGN takes the code."""
+    def code_eps(self, decoding: bool = False) -> EpsFn:
+        """ε_θ(x_t, t, z_sem): the UNet's AdaGN takes the code (``decoding``: clamped x̂_0 with
+        ``clip_x0``)."""
 
         def eps(x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:
             return self.eps(x_t, t, cond=z)
 
-        return eps
+        return self.sampling_eps(eps) if decoding else eps

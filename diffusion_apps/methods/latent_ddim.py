@@ -14,6 +14,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from diffusion_apps.diffusion import NoiseSchedule
+from diffusion_apps.distributed import pooled_mean_std
 from diffusion_apps.evaluation.autoencoding import is_diffae_like
 from diffusion_apps.methods.ddpm import DDPM, Sampler
 from diffusion_apps.nn import SkipMLP
@@ -39,7 +40,8 @@ class LatentDDIM(DDPM):
             loads without that file.
         schedule: the latent forward process; default constant β = 0.008.
         decode_steps: DDIM steps of the image decoder (default: the autoencoder's own).
-        stats_batches: train batches used for μ and σ (default: the whole train split).
+        stats_batches: train batches (of each rank, under DDP) used for μ and σ (default: the
+            whole train split).
         Other arguments: see :class:`DDPM`.
     """
 
@@ -62,8 +64,10 @@ class LatentDDIM(DDPM):
     ) -> None:
         schedule = schedule or NoiseSchedule("constant", 1000, constant_beta=0.008)
         super().__init__(
-            net, schedule, "eps", sampler, sample_steps, 0.0, "uniform", "beta", False,
-            num_val_samples, loss, lr, weight_decay, warmup_steps, adam_betas, compile,
+            net, schedule=schedule, prediction="eps", sampler=sampler, sample_steps=sample_steps,
+            eta=0.0, timestep_spacing="uniform", variance="beta", clip_x0=False,
+            num_val_samples=num_val_samples, loss=loss, lr=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, adam_betas=adam_betas, compile=compile,
         )  # fmt: skip
         self.autoencoder = self.load_part(autoencoder)
         if not is_diffae_like(self.autoencoder):
@@ -85,29 +89,31 @@ class LatentDDIM(DDPM):
         """No image-shape check: the data feed the frozen autoencoder, which checks them."""
 
     def on_fit_start(self) -> None:
-        """Measure μ and σ of z_sem over the training images, once: they are saved with the
-        weights, so a resumed run keeps them."""
+        """Measure μ and σ of z_sem over the training images, once (under DDP each rank encodes
+        its shard and the sums are pooled): they are saved with the weights, so a resumed run
+        keeps them."""
         if not bool(self.stats_ready):
             self.measure_statistics(self.trainer.datamodule.train_dataloader())
 
     @torch.no_grad()
     def measure_statistics(self, loader) -> None:
         """μ = Σz/n and σ = √((Σz² − nμ²)/(n − 1)) per dimension of z = Enc(x_0) over
-        ``loader``'s images (the first ``stats_batches``), accumulated in float64."""
-        total, total_sq, n = 0.0, 0.0, 0
+        ``loader``'s images (the first ``stats_batches``), accumulated in float64; under DDP the
+        sums of every rank's loader."""
         device = self.z_mean.device
+        total = torch.zeros_like(self.z_mean, dtype=torch.float64)
+        total_sq, n = total.clone(), 0
         batches = tqdm(loader, desc="z_sem statistics", total=self.stats_batches, leave=False)
         for i, batch in enumerate(batches):
             if self.stats_batches is not None and i >= self.stats_batches:
                 break
             z = self.autoencoder.encode(batch[0].to(device)).double()
             total, total_sq, n = total + z.sum(0), total_sq + z.square().sum(0), n + len(z)
+        mean, std, n = pooled_mean_std(total, total_sq, n, self._trainer)
         if n < 2:
             raise ValueError("LatentDDIM needs at least 2 training images for z statistics")
-        mean = total / n
-        var = (total_sq / n - mean.square()).clamp(min=0) * n / (n - 1)
         self.z_mean.copy_(mean.float())
-        self.z_std.copy_(var.sqrt().clamp(min=1e-6).float())
+        self.z_std.copy_(std.clamp(min=1e-6).float())
         self.stats_ready.fill_(True)
 
     def normalize(self, z: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from diffusion_apps.data.captions import DIGITS, WORDS, describe
 from diffusion_apps.diffusion import NoiseSchedule, classifier_free_guidance
+from diffusion_apps.distributed import pooled_mean_std
 from diffusion_apps.methods.autoencoder_kl import AutoencoderKL
 from diffusion_apps.methods.ddpm import DDPM, Sampler, Spacing
 from diffusion_apps.nn import CaptionEncoder, ClassEmbedder, UNet
@@ -19,7 +20,8 @@ from diffusion_apps.nn import CaptionEncoder, ClassEmbedder, UNet
 class LatentDiffusion(DDPM):
     """Stage 2: L_LDM = E_{E(x), y, ε, t} ‖ε − ε_θ(z_t, t, τ_θ(y))‖² (LDM eq. 3), z_0 = s·z,
     z ~ q(z | x) of the frozen first stage, s = 1/std(z) measured once, on the first training
-    batch, and saved with the weights (a resumed run keeps it). Samples are decoded as D(z_0/s).
+    batch (every rank's under DDP), and saved with the weights (a resumed run keeps it). Samples
+    are decoded as D(z_0/s).
 
     Conditioning: τ_θ (class embedding or caption encoder) gives the context of the UNet's
     cross-attention, softmax(QKᵀ/√d)·V with Q = W_q φ(z_t), K = W_k τ_θ(y), V = W_v τ_θ(y).
@@ -62,8 +64,10 @@ class LatentDiffusion(DDPM):
     ) -> None:
         schedule = schedule or NoiseSchedule("sqrt_linear", 1000, 0.0015, 0.0195)
         super().__init__(
-            unet, schedule, "eps", sampler, sample_steps, eta, "uniform", "beta", False,
-            num_val_samples, "mse", lr, weight_decay, warmup_steps, adam_betas, compile,
+            unet, schedule=schedule, prediction="eps", sampler=sampler, sample_steps=sample_steps,
+            eta=eta, timestep_spacing="uniform", variance="beta", clip_x0=False,
+            num_val_samples=num_val_samples, loss="mse", lr=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, adam_betas=adam_betas, compile=compile,
         )  # fmt: skip
         if not 0.0 <= cond_drop < 1.0 or not 0.0 <= caption_drop <= 1.0:
             raise ValueError(f"cond_drop must lie in [0, 1) and caption_drop in [0, 1], got "
@@ -104,12 +108,10 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def measure_scale(self, images: Tensor) -> None:
         """s = 1/std(z) over every element of z ~ q(z | x) for a batch of images (LDM's
-        ``scale_by_std``); under DDP rank 0's value, broadcast."""
-        z = self.autoencoder.encode(images).sample()
-        scale = 1.0 / z.flatten().std()
-        if self._trainer is not None:
-            scale = self.trainer.strategy.broadcast(scale, src=0)
-        self.scale_factor.fill_(float(scale))
+        ``scale_by_std``); under DDP over every rank's batch, so all ranks get one s."""
+        z = self.autoencoder.encode(images).sample().double()
+        _, std, _ = pooled_mean_std(z.sum(), z.square().sum(), z.numel(), self._trainer)
+        self.scale_factor.fill_(float(1.0 / std))
         self.scale_ready.fill_(True)
 
     @torch.no_grad()

@@ -100,9 +100,11 @@ class PDAE(DiffusionAutoencoder, DDPM):
         if (encoder.in_channels, encoder.image_size) != (unet.in_channels, unet.image_size):
             raise ValueError("the encoder and the DDPM's UNet must take the same images")
         super().__init__(
-            unet.requires_grad_(False), pretrained.schedule, "eps", "ddim", sample_steps, 0.0,
-            pretrained.timestep_spacing, "beta", clip_x0, num_val_samples, "mse", lr,
-            weight_decay, warmup_steps, adam_betas, compile,
+            unet.requires_grad_(False), schedule=pretrained.schedule, prediction="eps",
+            sampler="ddim", sample_steps=sample_steps, eta=0.0,
+            timestep_spacing=pretrained.timestep_spacing, variance="beta", clip_x0=clip_x0,
+            num_val_samples=num_val_samples, loss="mse", lr=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, adam_betas=adam_betas, compile=compile,
         )  # fmt: skip
         self._parts[str(ddpm)] = pretrained  # its config goes into our checkpoints
         self.encoder = encoder
@@ -120,10 +122,11 @@ class PDAE(DiffusionAutoencoder, DDPM):
         error = (noise - (eps.float() + c * shift.float())).square().flatten(1).mean(1)
         return (loss_weight(self.schedule, t, self.gamma) * error).mean()
 
-    def code_eps(self, mix: float | None = None) -> EpsFn:
+    def code_eps(self, mix: float | None = None, decoding: bool = False) -> EpsFn:
         """ε'(x_t, t, z) = ε_θ(x_t, t) − √(1−ᾱ_t)·G_ψ(x_t, z, t). With ``mix`` = w the eps
         takes a second code ``z_b`` and G = (1 − w)·G_ψ(x_t, z, t) + w·G_ψ(x_t, z_b, t)
-        (PDAE's trajectory interpolation)."""
+        (PDAE's trajectory interpolation). ``decoding`` with ``clip_x0``: ε_θ's x̂_0 is clamped
+        before the shift, as classifier guidance does in guided-diffusion."""
         last: dict = {}
 
         def features(x_t: Tensor, t: Tensor):
@@ -141,20 +144,25 @@ class PDAE(DiffusionAutoencoder, DDPM):
                 return g
             return torch.lerp(g, self.estimator(features(x_t, t), z_b).float(), mix)
 
-        return eps_shift_guidance(eps, shift, self.schedule)
+        return eps_shift_guidance(self.sampling_eps(eps) if decoding else eps, shift, self.schedule)
 
     @torch.no_grad()
     def interpolate_trajectory(
-        self, x_a: Tensor, x_b: Tensor, num: int = 7, steps: int | None = None
+        self,
+        x_a: Tensor,
+        x_b: Tensor,
+        num: int = 7,
+        steps: int | None = None,
+        encode_steps: int | None = None,
     ) -> Tensor:
         """(B, num, C, H, W) from x_a (w = 0) to x_b (w = 1): x_T by slerp, and at every step
         G = (1 − w)·G_ψ(·, z_a) + w·G_ψ(·, z_b) instead of a lerp of the codes (PDAE Sec. 4)."""
 
         def frame(z_a: Tensor, z_b: Tensor, x_T: Tensor, w: float) -> Tensor:
-            eps = self.code_eps(mix=w)
+            eps = self.code_eps(mix=w, decoding=True)
             return self.sample(len(x_T), "ddim", steps, 0.0, x_T=x_T, eps_fn=eps, z=z_a, z_b=z_b)
 
-        return self.interpolation_frames(x_a, x_b, num, frame)
+        return self.interpolation_frames(x_a, x_b, num, frame, encode_steps or steps)
 
     def log_validation_images(self, x0: Tensor) -> None:
         """:class:`DiffusionAutoencoder`'s pictures, and trajectory-interpolation strips."""

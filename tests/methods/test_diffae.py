@@ -7,10 +7,12 @@ import torch
 
 from diffusion_apps.checkpoint import load_module
 from diffusion_apps.cli import main
-from diffusion_apps.data import load_embedded_digits
+from diffusion_apps.data import ImageDataModule, load_embedded_digits
+from diffusion_apps.diffusion import ddim_invert, ddim_sample
 from diffusion_apps.methods import DiffAE
 from diffusion_apps.nn import EncoderUNet, UNet
 from tests.conftest import CONFIGS, run_cli_in
+from tests.methods.ddpm_arguments import assert_ddpm_arguments, keyword_only_ddpm
 
 TINY = CONFIGS / "tiny" / "diffae.yaml"
 NET = dict(in_channels=1, image_size=16, base_channels=8, channel_mult=(1, 2),
@@ -60,6 +62,15 @@ def test_bad_parts_are_named():
         DiffAE(unet, timed)
 
 
+def test_ddpm_arguments_are_forwarded_by_keyword():
+    kw = dict(sample_steps=9, timestep_spacing="quad", clip_x0=True, num_val_samples=3, lr=3e-4,
+              weight_decay=0.02, warmup_steps=7, adam_betas=(0.8, 0.9), compile=True)  # fmt: skip
+    with keyword_only_ddpm():
+        model = build(**kw)
+    fixed = dict(prediction="eps", sampler="ddim", eta=0.0, variance="beta", loss="mse")
+    assert_ddpm_arguments(model, **kw, **fixed)
+
+
 def test_python_built_module_saves_its_own_arguments():
     model = build(encode_steps=7, sample_steps=9)
     assert model.hparams["encode_steps"] == 7 and model.hparams["sample_steps"] == 9
@@ -99,6 +110,42 @@ def test_inversion_then_decoding_reconstructs_better_with_more_steps(trained):
     assert errors[2] < 0.1 * errors[0]
     random = trained.reconstruct(x, inferred=False, generator=torch.Generator().manual_seed(0))
     assert errors[2] < (random - x).square().mean().item()  # x_T carries what z_sem does not
+
+
+def ddim_reconstruction(model, x, encode_steps: int, decode_steps: int):
+    """decode(Enc(x), x_T) written out with the diffusion layer's samplers: x_T the DDIM
+    inversion of x over the ``encode_steps`` subsequence, decoded over the ``decode_steps`` one."""
+    z = model.encode(x)
+
+    def eps(x_t, t):
+        return model.eps(x_t, t, cond=z)
+
+    x_T = ddim_invert(eps, model.schedule, x, timesteps=model.timesteps(encode_steps))
+    return ddim_sample(eps, model.schedule, x_T, timesteps=model.timesteps(decode_steps)).clamp(
+        -1, 1
+    )
+
+
+def test_steps_set_inversion_and_decoding_alike_unless_encode_steps_say_otherwise(trained, probe):
+    """``steps`` = 20 (the module's: 5) inverts over the 20-step subsequence it decodes from, in
+    every mode that infers x_T; an explicit ``encode_steps`` inverts over its own."""
+    x = digits(2)
+    paired, mismatched = (
+        ddim_reconstruction(trained, x, 20, 20),
+        ddim_reconstruction(trained, x, 7, 20),
+    )
+    close = dict(atol=1e-5, rtol=0)
+    torch.testing.assert_close(trained.reconstruct(x, steps=20), paired, **close)
+    torch.testing.assert_close(
+        trained.reconstruct(x, steps=20, encode_steps=7), mismatched, **close
+    )
+    assert (paired - mismatched).abs().max() > 1e-2  # the test tells the two apart
+    frames = trained.interpolate(x[:1], x[1:], num=2, steps=20)
+    torch.testing.assert_close(frames[0], paired, **close)
+    semantic = trained.semantic_variations(x, trained.encode(x), steps=20, encode_steps=7)
+    torch.testing.assert_close(semantic[[0, 1], [0, 1]], mismatched, **close)
+    manipulated = trained.manipulate(x, probe, attribute=8, scales=(0.0,), steps=20)
+    torch.testing.assert_close(manipulated[:, 0], paired, **close)
 
 
 def test_interpolation_endpoints_are_the_reconstructions(trained):
@@ -206,6 +253,27 @@ def test_autoencode_command_writes_each_mode(trained_run, tmp_path, mode, extra,
     main([*args, "--out_dir", str(tmp_path), "--device", "cpu", *extra])
     height, width = size
     assert Image.open(tmp_path / f"{mode}.png").size == (width, height)
+
+
+@pytest.mark.parametrize(("extra", "encode_steps"), [([], 20), (["--encode_steps", "7"], 7)])
+def test_autoencode_steps_set_inversion_too_unless_encode_steps_are_given(
+    trained_run, trained, tmp_path, extra, encode_steps
+):
+    """``--steps 20``: the inferred-x_T row is the 20-step inversion decoded in 20 steps;
+    with ``--encode_steps 7`` the 7-step one (each 16 px image one 8-bit tile of the grid)."""
+    import numpy as np
+    from PIL import Image
+
+    ckpt = str(trained_run / "checkpoints/last.ckpt")
+    main(["autoencode", "--ckpt_path", ckpt, "--num_images", "2", "--steps", "20", *extra,
+          "--out_dir", str(tmp_path), "--device", "cpu"])  # fmt: skip
+    data = ImageDataModule(image_size=16, batch_size=8)  # the tiny config's data
+    data.setup()
+    x = torch.stack([data.val_set[i][0] for i in range(2)])
+    expected = (ddim_reconstruction(trained, x, encode_steps, 20)[:, 0] + 1) * 127.5
+    grid = np.asarray(Image.open(tmp_path / "reconstruct.png").convert("L"), dtype=np.float32)
+    row = torch.from_numpy(grid[18:34, 1:]).unfold(1, 16, 17).permute(1, 0, 2)  # (2, 16, 16)
+    torch.testing.assert_close(row, expected, atol=1.0, rtol=0)
 
 
 def test_autoencode_names_a_bad_attribute(trained_run, tmp_path):

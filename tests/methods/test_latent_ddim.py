@@ -9,6 +9,7 @@ from diffusion_apps.diffusion import NoiseSchedule
 from diffusion_apps.methods import DDPM, LatentDDIM
 from diffusion_apps.nn import SkipMLP
 from tests.conftest import CONFIGS, run_cli_in
+from tests.methods.ddpm_arguments import assert_ddpm_arguments, keyword_only_ddpm
 
 MEAN = torch.tensor([1.0, -2.0])
 COV = torch.tensor([[1.0, 0.6], [0.6, 0.5]])
@@ -80,6 +81,27 @@ def test_statistics_are_the_mean_and_std_of_the_codes(latent_run, monkeypatch):
     torch.testing.assert_close(module.z_mean.double(), z[:5].mean(0), atol=1e-6, rtol=1e-5)
 
 
+def test_codes_are_normalised_for_diffusion_and_samples_denormalised(latent_run, monkeypatch):
+    """With μ, σ set: diffused(x) = (Enc(x) − μ)/σ. With ε̂ ≡ 0 every DDIM step keeps
+    x̂_0 = x_t/√ᾱ_t, so the normalised sample is x_T/√ᾱ_τ (τ the first sampling timestep,
+    ᾱ_τ = (1 − β)^{τ+1} for the constant β = 0.05) and ``sample_latents`` = σ·x_T/√ᾱ_τ + μ."""
+    module = load_latent(latent_run, monkeypatch)
+    mu, sigma = torch.linspace(-1, 1, 16), torch.linspace(0.5, 2, 16)
+    module.z_mean.copy_(mu)
+    module.z_std.copy_(sigma)
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = module.autoencoder.encode(x)
+    torch.testing.assert_close(module.diffused(x), (z - mu) / sigma)
+    with torch.no_grad():
+        for p in module.unet.parameters():
+            p.zero_()
+    x_T = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    tau = int(module.timesteps(5).max())
+    expected = sigma * x_T / (1 - 0.05) ** ((tau + 1) / 2) + mu
+    got = module.sample_latents(3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_statistics_round_trip_through_the_checkpoint(latent_run, monkeypatch):
     """The checkpoint holds the μ, σ measured before training, over the whole train split:
     measuring them again with the loaded encoder gives the same numbers."""
@@ -124,6 +146,17 @@ def test_the_latent_checkpoint_stands_alone(latent_run, tmp_path, monkeypatch):
     alone = load_module(moved, LatentDDIM)
     same = [m.sample(2, generator=torch.Generator().manual_seed(0)) for m in (module, alone)]
     assert torch.equal(*same)
+
+
+def test_ddpm_arguments_are_forwarded_by_keyword(latent_run, monkeypatch):
+    monkeypatch.chdir(latent_run)
+    kw = dict(sampler="ddpm", sample_steps=9, num_val_samples=3, loss="mse", lr=3e-4,
+              weight_decay=0.02, warmup_steps=7, adam_betas=(0.8, 0.9), compile=True)  # fmt: skip
+    net = SkipMLP(dim=16, hidden=16, num_layers=2)
+    with keyword_only_ddpm():
+        model = LatentDDIM(net, "runs/tiny_diffae/version_0/checkpoints/last.ckpt", **kw)
+    fixed = dict(prediction="eps", eta=0.0, timestep_spacing="uniform", variance="beta")
+    assert_ddpm_arguments(model, **kw, **fixed, clip_x0=False)
 
 
 def test_an_autoencoder_that_cannot_encode_is_refused(in_tmp):

@@ -15,6 +15,7 @@ from diffusion_apps.methods import AutoencoderKL, LatentDiffusion
 from diffusion_apps.nn import ClassEmbedder, DiagonalGaussian, UNet
 from diffusion_apps.nn.layers import SpatialTransformer, zero_
 from tests.conftest import CONFIGS, run_cli_in
+from tests.methods.ddpm_arguments import assert_ddpm_arguments, keyword_only_ddpm
 
 AE_CKPT = "runs/tiny_ldm_autoencoder/version_0/checkpoints/last.ckpt"
 LDM_CKPT = "runs/tiny_ldm/version_0/checkpoints/last.ckpt"
@@ -110,6 +111,22 @@ def test_the_scale_factor_is_one_over_the_latent_std(run_dir):
     torch.testing.assert_close(ldm.scale_factor, 1 / z.flatten().std())
     torch.manual_seed(5)
     torch.testing.assert_close(ldm.diffused(x).std(), torch.tensor(1.0))
+
+
+def test_latents_are_scaled_by_s_and_decoded_at_z_over_s(run_dir):
+    """z_0 = s·z with z ~ q(z | x), and decode(z_0) = D(z_0/s) = D(z): with s = 0.37, z·s or no
+    scale would decode another latent."""
+    ldm = load_module(run_dir / LDM_CKPT, LatentDiffusion)
+    first = load_module(run_dir / AE_CKPT, AutoencoderKL)
+    ldm.scale_factor.fill_(0.37)
+    x = digits(3)
+    torch.manual_seed(5)
+    z0 = ldm.diffused(x)
+    torch.manual_seed(5)
+    z = first.encode(x).sample()
+    torch.testing.assert_close(z0, 0.37 * z)
+    with torch.no_grad():
+        torch.testing.assert_close(ldm.decode(z0), first.decode(z).clamp(-1, 1))
 
 
 def test_the_scale_factor_is_restored_on_resume_not_remeasured(run_dir, tmp_path):
@@ -240,6 +257,15 @@ def test_bad_first_stages_and_unets_are_named(run_dir):
         LatentDiffusion(latent_unet(in_channels=4), ae, emb)
     with pytest.raises(ValueError, match="context_dim=32 must equal"):
         LatentDiffusion(latent_unet(context_dim=32), ae, emb)
+
+
+def test_ddpm_arguments_are_forwarded_by_keyword(run_dir):
+    kw = dict(sampler="dpmpp_2m", sample_steps=9, eta=0.5, num_val_samples=3, lr=3e-4,
+              weight_decay=0.02, warmup_steps=7, adam_betas=(0.8, 0.9), compile=True)  # fmt: skip
+    with keyword_only_ddpm():
+        model = LatentDiffusion(latent_unet(), str(run_dir / AE_CKPT), ClassEmbedder(10, 16), **kw)
+    fixed = dict(prediction="eps", timestep_spacing="uniform", variance="beta", clip_x0=False)
+    assert_ddpm_arguments(model, **kw, **fixed, loss="mse")
 
 
 def test_the_full_configs_run(in_tmp):
