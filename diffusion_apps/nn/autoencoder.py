@@ -99,13 +99,14 @@ class Autoencoder(nn.Module):
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """q(z | x) for images x (B, C, H, W) in [−1, 1]."""
         _check_x(x, self.in_channels, self.image_size)
+        x = x.to(self.quant_conv.weight.dtype)  # the weights' dtype (bf16-true)
         return DiagonalGaussian(self.quant_conv(self.encoder_out(self.encoder(x))))
 
     def decode(self, z: Tensor) -> Tensor:
         """x̂ (B, C, H, W) from latents z (B, c, H/f, W/f)."""
         if z.ndim != 4 or tuple(z.shape[1:]) != self.latent_shape:
             raise ValueError(f"expected z of shape (B, {self.latent_shape}), got {tuple(z.shape)}")
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
 
 
 class Decoder(nn.Module):

@@ -400,7 +400,9 @@ class UNet(nn.Module):
         _check_x(x, self.in_channels, self.image_size)
         t = _check_t(t, x.shape[0])
         self._check_conditioning(x.shape[0], y, cond, context)
-        x = x.to(self.down.conv_in.weight.dtype)  # bf16-true weights, fp32 sampler state
+        # The network runs in its weights' dtype (bf16-true) whatever the sampler's state is in.
+        dtype = self.down.conv_in.weight.dtype
+        x, cond, context = (v if v is None else v.to(dtype) for v in (x, cond, context))
         emb = self.time_embed(timestep_embedding(t, self.base_channels).to(x.dtype))
         if self.label_embed is not None:
             emb = emb + self.label_embed(y)
