@@ -525,7 +525,7 @@ class GradientEstimator(nn.Module):
         """G_ψ (B, C, H, W) from the frozen UNet's ``down_features(x_t, t)`` and z (B, z_dim)."""
         if z.ndim != 2 or z.shape != (f.h.shape[0], self.z_dim):
             raise ValueError(f"expected z of shape ({f.h.shape[0]}, {self.z_dim}), got {z.shape}")
-        cond = F.silu(self.z_embed(z))
+        cond = F.silu(self.z_embed(z.to(self.z_embed.weight.dtype)))  # bf16-true weights
         h = self.middle(f.h, f.emb, cond)
         h = self.up(h, list(f.skips), f.emb, cond)
         return self.out_conv(F.silu(self.out_norm(h)))
