@@ -8,11 +8,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diffusion_apps.checkpoint import load_module
-from diffusion_apps.diffusion import NoiseSchedule, ddim_invert, ddim_sample
+from diffusion_apps.diffusion import NoiseSchedule, ddim_invert, ddim_sample, slerp
 from diffusion_apps.methods import DDPM, PDAE, LatentDDIM
 from diffusion_apps.methods.pdae import loss_weight, shift_coefficient
 from diffusion_apps.nn import EncoderUNet
 from tests.conftest import CONFIGS, run_cli_in
+from tests.methods.ddpm_arguments import assert_ddpm_arguments, keyword_only_ddpm
 
 DDPM_CKPT = "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"
 PDAE_CKPT = "runs/tiny_pdae/version_0/checkpoints/last.ckpt"
@@ -59,6 +60,56 @@ def randomized_estimator(model):
 def digits(n):
     torch.manual_seed(2)
     return torch.rand(n, 1, 16, 16) * 2 - 1
+
+
+class ConstantG(torch.nn.Module):
+    """G_ψ(x_t, z, t) = g, one fixed (C, H, W) tensor whatever its inputs."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.g = g
+
+    def forward(self, features, z):
+        return self.g.expand(len(z), *self.g.shape)
+
+
+class QuadraticG(torch.nn.Module):
+    """G_ψ(x_t, z, t) = g·‖z − c‖²: the mean of two codes' G is not the G of their mean."""
+
+    def __init__(self, g, c):
+        super().__init__()
+        self.g, self.c = g, c
+
+    def forward(self, features, z):
+        return (z - self.c).square().sum(1).view(-1, 1, 1, 1) * self.g
+
+
+@pytest.fixture(params=["constant", "random"])
+def shifted(request, fresh):
+    """A PDAE with a non-zero G_ψ: a constant g of both signs, or a small random head."""
+    if request.param == "random":
+        return randomized_estimator(fresh)
+    g = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(4)) * 0.5
+    fresh.estimator = ConstantG(g)
+    return fresh
+
+
+def alpha_bars(schedule):
+    """(ᾱ_t, ᾱ_{t−1}) for every t, ᾱ_t = Π_{s≤t} (1 − β_s) in float64, ᾱ_{−1} = 1."""
+    abar = torch.cumprod(1 - schedule.betas.double(), 0)
+    return abar, torch.cat([abar.new_ones(1), abar[:-1]])
+
+
+def written_out_eps(model, ddpm, codes, weights):
+    """ε'(x_t, t) = ε_θ(x_t, t) − √(1 − ᾱ_t)·Σ_k w_k G_ψ(x_t, z_k, t), ε_θ the DDPM's own."""
+    abar, _ = alpha_bars(model.schedule)
+
+    def eps(x_t, t):
+        f = model.unet.down_features(x_t, t)
+        g = sum(w * model.estimator(f, z) for z, w in zip(codes, weights, strict=True))
+        return ddpm.eps(x_t, t) - (1 - abar[t]).sqrt().float().view(-1, 1, 1, 1) * g
+
+    return eps
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
@@ -112,6 +163,61 @@ def test_the_loss_with_a_zero_estimator_is_the_weighted_ddpm_error(fresh):
     torch.testing.assert_close(loss, expected)
 
 
+def test_the_sampling_eps_is_the_ddpm_eps_shifted_by_g(shifted, run_dir):
+    """ε'(x_t, t, z) = ε_θ(x_t, t) − √(1 − ᾱ_t)·G_ψ(x_t, z, t), the shift of PDAE's sampler."""
+    ddpm = load_module(run_dir / DDPM_CKPT, DDPM)
+    x_t, t = torch.randn(3, 1, 16, 16), torch.tensor([5, 40, 99])
+    z = shifted.encode(digits(3))
+    with torch.no_grad():
+        expected = written_out_eps(shifted, ddpm, [z], [1.0])(x_t, t)
+        torch.testing.assert_close(shifted.code_eps()(x_t, t, z=z), expected)
+        assert (expected - ddpm.eps(x_t, t)).abs().mean() > 1e-3  # G moves it
+
+
+def test_the_loss_with_a_nonzero_estimator_is_pdaes_weighted_error(shifted):
+    """λ_t ‖ε − ε_θ(x_t, t) − c_t·G_ψ(x_t, z, t)‖², c_t = −√α_t (1 − ᾱ_{t−1})/√(1 − ᾱ_t) and
+    λ_t = ᾱ_t^γ (1 − ᾱ_t)^{1−γ}, written out from the betas and the same draws."""
+    x0 = digits(6)
+    loss = shifted.diffusion_loss(x0, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randint(0, shifted.schedule.num_timesteps, (6,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    abar, abar_prev = (a[t] for a in alpha_bars(shifted.schedule))
+    c = -(abar / abar_prev).sqrt() * (1 - abar_prev) / (1 - abar).sqrt()
+    with torch.no_grad():
+        x_t = shifted.schedule.q_sample(x0, t, noise)
+        eps = shifted.unet(x_t, t)
+        g = shifted.estimator(shifted.unet.down_features(x_t, t), shifted.encoder(x0))
+    error = noise - eps - c.float().view(-1, 1, 1, 1) * g
+    weight = (abar**0.1 * (1 - abar) ** 0.9).float()
+    torch.testing.assert_close(loss, (weight * error.square().mean((1, 2, 3))).mean())
+
+
+def test_trajectory_interpolation_mixes_g_not_the_codes(run_dir, fresh):
+    """The middle frame (w = 1/2) is DDIM from slerp(x_T^a, x_T^b, w) on ε_θ − √(1 − ᾱ_t)·
+    ((1 − w) G_ψ(·, z_a) + w G_ψ(·, z_b)), each x_T the inversion over the ``steps`` (6)
+    subsequence it is decoded on; not the decoding of the lerp of z_a and z_b (G quadratic in z,
+    0 at z_a: the mean of the two G is g/2, the G of the mean code g/4)."""
+    model, ddpm = fresh, load_module(run_dir / DDPM_CKPT, DDPM)
+    x_a, x_b = digits(4).chunk(2)
+    z_a, z_b = model.encode(x_a), model.encode(x_b)
+    g = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(4))
+    model.estimator = QuadraticG(g / (z_b - z_a).square().sum(1).view(-1, 1, 1, 1), z_a)
+    ts = model.timesteps(6)
+    with torch.no_grad():
+        x_T = [
+            ddim_invert(written_out_eps(model, ddpm, [z], [1.0]), ddpm.schedule, x, timesteps=ts)
+            for x, z in ((x_a, z_a), (x_b, z_b))
+        ]
+        x_T = slerp(*x_T, 0.5)
+        mixed = written_out_eps(model, ddpm, [z_a, z_b], [0.5, 0.5])
+        expected = ddim_sample(mixed, ddpm.schedule, x_T, timesteps=ts).clamp(-1, 1)
+        lerped = model.decode(torch.lerp(z_a, z_b, 0.5), x_T, steps=6)
+    frames = model.interpolate_trajectory(x_a, x_b, num=3, steps=6)
+    torch.testing.assert_close(frames[:, 1], expected, atol=1e-5, rtol=0)
+    assert (frames[:, 1] - lerped).abs().max() > 1e-3
+
+
 def test_the_ddpm_gets_no_gradient(fresh):
     fresh.train()
     assert not fresh.unet.training and fresh.encoder.training
@@ -157,6 +263,18 @@ def test_trajectory_interpolation_ends_at_each_reconstruction(fresh):
     torch.testing.assert_close(frames[:, 0], model.reconstruct(x_a))
     torch.testing.assert_close(frames[:, -1], model.reconstruct(x_b))
     assert not torch.allclose(frames[:, 1], frames[:, 0])
+
+
+def test_ddpm_arguments_are_forwarded_by_keyword(run_dir):
+    """The DDPM's schedule and spacing, PDAE's own sampling and optimiser options."""
+    kw = dict(sample_steps=9, clip_x0=True, num_val_samples=3, lr=3e-4, weight_decay=0.02,
+              warmup_steps=7, adam_betas=(0.8, 0.9), compile=True)  # fmt: skip
+    with keyword_only_ddpm():
+        model = PDAE(encoder(), str(run_dir / DDPM_CKPT), **kw)
+    ddpm = load_module(run_dir / DDPM_CKPT, DDPM)
+    fixed = dict(prediction="eps", sampler="ddim", eta=0.0, variance="beta", loss="mse")
+    assert_ddpm_arguments(model, **kw, **fixed, timestep_spacing=ddpm.timestep_spacing)
+    assert torch.equal(model.schedule.alphas_cumprod, ddpm.schedule.alphas_cumprod)
 
 
 def test_bad_parts_are_named(run_dir):
@@ -206,3 +324,38 @@ def test_the_full_configs_run(in_tmp):
          "--model.init_args.autoencoder", pdae, "--model.init_args.stats_batches", "2"],
     )  # fmt: skip
     assert (in_tmp / pdae).is_file()
+
+
+def test_clipped_decoding_clamps_before_the_shift(run_dir):
+    """With clip_x0, decoding clamps ε_θ's x̂_0 and then shifts by −√(1−ᾱ_t)·G without clamping
+    again (guided-diffusion's order for a guidance shift), here written out step by step; the
+    other order (shift, then clamp) gives other images."""
+    torch.manual_seed(0)
+    model = PDAE(encoder(), str(run_dir / DDPM_CKPT), sample_steps=4, clip_x0=True).eval()
+    model = randomized_estimator(model)
+    x0 = digits(2)
+    z, x_T = model.encode(x0), 3 * torch.randn(2, 1, 16, 16)
+    a = model.schedule.alphas_cumprod.double().tolist()
+    ts = model.timesteps(4).tolist()
+
+    def loop(clamp_first: bool):
+        x = x_T
+        for i in reversed(range(len(ts))):
+            a_t, a_prev = a[ts[i]], (a[ts[i - 1]] if i else 1.0)
+            sigma, t = (1 - a_t) ** 0.5, torch.full((2,), ts[i])
+            with torch.no_grad():
+                features = model.unet.down_features(x, t)
+                eps, g = model.unet.up_from(features), model.estimator(features, z)
+            if clamp_first:
+                x0_hat = ((x - sigma * eps) / a_t**0.5).clamp(-1, 1)
+                eps = (x - a_t**0.5 * x0_hat) / sigma - sigma * g
+                x0_hat = (x - sigma * eps) / a_t**0.5
+            else:
+                x0_hat = ((x - sigma * (eps - sigma * g)) / a_t**0.5).clamp(-1, 1)
+                eps = (x - a_t**0.5 * x0_hat) / sigma
+            x = a_prev**0.5 * x0_hat + (1 - a_prev) ** 0.5 * eps
+        return x.clamp(-1, 1)
+
+    ours, official = model.decode(z, x_T), loop(clamp_first=True)
+    torch.testing.assert_close(ours, official, rtol=0, atol=1e-4)
+    assert (loop(clamp_first=False) - official).abs().max() > 1e-2
