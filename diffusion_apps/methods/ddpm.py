@@ -13,6 +13,7 @@ from diffusion_apps.diffusion import (
     EpsFn,
     NoiseSchedule,
     Spacing,
+    clip_denoised,
     ddim_sample,
     ddpm_sample,
     dpm_solver_pp_2m,
@@ -43,7 +44,8 @@ class DDPM(DiffusionMethod):
         timestep_spacing: sampling timestep subsequence, "uniform", "quad" or "logsnr" (see
             :func:`~diffusion_apps.diffusion.timestep_subsequence`).
         variance: ancestral σ²_t, β_t ("beta", the paper's CIFAR-10 choice) or β̃_t.
-        clip_x0: clamp x̂0 to [−1, 1] at each sampling step.
+        clip_x0: clamp x̂0 to [−1, 1] at each sampling step, before any guidance shift
+            (:meth:`sampling_eps`).
         num_val_samples: images in the grid drawn at each validation.
         loss: squared error (L_simple) or absolute error (DiffAE's latent DDIM).
         lr, weight_decay, warmup_steps, adam_betas, compile: see :class:`DiffusionMethod`.
@@ -182,12 +184,23 @@ class DDPM(DiffusionMethod):
         gens = [torch.Generator(self.device).manual_seed(i) for i in indices]
         return torch.cat([self.sample(1, generator=gen) for gen in gens])
 
-    def timesteps(self, steps: int, spacing: Spacing | None = None) -> Tensor:
-        """The subsequence of min(steps, T) of the T training steps, spaced by ``spacing``
-        (default: ``timestep_spacing``)."""
+    def timesteps(
+        self, steps: int, spacing: Spacing | None = None, sampler: Sampler | None = None
+    ) -> Tensor:
+        """The subsequence of min(steps, T) of the T training steps, spaced by ``spacing``;
+        default: ``logsnr`` for ``dpmpp_2m`` (on uniform steps its last step overshoots: worse
+        than DDIM), else ``timestep_spacing``."""
         T = self.schedule.num_timesteps
-        spacing = spacing or self.timestep_spacing
+        spacing = spacing or ("logsnr" if sampler == "dpmpp_2m" else self.timestep_spacing)
         return timestep_subsequence(T, min(steps, T), spacing, self.schedule.alphas_cumprod)
+
+    def sampling_eps(self, eps_fn: EpsFn | None = None) -> EpsFn:
+        """``eps_fn`` (default :meth:`eps`) as the samplers take it: with ``clip_x0``, its x̂_0
+        clamped to [−1, 1] and ε re-derived (:func:`~diffusion_apps.diffusion.clip_denoised`).
+        Classifier guidance and PDAE's shift wrap this, so the clamp comes before the shift and
+        is not repeated after it, as in guided-diffusion."""
+        eps_fn = eps_fn or self.eps
+        return clip_denoised(eps_fn, self.schedule) if self.clip_x0 else eps_fn
 
     def sample(self, *args, **kwargs) -> Tensor:
         """Samples in [−1, 1], (N, C, H, W): :meth:`draw` (same arguments) clamped."""
@@ -211,22 +224,21 @@ class DDPM(DiffusionMethod):
         clamped.
 
         Unset arguments fall back to the module's configured sampler, steps, η and timestep
-        spacing. ``eps_fn`` replaces :meth:`eps` (a guidance wrapper of it, which receives
-        ``cond``).
+        spacing (``logsnr`` for DPM-Solver++: :meth:`timesteps`). ``eps_fn`` replaces
+        :meth:`sampling_eps` and receives ``cond``: a guidance wrapper built on
+        :meth:`sampling_eps`, which holds the ``clip_x0`` clamp.
         """
         sampler = sampler or self.sampler
         if sampler not in typing.get_args(Sampler):
             raise ValueError(f"sampler must be one of {typing.get_args(Sampler)}, got {sampler!r}")
         eta = self.eta if eta is None else eta
-        eps_fn = eps_fn or self.eps
-        timesteps = self.timesteps(steps or self.sample_steps, spacing)
+        eps_fn = eps_fn or self.sampling_eps()
+        timesteps = self.timesteps(steps or self.sample_steps, spacing, sampler)
         if x_T is None:
             x_T = torch.randn(
                 (num_samples, *self.sample_shape), generator=generator, device=self.device
             )
-        common = dict(
-            timesteps=timesteps, clip_x0=self.clip_x0, generator=generator, progress=progress
-        )
+        common = dict(timesteps=timesteps, generator=generator, progress=progress)
         if sampler == "ddpm":
             x0 = ddpm_sample(eps_fn, self.schedule, x_T, variance=self.variance, **common, **cond)
         elif sampler == "ddim":
