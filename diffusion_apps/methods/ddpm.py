@@ -19,6 +19,7 @@ from diffusion_apps.diffusion import (
     dpm_solver_pp_2m,
     timestep_subsequence,
 )
+from diffusion_apps.distributed import predict_indices
 from diffusion_apps.methods.base import DiffusionMethod
 from diffusion_apps.nn import UNet
 
@@ -174,15 +175,17 @@ class DDPM(DiffusionMethod):
         self.log("test/loss", self._heldout_loss(batch, batch_idx), sync_dist=True)
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """One sample per item of the batch, item i of the predict set drawn on its own from a
-        generator seeded i: under DDP, where the items are dealt out to the ranks, each item's
-        image is the one a single process draws, and no two ranks draw the same. One image per
-        sampler run: ``sample`` batches (and writes files)."""
-        from diffusion_apps.distributed import predict_indices
-
+        """One sample per item of the batch, item i of the predict set drawn on its own
+        (:meth:`predict_item`): under DDP, where the items are dealt out to the ranks, each
+        item's image is the one a single process draws, and no two ranks draw the same. One
+        image per sampler run: ``sample`` batches (and writes files)."""
         indices = predict_indices(self.trainer, batch_idx, dataloader_idx)
-        gens = [torch.Generator(self.device).manual_seed(i) for i in indices]
-        return torch.cat([self.sample(1, generator=gen) for gen in gens])
+        return torch.cat([self.predict_item(i) for i in indices])
+
+    def predict_item(self, index: int) -> Tensor:
+        """Item ``index`` of ``predict``: one sample (1, C, H, W) from a generator seeded
+        ``index``."""
+        return self.sample(1, generator=torch.Generator(self.device).manual_seed(index))
 
     def timesteps(
         self, steps: int, spacing: Spacing | None = None, sampler: Sampler | None = None

@@ -212,6 +212,15 @@ class LatentDiffusion(DDPM):
             eps_fn = classifier_free_guidance(self.eps, w, {"context": null})
         return self.decode(self.draw(num_samples, eps_fn=eps_fn, context=context, **kw))
 
+    def predict_item(self, index: int) -> Tensor:
+        """Item ``index`` of ``predict``: as a DDPM's, conditioned on class (or digit name)
+        ``index`` mod the number of classes, so the classes cycle over the predict set."""
+        if self.condition is None:
+            return super().predict_item(index)
+        classes = getattr(self.condition, "num_classes", len(DIGITS))
+        gen = torch.Generator(self.device).manual_seed(index)
+        return self.sample(1, generator=gen, labels=[index % classes])
+
     def log_validation_images(self, x0: Tensor) -> None:
         """Fixed-seed samples, one column per class (or digit name), at ``guidance_scale``."""
         gen = torch.Generator(self.device).manual_seed(0)

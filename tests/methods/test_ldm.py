@@ -336,3 +336,21 @@ def test_spacing_reaches_the_latent_sampler(run_dir):
     logsnr, uniform = draw(spacing="logsnr"), draw()
     model.timestep_spacing = "logsnr"
     assert torch.equal(draw(), logsnr) and not torch.allclose(logsnr, uniform)
+
+
+@pytest.mark.parametrize("ckpt", [LDM_CKPT, CAPTION_CKPT])
+def test_predict_items_cycle_through_the_classes(run_dir, ckpt):
+    """``predict`` draws item i alone (DDP-proof seeding); a conditional LDM asks it for class
+    (or digit name) i mod 10, as ``sample`` cycles them, not class 0 for every item."""
+    model = load_module(run_dir / ckpt, LatentDiffusion)
+    asked = []
+    hook = model.condition.register_forward_hook(lambda _, args, out: asked.append(args[0]))
+    try:
+        images = [model.predict_item(i) for i in (3, 12, 7)]
+    finally:
+        hook.remove()
+    conditional = [ids[0] for ids in asked if len(ids) == 1]  # the null context is 1 too: skip it
+    expected = [model.requested_ids(1, [c], None)[0] for c in (3, 2, 7)]
+    assert all(any(torch.equal(a, e) for a in conditional) for e in expected)
+    assert not any(torch.equal(a, model.requested_ids(1, [0], None)[0]) for a in conditional)
+    assert all(x.shape == (1, 1, 16, 16) for x in images)
