@@ -19,6 +19,7 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names
 def cpu_flags() -> set[str]:
     """The CPU's bf16-relevant features, from torch's own probe (with /proc/cpuinfo as a
     fallback on builds without it)."""
+    # torch probes AMX tiles, not AMX-BF16 itself: every CPU with AMX tiles so far has both.
     probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
     flags = {name for name, probe in probes.items() if getattr(torch.cpu, probe, bool)()}
     cpuinfo = Path("/proc/cpuinfo")

@@ -178,9 +178,8 @@ def ddpm_sample(
         x_T: Start noise at level t_{S−1}, shape (B, …).
         timesteps: Increasing subsequence of [0, T); default all T.
         variance: σ² choice, see above.
-        clip_x0: Clamp x̂_0 to [−1, 1] and re-derive ε̂ from it (:func:`clip_denoised` around
-            ``eps_fn``, after any guidance in it; to clamp before a guidance shift, wrap the model
-            in :func:`clip_denoised` inside the guidance instead).
+        clip_x0: Clamp x̂_0 to [−1, 1] and re-derive ε̂ from it (:func:`clip_denoised`
+            around ``eps_fn``: after any guidance in it).
         generator: RNG for z, on x_T's device.
         progress: Show a tqdm bar.
         **cond: Passed to ``eps_fn`` unchanged.
@@ -223,9 +222,8 @@ def ddim_sample(
         x_T: Start noise at level t_{S−1}, shape (B, …).
         timesteps: Increasing subsequence of [0, T); default all T.
         eta: η ≥ 0.
-        clip_x0: Clamp x̂_0 to [−1, 1] and re-derive ε̂ from it (:func:`clip_denoised` around
-            ``eps_fn``, after any guidance in it; to clamp before a guidance shift, wrap the model
-            in :func:`clip_denoised` inside the guidance instead).
+        clip_x0: Clamp x̂_0 to [−1, 1] and re-derive ε̂ from it (:func:`clip_denoised`
+            around ``eps_fn``: after any guidance in it).
         generator: RNG for z (used only when η > 0), on x_T's device.
         progress: Show a tqdm bar.
         **cond: Passed to ``eps_fn`` unchanged.
@@ -304,9 +302,8 @@ def dpm_solver_pp_2m(
         schedule: The noise schedule the model was trained with.
         x_T: Start noise at level t_{S−1}, shape (B, …).
         timesteps: Increasing subsequence of [0, T); default all T.
-        clip_x0: Clamp x_θ = x̂_0 to [−1, 1] and re-derive ε̂ from it (:func:`clip_denoised` around
-            ``eps_fn``, after any guidance in it; to clamp before a guidance shift, wrap the model
-            in :func:`clip_denoised` inside the guidance instead).
+        clip_x0: Clamp x_θ = x̂_0 to [−1, 1] and re-derive ε̂ from it (:func:`clip_denoised`
+            around ``eps_fn``: after any guidance in it).
         progress: Show a tqdm bar.
         **cond: Passed to ``eps_fn`` unchanged.
 

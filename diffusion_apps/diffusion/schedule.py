@@ -113,8 +113,7 @@ class NoiseSchedule(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         """Follow ``fn``'s device, never its dtype: the tables stay float32 (see above)."""
-        tables = {name: self._buffers[name] for name in ("betas", "alphas_cumprod",
-                                                         "alphas_cumprod_prev")}  # fmt: skip
+        tables = dict(self._buffers)  # every buffer here is a table
         super()._apply(fn, recurse)
         for name, table in tables.items():
             self._buffers[name] = table.to(self._buffers[name].device)
