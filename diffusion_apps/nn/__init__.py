@@ -2,9 +2,10 @@
 
 from diffusion_apps.nn.autoencoder import Autoencoder, DiagonalGaussian, PatchDiscriminator
 from diffusion_apps.nn.conditioning import CaptionEncoder, ClassEmbedder
+from diffusion_apps.nn.encoders import EncoderUNet, GradientEstimator
 from diffusion_apps.nn.layers import timestep_embedding
 from diffusion_apps.nn.mlp import SkipMLP
-from diffusion_apps.nn.unet import EncoderUNet, GradientEstimator, UNet
+from diffusion_apps.nn.unet import UNet
 
 __all__ = [
     "Autoencoder",

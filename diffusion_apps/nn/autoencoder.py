@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from diffusion_apps.nn.checks import check_x
 from diffusion_apps.nn.layers import CondSequential, GroupNorm, Upsample
-from diffusion_apps.nn.unet import BlockSpec, DownPath, _check_x
+from diffusion_apps.nn.unet import BlockSpec, DownPath
 
 
 class DiagonalGaussian:
@@ -98,7 +99,7 @@ class Autoencoder(nn.Module):
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """q(z | x) for images x (B, C, H, W) in [−1, 1]."""
-        _check_x(x, self.in_channels, self.image_size)
+        check_x(x, self.in_channels, self.image_size)
         x = x.to(self.quant_conv.weight.dtype)  # the weights' dtype (bf16-true)
         return DiagonalGaussian(self.quant_conv(self.encoder_out(self.encoder(x))))
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from diffusion_apps.nn import EncoderUNet, UNet
 from diffusion_apps.nn.layers import GroupNorm, attention, group_norm
-from tests.nn.test_nn_unet import CONDITIONINGS, TINY, inputs, randomize_
+from tests.factories import CONDITIONINGS, TINY_NN, randomize_, unet_inputs
 
 BF16_EPS = 2.0**-8  # bf16 unit roundoff
 
@@ -70,13 +70,13 @@ def test_group_norm_keeps_bf16_under_autocast_and_matches_the_definition():
 
 @pytest.mark.parametrize("conditioning", ["none", "all"])
 def test_unet_channels_last_gives_the_same_outputs_and_gradients(conditioning):
-    kw = {**TINY, **CONDITIONINGS[conditioning]}
-    dense = randomize_(UNet(**kw))
+    kw = {**TINY_NN, **CONDITIONINGS[conditioning]}
+    dense = randomize_(UNet(**kw), 0.2, seed=1)
     fast = UNet(**kw, channels_last=True)
     fast.load_state_dict(dense.state_dict())
     assert fast.down.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert fast.out_conv.weight.is_contiguous(memory_format=torch.channels_last)
-    args = inputs(dense)
+    args = unet_inputs(dense)
     out_dense, out_fast = dense(**args), fast(**args)
     torch.testing.assert_close(out_fast, out_dense, atol=1e-5, rtol=1e-5)
     out_dense.square().sum().backward()
@@ -89,8 +89,8 @@ def test_unet_channels_last_gives_the_same_outputs_and_gradients(conditioning):
 
 
 def test_encoder_channels_last_gives_the_same_outputs():
-    kw = dict(TINY)
-    dense = randomize_(EncoderUNet(**kw, out_dim=5, pool="attention"))
+    kw = dict(TINY_NN)
+    dense = randomize_(EncoderUNet(**kw, out_dim=5, pool="attention"), 0.2, seed=1)
     fast = EncoderUNet(**kw, out_dim=5, pool="attention", channels_last=True)
     fast.load_state_dict(dense.state_dict())
     x, t = torch.randn(3, 2, 8, 8), torch.tensor([1, 50, 999])
@@ -99,8 +99,8 @@ def test_encoder_channels_last_gives_the_same_outputs():
 
 def test_unet_under_bf16_autocast_stays_close_to_fp32():
     """bf16-mixed changes the numbers by rounding only: a relative error of a few bf16 eps."""
-    net = randomize_(UNet(**{**TINY, **CONDITIONINGS["all"]}, channels_last=False))
-    args = inputs(net)
+    net = randomize_(UNet(**{**TINY_NN, **CONDITIONINGS["all"]}, channels_last=False), 0.2, seed=1)
+    args = unet_inputs(net)
     with torch.no_grad():
         ref = net(**args)
         with torch.autocast("cpu", torch.bfloat16):
@@ -111,8 +111,8 @@ def test_unet_under_bf16_autocast_stays_close_to_fp32():
 
 def test_compiled_unet_matches_eager():
     torch._dynamo.reset()
-    net = randomize_(UNet(**TINY)).eval()
-    args = inputs(net)
+    net = randomize_(UNet(**TINY_NN), 0.2, seed=1).eval()
+    args = unet_inputs(net)
     with torch.no_grad():
         eager = net(**args)
         compiled = torch.compile(net)(**args)

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from diffusion_apps.nn import timestep_embedding
 from diffusion_apps.nn.layers import (
@@ -15,14 +14,7 @@ from diffusion_apps.nn.layers import (
     ResBlock,
     SpatialTransformer,
 )
-
-
-def randomize_(module: nn.Module, std: float = 0.3) -> nn.Module:
-    """Overwrite every parameter (zero-initialised ones included) with N(0, std²) noise."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, std)
-    return module
+from tests.factories import randomize_
 
 
 def naive_mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -51,7 +43,7 @@ def test_timestep_embedding_closed_form():
 def test_resblock_adagn_matches_formula(shift):
     """The folded affine equals DiffAE h·(1+z_s) and PDAE (1+z_s)·h + z_b, h = GN·(1+t_s)+t_b."""
     torch.manual_seed(0)
-    block = randomize_(ResBlock(8, 12, emb_dim=6, cond_dim=5, cond_shift=shift, num_groups=4))
+    block = randomize_(ResBlock(8, 12, emb_dim=6, cond_dim=5, cond_shift=shift, num_groups=4), 0.3)
     x, emb, cond = torch.randn(3, 8, 6, 6), torch.randn(3, 6), torch.randn(3, 5)
     h = block.in_conv(F.silu(block.in_norm(x)))
     t_s, t_b = block.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
@@ -65,7 +57,7 @@ def test_resblock_adagn_matches_formula(shift):
 def test_resblock_without_emb_and_resampling():
     torch.manual_seed(0)
     x = torch.randn(2, 8, 8, 8)
-    plain = randomize_(ResBlock(8, 8, num_groups=2))
+    plain = randomize_(ResBlock(8, 8, num_groups=2), 0.3)
     expected = x + plain.out_conv(F.silu(plain.out_norm(plain.in_conv(F.silu(plain.in_norm(x))))))
     torch.testing.assert_close(plain(x), expected)
     down = ResBlock(8, 16, emb_dim=4, num_groups=2, resample="down")
@@ -77,7 +69,7 @@ def test_resblock_without_emb_and_resampling():
 
 def test_adm_attention_block_matches_naive():
     torch.manual_seed(0)
-    block = randomize_(AttentionBlock(16, head_dim=4, num_groups=4))
+    block = randomize_(AttentionBlock(16, head_dim=4, num_groups=4), 0.3)
     x = torch.randn(2, 16, 5, 3)  # non-square, so H/W mix-ups show
     tok = block.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
     q, k, v = block.attn.qkv(tok).split(16, dim=-1)
@@ -88,7 +80,7 @@ def test_adm_attention_block_matches_naive():
 
 def test_cross_attention_matches_naive():
     torch.manual_seed(0)
-    attn = randomize_(Attention(8, head_dim=4, context_dim=6))
+    attn = randomize_(Attention(8, head_dim=4, context_dim=6), 0.3)
     assert attn.q.bias is None and attn.kv.bias is None  # LDM: no biases on q, k, v
     x, ctx = torch.randn(2, 7, 8), torch.randn(2, 3, 6)
     k, v = attn.kv(ctx).split(8, dim=-1)
@@ -99,7 +91,7 @@ def test_cross_attention_matches_naive():
 def test_attention_pool_matches_naive():
     """ADM pooling: all tokens attend, the mean token's output (index 0) is kept."""
     torch.manual_seed(0)
-    pool = randomize_(AttentionPool2d(spatial_size=3, channels=8, head_dim=4, out_dim=5))
+    pool = randomize_(AttentionPool2d(spatial_size=3, channels=8, head_dim=4, out_dim=5), 0.3)
     x = torch.randn(2, 8, 3, 3)
     tok = x.flatten(2).transpose(1, 2)
     tok = torch.cat([tok.mean(1, keepdim=True), tok], dim=1) + pool.pos
@@ -113,7 +105,7 @@ def test_spatial_transformer_identity_at_init_then_uses_context():
     block = SpatialTransformer(8, head_dim=4, context_dim=6, depth=2, num_groups=2)
     x, ctx = torch.randn(2, 8, 4, 4), torch.randn(2, 3, 6)
     assert torch.equal(block(x, ctx), x)
-    randomize_(block)
+    randomize_(block, 0.3)
     assert not torch.allclose(block(x, ctx), block(x, torch.randn(2, 3, 6)))
     # Context of any length works and each sample only sees its own context.
     ctx5 = torch.randn(2, 5, 6)

@@ -1,76 +1,21 @@
-"""UNet and EncoderUNet: shapes, zero init, every conditioning path, gradients, validation."""
+"""UNet: shapes, zero init, every conditioning path, gradients, validation."""
 
 import importlib
 import sys
 
 import pytest
 import torch
-from torch import nn
 
 import diffusion_apps
-from diffusion_apps.nn import EncoderUNet, GradientEstimator, UNet
-
-TINY = dict(
-    in_channels=2,
-    image_size=8,
-    base_channels=8,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(8,),
-    num_head_channels=4,
-    num_groups=2,
-)
-B = 3
-
-
-def randomize_(module: nn.Module, std: float = 0.2) -> nn.Module:
-    """Overwrite every parameter (zero-initialised ones included) with N(0, std²) noise."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, std)
-    return module
-
-
-def inputs(model: UNet, batch: int = B, seed: int = 0) -> dict:
-    """Random (x, t, and whatever conditioning ``model`` was built with)."""
-    g = torch.Generator().manual_seed(seed)
-    s, c = model.image_size, model.in_channels
-    kw = dict(
-        x=torch.randn(batch, c, s, s, generator=g), t=torch.randint(0, 1000, (batch,), generator=g)
-    )
-    if model.num_classes:
-        kw["y"] = torch.randint(0, model.num_classes + 1, (batch,), generator=g)
-    if model.cond_dim:
-        kw["cond"] = torch.randn(batch, model.cond_dim, generator=g)
-    if model.context_dim:
-        kw["context"] = torch.randn(batch, 3, model.context_dim, generator=g)
-    return kw
-
-
-CONDITIONINGS = {
-    "none": {},
-    "class": dict(num_classes=4),
-    "diffae": dict(cond_dim=6),
-    "pdae": dict(cond_dim=6, cond_shift=True),
-    "ldm": dict(context_dim=5, transformer_depth=2),
-    "all": dict(num_classes=4, cond_dim=6, cond_shift=True, context_dim=5),
-}
-ARCHS = {
-    "tiny": {},
-    "updown": dict(resblock_updown=True),
-    "three_levels": dict(
-        image_size=16, channel_mult=(1, 2, 2), attention_resolutions=(8, 4), num_res_blocks=2
-    ),
-    "no_attention_levels": dict(attention_resolutions=(), out_channels=4),
-}
+from diffusion_apps.nn import UNet
+from tests.factories import ARCHS, CONDITIONINGS, TINY_NN, B, randomize_, unet_inputs
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("conditioning", CONDITIONINGS)
 def test_unet_shape_and_zero_output_at_init(arch, conditioning):
-    model = UNet(**{**TINY, **ARCHS[arch], **CONDITIONINGS[conditioning]})
-    kw = inputs(model)
+    model = UNet(**{**TINY_NN, **ARCHS[arch], **CONDITIONINGS[conditioning]})
+    kw = unet_inputs(model)
     out = model(**kw)
     assert out.shape == (B, model.out_channels, model.image_size, model.image_size)
     assert torch.equal(out, torch.zeros_like(out))  # zero-initialised output conv
@@ -78,11 +23,11 @@ def test_unet_shape_and_zero_output_at_init(arch, conditioning):
 
 @pytest.mark.parametrize("conditioning", ["all", "pdae", "diffae"])
 def test_every_conditioning_changes_output(conditioning):
-    model = randomize_(UNet(**TINY, **CONDITIONINGS[conditioning])).eval()
-    kw = inputs(model)
+    model = randomize_(UNet(**TINY_NN, **CONDITIONINGS[conditioning]), 0.2, seed=1).eval()
+    kw = unet_inputs(model)
     ref = model(**kw)
     assert ref.abs().mean() > 1e-3
-    fresh = inputs(model, seed=1)
+    fresh = unet_inputs(model, seed=1)
     for name in kw.keys() - {"x"}:
         out = model(**{**kw, name: fresh[name]})
         assert not torch.allclose(out, ref, atol=1e-4), f"{name} does not reach the output"
@@ -90,15 +35,15 @@ def test_every_conditioning_changes_output(conditioning):
 
 def test_cond_shift_adds_a_shift():
     """PDAE's z_b term: same weights except the shift half, different outputs."""
-    scale_only = randomize_(UNet(**TINY, cond_dim=6)).eval()
-    shifted = randomize_(UNet(**TINY, cond_dim=6, cond_shift=True)).eval()
+    scale_only = randomize_(UNet(**TINY_NN, cond_dim=6), 0.2, seed=1).eval()
+    shifted = randomize_(UNet(**TINY_NN, cond_dim=6, cond_shift=True), 0.2, seed=1).eval()
     with torch.no_grad():
         for (name, p), q in zip(scale_only.named_parameters(), shifted.parameters(), strict=True):
             if "cond_proj" in name:  # (C, d) -> (2C, d): keep z_s, zero z_b
                 q.zero_()[: p.shape[0]] = p
             else:
                 q.copy_(p)
-    kw = inputs(scale_only)
+    kw = unet_inputs(scale_only)
     torch.testing.assert_close(shifted(**kw), scale_only(**kw))
     with torch.no_grad():
         for name, q in shifted.named_parameters():
@@ -108,8 +53,8 @@ def test_cond_shift_adds_a_shift():
 
 
 def test_null_label_and_label_errors():
-    model = randomize_(UNet(**TINY, num_classes=4)).eval()
-    kw = inputs(model, batch=2)
+    model = randomize_(UNet(**TINY_NN, num_classes=4), 0.2, seed=1).eval()
+    kw = unet_inputs(model, batch=2)
     null = model(**{**kw, "y": torch.tensor([4, 4])})  # index num_classes is the null label
     cond = model(**{**kw, "y": torch.tensor([0, 0])})
     assert not torch.allclose(null, cond, atol=1e-4)
@@ -127,8 +72,10 @@ def test_null_label_and_label_errors():
 )
 def test_gradients_reach_every_parameter(arch, conditioning):
     """No unused parameters (DDP would hang on them)."""
-    model = randomize_(UNet(**{**TINY, **ARCHS[arch], **CONDITIONINGS[conditioning]}))
-    out = model(**inputs(model))
+    model = randomize_(
+        UNet(**{**TINY_NN, **ARCHS[arch], **CONDITIONINGS[conditioning]}), 0.2, seed=1
+    )
+    out = model(**unet_inputs(model))
     (out * torch.randn_like(out)).sum().backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert not dead
@@ -136,8 +83,10 @@ def test_gradients_reach_every_parameter(arch, conditioning):
 
 def test_batch_independence():
     """Sample i's output does not depend on the other samples (GroupNorm / attention reshapes)."""
-    model = randomize_(UNet(**{**TINY, **ARCHS["updown"]}, **CONDITIONINGS["all"])).eval()
-    kw = inputs(model)
+    model = randomize_(
+        UNet(**{**TINY_NN, **ARCHS["updown"]}, **CONDITIONINGS["all"]), 0.2, seed=1
+    ).eval()
+    kw = unet_inputs(model)
     batched = model(**kw)
     for i in range(B):
         single = model(**{k: v[i : i + 1] for k, v in kw.items()})
@@ -145,7 +94,7 @@ def test_batch_independence():
 
 
 def test_scalar_and_float_timesteps():
-    model = randomize_(UNet(**TINY)).eval()
+    model = randomize_(UNet(**TINY_NN), 0.2, seed=1).eval()
     x = torch.randn(2, 2, 8, 8)
     torch.testing.assert_close(model(x, torch.tensor(7)), model(x, torch.tensor([7, 7])))
     torch.testing.assert_close(model(x, torch.tensor([7.0, 7.0])), model(x, torch.tensor([7, 7])))
@@ -171,12 +120,12 @@ def test_scalar_and_float_timesteps():
 )
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        UNet(**{**TINY, **kwargs})
+        UNet(**{**TINY_NN, **kwargs})
 
 
 def test_bad_inputs_raise():
-    model = UNet(**TINY, cond_dim=6, context_dim=5)
-    kw = inputs(model, batch=2)
+    model = UNet(**TINY_NN, cond_dim=6, context_dim=5)
+    kw = unet_inputs(model, batch=2)
     bad = [
         (dict(x=torch.randn(2, 2, 16, 16)), r"\(B, 2, 8, 8\).*\(2, 2, 16, 16\)"),
         (dict(x=torch.randn(2, 3, 8, 8)), r"\(B, 2, 8, 8\).*\(2, 3, 8, 8\)"),
@@ -193,75 +142,14 @@ def test_bad_inputs_raise():
             model(**{**kw, **override})
 
 
-@pytest.mark.parametrize("pool", ["avg", "attention"])
-@pytest.mark.parametrize("time_conditioned", [True, False])
-def test_encoder_shapes_and_gradients(pool, time_conditioned):
-    enc = randomize_(EncoderUNet(**TINY, out_dim=7, pool=pool, time_conditioned=time_conditioned))
-    x, t = torch.randn(B, 2, 8, 8), torch.randint(0, 1000, (B,))
-    args = (x, t) if time_conditioned else (x,)
-    z = enc(*args)
-    assert z.shape == (B, 7)
-    (z * torch.randn_like(z)).sum().backward()
-    dead = [n for n, p in enc.named_parameters() if p.grad is None or not p.grad.any()]
-    assert not dead
-    enc.eval()
-    with torch.no_grad():  # batch independence
-        torch.testing.assert_close(enc(*args)[1:2], enc(*(a[1:2] for a in args)))
-    if time_conditioned:
-        assert not torch.allclose(enc(x, t), enc(x, t + 100), atol=1e-4)
-        with pytest.raises(ValueError, match="t is required"):
-            enc(x)
-    else:
-        assert not any("emb" in n for n, _ in enc.named_parameters())  # no time embedding at all
-        with pytest.raises(ValueError, match="time_conditioned=False"):
-            enc(x, t)
-
-
-def test_encoder_shares_the_unet_down_path():
-    unet, enc = UNet(**TINY), EncoderUNet(**TINY)
-    assert unet.down.state_dict().keys() == enc.down.state_dict().keys()
-    with pytest.raises(ValueError, match="pool"):
-        EncoderUNet(**TINY, pool="max")
-    with pytest.raises(ValueError, match="image_size=10"):
-        EncoderUNet(**{**TINY, "image_size": 10, "channel_mult": (1, 1, 1)})
-
-
 @pytest.mark.parametrize("conditioning", ["none", "all"])
 def test_the_two_halves_compose_to_forward_and_leave_the_features_intact(conditioning):
-    model = randomize_(UNet(**TINY, **CONDITIONINGS[conditioning])).eval()
-    kw = inputs(model)
+    model = randomize_(UNet(**TINY_NN, **CONDITIONINGS[conditioning]), 0.2, seed=1).eval()
+    kw = unet_inputs(model)
     features = model.down_features(**kw)
     skips = list(features.skips)
     assert torch.equal(model.up_from(features), model(**kw))
     assert all(a is b for a, b in zip(features.skips, skips, strict=True))  # not consumed
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_gradient_estimator_mirrors_the_up_path_and_starts_at_zero(arch):
-    unet = randomize_(UNet(**{**TINY, **ARCHS[arch]}))
-    estimator = GradientEstimator(unet, z_dim=6)
-    kw = inputs(unet)
-    z = torch.randn(B, 6)
-    with torch.no_grad():  # as PDAE computes them: frozen inputs of G_ψ
-        features = unet.down_features(kw["x"], kw["t"])
-    out = estimator(features, z)
-    assert out.shape == kw["x"].shape and not out.any()  # zero-initialised output conv
-    randomize_(estimator)
-    out = estimator(features, z)
-    assert not torch.equal(out, estimator(features, z.flip(0)))  # z steers every sample
-    ups = [m for m in estimator.up.modules() if getattr(m, "cond_shift", False)]
-    assert len(ups) == sum(1 for m in unet.up.modules() if hasattr(m, "cond_shift"))
-    out.square().sum().backward()
-    assert all(p.grad is not None for p in estimator.parameters())
-
-
-def test_gradient_estimator_needs_an_unconditional_unet_and_its_z_width():
-    with pytest.raises(ValueError, match="unconditional UNet"):
-        GradientEstimator(UNet(**TINY, num_classes=4), z_dim=6)
-    unet = UNet(**TINY)
-    features = unet.down_features(**inputs(unet))
-    with pytest.raises(ValueError, match=r"expected z of shape \(3, 6\)"):
-        GradientEstimator(unet, z_dim=6)(features, torch.zeros(3, 5))
 
 
 def test_nn_does_not_import_lightning(monkeypatch):

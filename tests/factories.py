@@ -1,0 +1,69 @@
+"""Tiny networks shared by the tests, their inputs, and random weights for them.
+
+Every builder takes keyword overrides for any argument of the class it builds. The networks'
+output convs start at zero (output ≡ 0), so tests that need a network to compute something
+give it random weights with :func:`randomize_` first.
+"""
+
+import torch
+from torch import nn
+
+from diffusion_apps.nn import UNet
+
+# -- tests/nn: a two-channel 8×8 UNet, attention at 8×8 and in the middle block ---------------
+
+TINY_NN = dict(
+    in_channels=2,
+    image_size=8,
+    base_channels=8,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(8,),
+    num_head_channels=4,
+    num_groups=2,
+)
+B = 3  # the batch of unet_inputs
+CONDITIONINGS = {
+    "none": {},
+    "class": dict(num_classes=4),
+    "diffae": dict(cond_dim=6),
+    "pdae": dict(cond_dim=6, cond_shift=True),
+    "ldm": dict(context_dim=5, transformer_depth=2),
+    "all": dict(num_classes=4, cond_dim=6, cond_shift=True, context_dim=5),
+}
+ARCHS = {
+    "tiny": {},
+    "updown": dict(resblock_updown=True),
+    "three_levels": dict(
+        image_size=16, channel_mult=(1, 2, 2), attention_resolutions=(8, 4), num_res_blocks=2
+    ),
+    "no_attention_levels": dict(attention_resolutions=(), out_channels=4),
+}
+
+
+def unet_inputs(model: UNet, batch: int = B, seed: int = 0) -> dict:
+    """Random (x, t, and whatever conditioning ``model`` was built with)."""
+    g = torch.Generator().manual_seed(seed)
+    s, c = model.image_size, model.in_channels
+    kw = dict(
+        x=torch.randn(batch, c, s, s, generator=g), t=torch.randint(0, 1000, (batch,), generator=g)
+    )
+    if model.num_classes:
+        kw["y"] = torch.randint(0, model.num_classes + 1, (batch,), generator=g)
+    if model.cond_dim:
+        kw["cond"] = torch.randn(batch, model.cond_dim, generator=g)
+    if model.context_dim:
+        kw["context"] = torch.randn(batch, 3, model.context_dim, generator=g)
+    return kw
+
+
+def randomize_(module: nn.Module, std: float, seed: int | None = None) -> nn.Module:
+    """Overwrite every parameter (zero-initialised ones included) with N(0, std²) noise, drawn
+    after ``torch.manual_seed(seed)`` if a seed is given, else from the global generator as it
+    stands; returns ``module``."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, std)
+    return module

@@ -1,0 +1,71 @@
+"""EncoderUNet and PDAE's GradientEstimator: shapes, gradients, the shared down path, zero init,
+validation."""
+
+import pytest
+import torch
+
+from diffusion_apps.nn import EncoderUNet, GradientEstimator, UNet
+from tests.factories import ARCHS, TINY_NN, B, randomize_, unet_inputs
+
+
+@pytest.mark.parametrize("pool", ["avg", "attention"])
+@pytest.mark.parametrize("time_conditioned", [True, False])
+def test_encoder_shapes_and_gradients(pool, time_conditioned):
+    enc = randomize_(
+        EncoderUNet(**TINY_NN, out_dim=7, pool=pool, time_conditioned=time_conditioned), 0.2, seed=1
+    )
+    x, t = torch.randn(B, 2, 8, 8), torch.randint(0, 1000, (B,))
+    args = (x, t) if time_conditioned else (x,)
+    z = enc(*args)
+    assert z.shape == (B, 7)
+    (z * torch.randn_like(z)).sum().backward()
+    dead = [n for n, p in enc.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not dead
+    enc.eval()
+    with torch.no_grad():  # batch independence
+        torch.testing.assert_close(enc(*args)[1:2], enc(*(a[1:2] for a in args)))
+    if time_conditioned:
+        assert not torch.allclose(enc(x, t), enc(x, t + 100), atol=1e-4)
+        with pytest.raises(ValueError, match="t is required"):
+            enc(x)
+    else:
+        assert not any("emb" in n for n, _ in enc.named_parameters())  # no time embedding at all
+        with pytest.raises(ValueError, match="time_conditioned=False"):
+            enc(x, t)
+
+
+def test_encoder_shares_the_unet_down_path():
+    unet, enc = UNet(**TINY_NN), EncoderUNet(**TINY_NN)
+    assert unet.down.state_dict().keys() == enc.down.state_dict().keys()
+    with pytest.raises(ValueError, match="pool"):
+        EncoderUNet(**TINY_NN, pool="max")
+    with pytest.raises(ValueError, match="image_size=10"):
+        EncoderUNet(**{**TINY_NN, "image_size": 10, "channel_mult": (1, 1, 1)})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_estimator_mirrors_the_up_path_and_starts_at_zero(arch):
+    unet = randomize_(UNet(**{**TINY_NN, **ARCHS[arch]}), 0.2, seed=1)
+    estimator = GradientEstimator(unet, z_dim=6)
+    kw = unet_inputs(unet)
+    z = torch.randn(B, 6)
+    with torch.no_grad():  # as PDAE computes them: frozen inputs of G_ψ
+        features = unet.down_features(kw["x"], kw["t"])
+    out = estimator(features, z)
+    assert out.shape == kw["x"].shape and not out.any()  # zero-initialised output conv
+    randomize_(estimator, 0.2, seed=1)
+    out = estimator(features, z)
+    assert not torch.equal(out, estimator(features, z.flip(0)))  # z steers every sample
+    ups = [m for m in estimator.up.modules() if getattr(m, "cond_shift", False)]
+    assert len(ups) == sum(1 for m in unet.up.modules() if hasattr(m, "cond_shift"))
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in estimator.parameters())
+
+
+def test_gradient_estimator_needs_an_unconditional_unet_and_its_z_width():
+    with pytest.raises(ValueError, match="unconditional UNet"):
+        GradientEstimator(UNet(**TINY_NN, num_classes=4), z_dim=6)
+    unet = UNet(**TINY_NN)
+    features = unet.down_features(**unet_inputs(unet))
+    with pytest.raises(ValueError, match=r"expected z of shape \(3, 6\)"):
+        GradientEstimator(unet, z_dim=6)(features, torch.zeros(3, 5))
