@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from diffusion_apps.checkpoint import load_module
-from diffusion_apps.diffusion.schedule import _per_sample
+from diffusion_apps.diffusion.schedule import per_sample
 from diffusion_apps.evaluation.digits import embedded_split
 from diffusion_apps.methods import PDAE
 from diffusion_apps.methods.pdae import shift_coefficient
@@ -35,7 +35,7 @@ def gap_rows(model: PDAE, x0: torch.Tensor, timesteps: list[int], draws: int, se
             noise = torch.randn(x0.shape, generator=gen)
             f = model.unet.down_features(model.schedule.q_sample(x0, t, noise), t)
             eps = model.unet.up_from(f).float()
-            shift = _per_sample(shift_coefficient(model.schedule, t), x0) * model.estimator(f, z)
+            shift = per_sample(shift_coefficient(model.schedule, t), x0) * model.estimator(f, z)
             ddpm += (noise - eps).square().mean().item() / draws
             pdae += (noise - eps - shift.float()).square().mean().item() / draws
         rows.append({"t": step, "ddpm": ddpm, "pdae": pdae, "filled": 1 - pdae / ddpm})

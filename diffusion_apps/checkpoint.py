@@ -111,7 +111,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _import_class(class_path: str) -> type:
+def import_class(class_path: str) -> type:
+    """The class named by a dotted path, e.g. ``"diffusion_apps.methods.DDPM"``."""
     module_name, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module_name), name)
 
@@ -123,7 +124,7 @@ def _build(hparams: dict, expected: type[M], what: str, parts: dict | None) -> M
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
     hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
-    cls = _import_class(hparams["_class_path"])
+    cls = import_class(hparams["_class_path"])
     if not issubclass(cls, expected):
         raise CheckpointError(
             f"{what} holds a {cls.__name__} checkpoint, but a {expected.__name__} is expected"

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion_apps.diffusion.samplers import EpsFn, Variance, _respaced_variance, _subsequence
-from diffusion_apps.diffusion.schedule import NoiseSchedule, _per_sample
+from diffusion_apps.diffusion.samplers import EpsFn, Variance, respaced_variance, subsequence_tables
+from diffusion_apps.diffusion.schedule import NoiseSchedule, per_sample
 
 GradFn = Callable[..., Tensor]
 
@@ -33,7 +33,7 @@ def eps_shift_guidance(
     """
 
     def guided(x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        sigma = _per_sample((1 - schedule.alpha_bar(t).double()).sqrt(), x_t)
+        sigma = per_sample((1 - schedule.alpha_bar(t).double()).sqrt(), x_t)
         return eps_fn(x_t, t, **cond) - scale * sigma * grad_fn(x_t, t, **cond)
 
     return guided
@@ -57,8 +57,8 @@ def mean_shift_guidance(
     guided-diffusion (its log-variance table starts there). Indices outside ``timesteps`` give
     NaN, so a mismatched subsequence cannot pass silently.
     """
-    ts, alpha_bar, alpha_bar_prev = _subsequence(schedule, timesteps)
-    beta, sigma2 = _respaced_variance(alpha_bar, alpha_bar_prev, variance)
+    ts, alpha_bar, alpha_bar_prev = subsequence_tables(schedule, timesteps)
+    beta, sigma2 = respaced_variance(alpha_bar, alpha_bar_prev, variance)
     if variance == "beta" and len(ts) > 1:  # sigma2 is beta itself here: copy it first
         sigma2 = torch.cat([beta[1:2] * (1 - alpha_bar[:1]) / (1 - alpha_bar[1:2]), beta[1:]])
     shift = torch.full((schedule.num_timesteps,), float("nan"), dtype=torch.float64)
@@ -66,7 +66,7 @@ def mean_shift_guidance(
     shift = shift.to(schedule.alphas_cumprod.device)
 
     def guided(x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        return eps_fn(x_t, t, **cond) + scale * _per_sample(shift[t], x_t) * grad_fn(x_t, t, **cond)
+        return eps_fn(x_t, t, **cond) + scale * per_sample(shift[t], x_t) * grad_fn(x_t, t, **cond)
 
     return guided
 

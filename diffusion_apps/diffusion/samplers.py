@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from diffusion_apps.diffusion.schedule import NoiseSchedule, _per_sample
+from diffusion_apps.diffusion.schedule import NoiseSchedule, per_sample
 
 EpsFn = Callable[..., Tensor]
 Variance = Literal["beta", "beta_tilde"]
@@ -79,7 +79,7 @@ def timestep_subsequence(
     return nearest.unique()
 
 
-def _subsequence(
+def subsequence_tables(
     schedule: NoiseSchedule, timesteps: Tensor | None
 ) -> tuple[list[int], Tensor, Tensor]:
     """Validated indices [t_0, …, t_{S−1}] and float64 (S,) tables ᾱ_{t_i} and ᾱ_{t_{i−1}}."""
@@ -91,7 +91,7 @@ def _subsequence(
     return ts.tolist(), alpha_bar, torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
 
 
-def _respaced_variance(
+def respaced_variance(
     alpha_bar: Tensor, alpha_bar_prev: Tensor, variance: Variance
 ) -> tuple[Tensor, Tensor]:
     """β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i−1}} (improved DDPM respacing) and Σ_i = β'_i or β̃'_i."""
@@ -113,7 +113,7 @@ def clip_denoised(eps_fn: EpsFn, schedule: NoiseSchedule) -> EpsFn:
 
     def clipped(x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
         alpha_bar = schedule.alpha_bar(t).double()
-        signal, sigma = _per_sample(alpha_bar.sqrt(), x_t), _per_sample((1 - alpha_bar).sqrt(), x_t)
+        signal, sigma = per_sample(alpha_bar.sqrt(), x_t), per_sample((1 - alpha_bar).sqrt(), x_t)
         x0 = ((x_t - sigma * eps_fn(x_t, t, **cond)) / signal).clamp_(-1, 1)
         return (x_t - signal * x0) / sigma
 
@@ -187,8 +187,8 @@ def ddpm_sample(
     Returns:
         Samples shaped like x_T.
     """
-    ts, alpha_bar, alpha_bar_prev = _subsequence(schedule, timesteps)
-    beta, sigma2 = _respaced_variance(alpha_bar, alpha_bar_prev, variance)
+    ts, alpha_bar, alpha_bar_prev = subsequence_tables(schedule, timesteps)
+    beta, sigma2 = respaced_variance(alpha_bar, alpha_bar_prev, variance)
     c_x0 = alpha_bar_prev.sqrt() * beta / (1 - alpha_bar)
     c_x = (1 - beta).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar)
     sigma = sigma2.sqrt()
@@ -231,7 +231,7 @@ def ddim_sample(
     Returns:
         Samples shaped like x_T.
     """
-    ts, alpha_bar, alpha_bar_prev = _subsequence(schedule, timesteps)
+    ts, alpha_bar, alpha_bar_prev = subsequence_tables(schedule, timesteps)
     sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
     c_eps = (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt()
     table = torch.stack(
@@ -270,7 +270,7 @@ def ddim_invert(
     Returns:
         The latent x_{t_{S−1}}, shaped like x0.
     """
-    ts, alpha_bar, alpha_bar_prev = _subsequence(schedule, timesteps)
+    ts, alpha_bar, alpha_bar_prev = subsequence_tables(schedule, timesteps)
     zeros = torch.zeros_like(alpha_bar)
     table = torch.stack([alpha_bar_prev, alpha_bar.sqrt(), zeros, (1 - alpha_bar).sqrt(), zeros], 1)
     return _run(eps_fn, x0, [ts[0], *ts[:-1]], table, None, progress, cond)
@@ -310,7 +310,7 @@ def dpm_solver_pp_2m(
     Returns:
         Samples shaped like x_T.
     """
-    ts, alpha_bar, alpha_bar_prev = _subsequence(schedule, timesteps)
+    ts, alpha_bar, alpha_bar_prev = subsequence_tables(schedule, timesteps)
     # Per step, from t_{S−1} down: (α_s, σ_s, σ_t/σ_s, α_t, h), in float64, then Python floats.
     alpha_s, sigma_s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     alpha_t, sigma_t = alpha_bar_prev.sqrt(), (1 - alpha_bar_prev).sqrt()

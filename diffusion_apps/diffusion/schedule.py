@@ -52,7 +52,7 @@ def _make_betas(
     return torch.full((T,), constant_beta, dtype=torch.float64)
 
 
-def _per_sample(values: Tensor, x: Tensor) -> Tensor:
+def per_sample(values: Tensor, x: Tensor) -> Tensor:
     """Cast per-sample coefficients (B,) to x's dtype/device, shaped (B, 1, …, 1) to broadcast.
 
     Compute the coefficients from the float32 tables first and cast last: √(1 − ᾱ_t) of a bf16
@@ -134,7 +134,7 @@ class NoiseSchedule(nn.Module):
     def _scales(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """(√ᾱ_t, √(1 − ᾱ_t)) broadcast against x."""
         alpha_bar = self.alpha_bar(t)
-        return _per_sample(alpha_bar.sqrt(), x), _per_sample((1 - alpha_bar).sqrt(), x)
+        return per_sample(alpha_bar.sqrt(), x), per_sample((1 - alpha_bar).sqrt(), x)
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε (DDPM eq. 4, reparameterised)."""
@@ -179,5 +179,5 @@ class NoiseSchedule(nn.Module):
         alpha_bar_prev = self.alphas_cumprod_prev[t]
         c_x0 = alpha_bar_prev.sqrt() * beta / (1 - alpha_bar)
         c_xt = (1 - beta).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar)
-        mean = _per_sample(c_x0, x_t) * x0 + _per_sample(c_xt, x_t) * x_t
-        return mean, _per_sample(beta * (1 - alpha_bar_prev) / (1 - alpha_bar), x_t)
+        mean = per_sample(c_x0, x_t) * x0 + per_sample(c_xt, x_t) * x_t
+        return mean, per_sample(beta * (1 - alpha_bar_prev) / (1 - alpha_bar), x_t)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from diffusion_apps.checkpoint import load_part
 from diffusion_apps.diffusion import EpsFn, NoiseSchedule, eps_shift_guidance
-from diffusion_apps.diffusion.schedule import _per_sample
+from diffusion_apps.diffusion.schedule import per_sample
 from diffusion_apps.methods.autoencoder import DiffusionAutoencoder
 from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.nn import EncoderUNet, GradientEstimator, UNet
@@ -118,7 +118,7 @@ class PDAE(DiffusionAutoencoder, DDPM):
             features = self.unet.down_features(x_t, t)
             eps = self.unet.up_from(features)
         shift = self.estimator(features, self.encoder(x0))
-        c = _per_sample(shift_coefficient(self.schedule, t), x0)
+        c = per_sample(shift_coefficient(self.schedule, t), x0)
         error = (noise - (eps.float() + c * shift.float())).square().flatten(1).mean(1)
         return (loss_weight(self.schedule, t, self.gamma) * error).mean()
 
