@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveragi
 from lightning.pytorch.utilities import rank_zero_warn
 
 from diffusion_apps.distributed import gather
+from diffusion_apps.lightning_internals import last_saved_step, save_last_checkpoint
 
 
 class EMA(WeightAveraging):
@@ -196,7 +197,7 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        signalled = bool(getattr(trainer, "received_sigterm", False))
+        signalled = trainer.received_sigterm
         if trainer.strategy.reduce_boolean_decision(signalled, all=False):  # any rank
             trainer.should_stop = True
         last_epoch = trainer.max_epochs not in (None, -1) and (
@@ -204,5 +205,5 @@ class Checkpoint(ModelCheckpoint):
             and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         )
         final = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step or last_epoch
-        if final and self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if final and self.save_last and last_saved_step(self) != trainer.global_step:
+            save_last_checkpoint(self, trainer)

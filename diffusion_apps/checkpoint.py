@@ -121,7 +121,8 @@ def _build(hparams: dict, expected: type[M], what: str, parts: dict | None) -> M
     """The module a saved config (``hyper_parameters`` with ``_class_path``) describes, built
     while ``parts`` (``PARTS_KEY`` of its checkpoint) are what :func:`load_part` finds."""
     from lightning.pytorch.cli import instantiate_module
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    from diffusion_apps.lightning_internals import given_hyperparameters
 
     hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
     cls = import_class(hparams["_class_path"])
@@ -131,7 +132,7 @@ def _build(hparams: dict, expected: type[M], what: str, parts: dict | None) -> M
         )
     token = _parts.set(parts)
     try:  # the module saves this config as its hyper-parameters, as under the CLI
-        with _given_hyperparameters_context(hparams, "lightning.pytorch.cli.instantiate_module"):
+        with given_hyperparameters(hparams):
             return instantiate_module(cls, hparams)
     finally:
         _parts.reset(token)

@@ -15,10 +15,12 @@ from pathlib import Path
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from diffusion_apps.lightning_internals import KeepConfiguredModel
+
 PACKAGE = Path(__file__).parent
 
 
-class DiffusionCLI(LightningCLI):
+class DiffusionCLI(KeepConfiguredModel, LightningCLI):
     """LightningCLI whose subclass-mode model and data come from the YAML ``class_path``."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
@@ -57,12 +59,6 @@ class DiffusionCLI(LightningCLI):
         self._last = None  # the checkpoint `--ckpt_path last` stands for, when found
         if self.subcommand == "fit" and self.config.fit.ckpt_path == "last":
             self._last = continue_last_version(self.config.fit.trainer.logger)
-
-    def _parse_ckpt_path(self) -> None:
-        """Keep the model of the config: Lightning's CLI would rebuild it from the hyper-parameters
-        in ``--ckpt_path``, silently training another method than configured, or dropping a
-        changed option (a lower ``lr`` to resume with). :meth:`_check_ckpt_path` checks instead
-        that the checkpoint fits the configured model."""
 
     def _check_ckpt_path(self) -> None:
         """A checkpoint to resume from or evaluate must fit the model, or stop here, before

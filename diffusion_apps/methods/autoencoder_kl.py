@@ -89,9 +89,11 @@ class AutoencoderKL(DiffusionMethod):
         autoencoder): DDP must look for the unused ones, or it stops at the second step."""
         from lightning.pytorch.strategies import DDPStrategy
 
+        from diffusion_apps.lightning_internals import find_unused_parameters
+
         strategy = self.trainer.strategy
         if isinstance(strategy, DDPStrategy) and self.discriminator is not None:
-            strategy._ddp_kwargs["find_unused_parameters"] = True  # read when DDP wraps us
+            find_unused_parameters(strategy)  # read when DDP wraps us
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:

@@ -6,11 +6,11 @@ import inspect
 
 import lightning as L
 import torch
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
 from diffusion_apps.checkpoint import PARTS_KEY, load_part, part_configs
 from diffusion_apps.images import grid
+from diffusion_apps.lightning_internals import cli_hyperparameters
 
 
 class DiffusionMethod(L.LightningModule):
@@ -72,7 +72,7 @@ class DiffusionMethod(L.LightningModule):
             outer.f_code.co_name == "__init__" and outer.f_locals.get("self") is self
         ):
             frame = outer
-        from_cli = _given_hyperparameters.get() is not None
+        from_cli = cli_hyperparameters() is not None
         modules = [k for k, v in frame.f_locals.items() if isinstance(v, nn.Module) and k != "self"]
         self.save_hyperparameters(ignore=None if from_cli else modules, frame=frame, logger=False)
 
