@@ -8,7 +8,7 @@ give it random weights with :func:`randomize_` first.
 import torch
 from torch import nn
 
-from diffusion_apps.nn import UNet
+from diffusion_apps.nn import EncoderUNet, UNet
 
 # -- tests/nn: a two-channel 8×8 UNet, attention at 8×8 and in the middle block ---------------
 
@@ -55,6 +55,34 @@ def unet_inputs(model: UNet, batch: int = B, seed: int = 0) -> dict:
     if model.context_dim:
         kw["context"] = torch.randn(batch, 3, model.context_dim, generator=g)
     return kw
+
+
+# -- tests/methods: one-channel 16×16 networks, one ResBlock per level, 8-channel heads ----------
+
+TINY_METHODS = dict(
+    in_channels=1,
+    image_size=16,
+    base_channels=8,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    num_head_channels=8,
+    num_groups=2,
+)
+
+
+def tiny_unet(**overrides) -> UNet:
+    """A UNet on TINY_METHODS with attention at 8×8."""
+    return UNet(**{**TINY_METHODS, "attention_resolutions": (8,), **overrides})
+
+
+def tiny_encoder(**overrides) -> EncoderUNet:
+    """DiffAE's and PDAE's semantic encoder on TINY_METHODS: no attention levels, a 16-d code,
+    no time embedding."""
+    kw = dict(attention_resolutions=(), out_dim=16, time_conditioned=False)
+    return EncoderUNet(**{**TINY_METHODS, **kw, **overrides})
+
+
+# -- random weights ---------------------------------------------------------------------------
 
 
 def randomize_(module: nn.Module, std: float, seed: int | None = None) -> nn.Module:

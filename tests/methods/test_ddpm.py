@@ -6,6 +6,7 @@ from torch import nn
 
 from diffusion_apps.diffusion import NoiseSchedule, timestep_subsequence
 from diffusion_apps.methods import DDPM
+from tests.factories import tiny_unet
 
 MU, SIGMA = 0.2, 0.2  # |x| > 1 (clamped by sample()) has probability 3e-5
 
@@ -121,10 +122,7 @@ def test_sample_is_clamped_to_the_data_range():
 def test_compile_option_compiles_the_networks_in_place():
     """``compile=True`` compiles each network once when the Trainer configures the model; the
     checkpoint keys stay those of the plain module."""
-    from diffusion_apps.nn import UNet
-
-    unet = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=(1,),
-                attention_resolutions=(), num_head_channels=8, num_groups=2)  # fmt: skip
+    unet = tiny_unet(image_size=8, channel_mult=(1,), num_res_blocks=2, attention_resolutions=())
     plain, compiled = DDPM(unet), DDPM(unet, compile=True)
     assert plain.networks() == [unet]  # the schedule holds no parameters
     plain.configure_model()

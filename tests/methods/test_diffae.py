@@ -10,27 +10,15 @@ from diffusion_apps.cli import main
 from diffusion_apps.data import ImageDataModule, load_embedded_digits
 from diffusion_apps.diffusion import ddim_invert, ddim_sample
 from diffusion_apps.methods import DiffAE
-from diffusion_apps.nn import EncoderUNet, UNet
 from tests.conftest import CONFIGS, run_cli_in
+from tests.factories import randomize_, tiny_encoder, tiny_unet
 from tests.methods.ddpm_arguments import assert_ddpm_arguments, keyword_only_ddpm
 
 TINY = CONFIGS / "tiny" / "diffae.yaml"
-NET = dict(in_channels=1, image_size=16, base_channels=8, channel_mult=(1, 2),
-           num_res_blocks=1, num_head_channels=8, num_groups=2)  # fmt: skip
 
 
 def build(cond_dim=16, **kw):
-    unet = UNet(**NET, attention_resolutions=(8,), cond_dim=cond_dim)
-    encoder = EncoderUNet(**NET, attention_resolutions=(), out_dim=16, time_conditioned=False)
-    return DiffAE(unet, encoder, **kw)
-
-
-def randomize_(module, std=0.1):
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, std)
-    return module.eval()
+    return DiffAE(tiny_unet(cond_dim=cond_dim), tiny_encoder(), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +44,8 @@ def digits(n=8, size=16):
 def test_bad_parts_are_named():
     with pytest.raises(ValueError, match="cond_dim=8 must equal the encoder's out_dim=16"):
         build(cond_dim=8)
-    unet = UNet(**NET, attention_resolutions=(8,), cond_dim=16)
-    timed = EncoderUNet(**NET, attention_resolutions=(), out_dim=16)
+    unet = tiny_unet(cond_dim=16)
+    timed = tiny_encoder(time_conditioned=True)
     with pytest.raises(ValueError, match="time_conditioned=False"):
         DiffAE(unet, timed)
 
@@ -78,7 +66,7 @@ def test_python_built_module_saves_its_own_arguments():
 
 
 def test_encoding_is_deterministic_and_z_sem_steers_the_decoder():
-    model = randomize_(build(sample_steps=5))
+    model = randomize_(build(sample_steps=5), 0.1, seed=3).eval()
     x = digits(4)
     z = model.encode(x)
     assert z.shape == (4, 16) and torch.equal(z, model.encode(x))
@@ -92,7 +80,8 @@ def test_encoding_is_deterministic_and_z_sem_steers_the_decoder():
 
 def test_training_trains_the_encoder_through_the_diffusion_loss():
     model = build()
-    randomize_(model.unet)  # at init its zero output convs pass no gradient back
+    # At init its zero output convs pass no gradient back.
+    randomize_(model.unet, 0.1, seed=3).eval()
     loss = model.diffusion_loss(digits(4), **model.conditioning(digits(4)))
     loss.backward()
     grads = [p.grad for p in model.encoder.parameters()]

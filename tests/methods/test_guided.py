@@ -11,8 +11,8 @@ from diffusion_apps.checkpoint import load_module
 from diffusion_apps.cli import main
 from diffusion_apps.methods import DDPM, ClassifierGuidedDDPM, NoisyClassifier
 from diffusion_apps.methods.guided import NOISE_LEVELS, noise_level_range
-from diffusion_apps.nn import EncoderUNet
 from tests.conftest import CONFIGS, run_cli_in
+from tests.factories import tiny_encoder
 
 DDPM_CKPT = "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"
 CLASSIFIER_CKPT = "runs/tiny_guided_classifier/version_0/checkpoints/last.ckpt"
@@ -132,9 +132,7 @@ def test_moving_the_guided_model_moves_where_its_parts_sample(guided):
 def test_bad_input_is_named(guided, run_dir, tmp_path):
     with pytest.raises(ValueError, match=r"classes in \[0, 10\)"):
         guided.sample(torch.tensor([10]))
-    unet = EncoderUNet(in_channels=1, out_dim=10, image_size=16, base_channels=8,
-                       num_head_channels=8, channel_mult=(1, 2), num_groups=2,
-                       time_conditioned=False)  # fmt: skip
+    unet = tiny_encoder(out_dim=10, num_res_blocks=2, attention_resolutions=(16,))
     with pytest.raises(ValueError, match="time_conditioned=True"):
         NoisyClassifier(unet, str(run_dir / DDPM_CKPT))
     other = load_module(run_dir / CLASSIFIER_CKPT, NoisyClassifier)

@@ -12,9 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from diffusion_apps.checkpoint import CheckpointError, load_module, read_checkpoint
 from diffusion_apps.diffusion import ddim_sample
 from diffusion_apps.methods import AutoencoderKL, LatentDiffusion
-from diffusion_apps.nn import ClassEmbedder, DiagonalGaussian, UNet
+from diffusion_apps.nn import ClassEmbedder, DiagonalGaussian
 from diffusion_apps.nn.layers import SpatialTransformer, zero_
 from tests.conftest import CONFIGS, run_cli_in
+from tests.factories import randomize_, tiny_unet
 from tests.methods.ddpm_arguments import assert_ddpm_arguments, keyword_only_ddpm
 
 AE_CKPT = "runs/tiny_ldm_autoencoder/version_0/checkpoints/last.ckpt"
@@ -41,18 +42,8 @@ def digits(n, seed=2):
 
 
 def latent_unet(context_dim=16, in_channels=2):
-    return UNet(in_channels, image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                attention_resolutions=(4,), num_head_channels=8, num_groups=2,
-                context_dim=context_dim)  # fmt: skip
-
-
-def randomize_zero_inits(module):
-    """Give the zero-initialised output layers (and everything else) random weights."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, 0.1)
-    return module
+    return tiny_unet(in_channels=in_channels, image_size=8, attention_resolutions=(4,),
+                     context_dim=context_dim)  # fmt: skip
 
 
 # -- stage 1 ------------------------------------------------------------------------------------
@@ -158,7 +149,7 @@ def test_the_first_stage_is_frozen_in_eval_mode_and_unchanged(run_dir):
 
 def test_the_condition_reaches_the_output_through_cross_attention():
     torch.manual_seed(0)
-    unet, emb = randomize_zero_inits(latent_unet()), ClassEmbedder(10, 16)
+    unet, emb = randomize_(latent_unet(), 0.1, seed=1), ClassEmbedder(10, 16)
     x, t = torch.randn(2, 2, 8, 8), torch.tensor([10, 50])
     ctx_a, ctx_b = emb(torch.tensor([3, 3])), emb(torch.tensor([7, 7]))
     transformers = [m for m in unet.modules() if isinstance(m, SpatialTransformer)]
@@ -166,7 +157,7 @@ def test_the_condition_reaches_the_output_through_cross_attention():
     for m in transformers:  # as initialised: each spatial transformer is the identity
         zero_(m.proj_out)
     torch.testing.assert_close(unet(x, t, context=ctx_a), unet(x, t, context=ctx_b))
-    randomize_zero_inits(unet)
+    randomize_(unet, 0.1, seed=1)
     assert not torch.allclose(unet(x, t, context=ctx_a), unet(x, t, context=ctx_b), atol=1e-4)
     for m in transformers:  # the context enters through the cross-attention only
         for block in m.blocks:
@@ -185,7 +176,7 @@ def conditional_ddim(model, x_T, context):
 
 def test_guidance_scales_one_and_zero_are_plain_conditional_and_null_sampling(run_dir):
     model = load_module(run_dir / LDM_CKPT, LatentDiffusion)
-    randomize_zero_inits(model.unet), randomize_zero_inits(model.condition)
+    randomize_(model.unet, 0.1, seed=1), randomize_(model.condition, 0.1, seed=1)
     model.decode = lambda z0: z0  # compare the latents (the 6-step first stage blurs them)
     labels = [1, 4, 4, 9]
     x_T = torch.randn((4, *model.sample_shape), generator=torch.Generator().manual_seed(3))
@@ -200,7 +191,7 @@ def test_guidance_scales_one_and_zero_are_plain_conditional_and_null_sampling(ru
 def test_guidance_extrapolates_from_the_null_prediction(run_dir):
     """w = 3: every DDIM step uses ε(∅) + 3 (ε(y) − ε(∅)), computed here by two separate calls."""
     model = load_module(run_dir / LDM_CKPT, LatentDiffusion)
-    randomize_zero_inits(model.unet), randomize_zero_inits(model.condition)
+    randomize_(model.unet, 0.1, seed=1), randomize_(model.condition, 0.1, seed=1)
     model.decode = lambda z0: z0  # compare the latents (the 6-step first stage blurs them)
     labels = [2, 7]
     x_T = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(4))
@@ -236,7 +227,7 @@ def test_training_drops_the_condition_for_the_configured_fraction(run_dir):
 
 def test_captions_condition_the_caption_model(run_dir):
     model = load_module(run_dir / CAPTION_CKPT, LatentDiffusion)
-    randomize_zero_inits(model.unet)
+    randomize_(model.unet, 0.1, seed=1)
     a = model.sample(2, prompts=["thick seven"], generator=torch.Generator().manual_seed(0))
     b = model.sample(2, prompts=["thin one"], generator=torch.Generator().manual_seed(0))
     assert a.shape == (2, 1, 16, 16) and not torch.allclose(a, b)
@@ -327,7 +318,7 @@ def test_lpips_from_local_weights_joins_the_loss_and_stays_out_of_the_checkpoint
 
 def test_spacing_reaches_the_latent_sampler(run_dir):
     model = load_module(run_dir / LDM_CKPT, LatentDiffusion)
-    randomize_zero_inits(model.unet)
+    randomize_(model.unet, 0.1, seed=1)
 
     def draw(**kw):
         gen = torch.Generator().manual_seed(1)

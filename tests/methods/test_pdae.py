@@ -11,8 +11,8 @@ from diffusion_apps.checkpoint import load_module
 from diffusion_apps.diffusion import NoiseSchedule, ddim_invert, ddim_sample, slerp
 from diffusion_apps.methods import DDPM, PDAE, LatentDDIM
 from diffusion_apps.methods.pdae import loss_weight, shift_coefficient
-from diffusion_apps.nn import EncoderUNet
 from tests.conftest import CONFIGS, run_cli_in
+from tests.factories import randomize_, tiny_encoder
 from tests.methods.ddpm_arguments import assert_ddpm_arguments, keyword_only_ddpm
 
 DDPM_CKPT = "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"
@@ -34,26 +34,15 @@ def run_dir(tmp_path_factory):
     )
 
 
-def encoder(out_dim=16):
-    return EncoderUNet(
-        in_channels=1, out_dim=out_dim, image_size=16, base_channels=8, channel_mult=(1, 2),
-        num_res_blocks=1, attention_resolutions=(), num_head_channels=8, num_groups=2,
-        time_conditioned=False,
-    )  # fmt: skip
-
-
 @pytest.fixture
 def fresh(run_dir):
     """An untrained PDAE on the tiny DDPM: G_ψ ≡ 0 (zero-initialised output)."""
     torch.manual_seed(0)
-    return PDAE(encoder(), str(run_dir / DDPM_CKPT), sample_steps=4, encode_steps=4).eval()
+    return PDAE(tiny_encoder(), str(run_dir / DDPM_CKPT), sample_steps=4, encode_steps=4).eval()
 
 
 def randomized_estimator(model):
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.estimator.parameters():
-            p.normal_(0.0, 0.05)
+    randomize_(model.estimator, 0.05, seed=1)
     return model
 
 
@@ -270,7 +259,7 @@ def test_ddpm_arguments_are_forwarded_by_keyword(run_dir):
     kw = dict(sample_steps=9, clip_x0=True, num_val_samples=3, lr=3e-4, weight_decay=0.02,
               warmup_steps=7, adam_betas=(0.8, 0.9), compile=True)  # fmt: skip
     with keyword_only_ddpm():
-        model = PDAE(encoder(), str(run_dir / DDPM_CKPT), **kw)
+        model = PDAE(tiny_encoder(), str(run_dir / DDPM_CKPT), **kw)
     ddpm = load_module(run_dir / DDPM_CKPT, DDPM)
     fixed = dict(prediction="eps", sampler="ddim", eta=0.0, variance="beta", loss="mse")
     assert_ddpm_arguments(model, **kw, **fixed, timestep_spacing=ddpm.timestep_spacing)
@@ -279,15 +268,13 @@ def test_ddpm_arguments_are_forwarded_by_keyword(run_dir):
 
 def test_bad_parts_are_named(run_dir):
     ddpm = str(run_dir / DDPM_CKPT)
-    timed = EncoderUNet(in_channels=1, out_dim=16, image_size=16, base_channels=8,
-                        channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
-                        num_head_channels=8, num_groups=2)  # fmt: skip
+    timed = tiny_encoder(time_conditioned=True)
     with pytest.raises(ValueError, match="time_conditioned=False"):
         PDAE(timed, ddpm)
     with pytest.raises(ValueError, match="not an unconditional UNet"):
-        PDAE(encoder(), str(run_dir / LATENT_CKPT))  # a LatentDDIM: an MLP on codes
+        PDAE(tiny_encoder(), str(run_dir / LATENT_CKPT))  # a LatentDDIM: an MLP on codes
     with pytest.raises(ValueError, match="z of shape"):
-        PDAE(encoder(), ddpm).decode(torch.zeros(2, 8), torch.zeros(2, 1, 16, 16))
+        PDAE(tiny_encoder(), ddpm).decode(torch.zeros(2, 8), torch.zeros(2, 1, 16, 16))
 
 
 def test_the_latent_stage_is_diffaes_and_its_checkpoint_stands_alone(run_dir, tmp_path):
@@ -331,7 +318,7 @@ def test_clipped_decoding_clamps_before_the_shift(run_dir):
     again (guided-diffusion's order for a guidance shift), here written out step by step; the
     other order (shift, then clamp) gives other images."""
     torch.manual_seed(0)
-    model = PDAE(encoder(), str(run_dir / DDPM_CKPT), sample_steps=4, clip_x0=True).eval()
+    model = PDAE(tiny_encoder(), str(run_dir / DDPM_CKPT), sample_steps=4, clip_x0=True).eval()
     model = randomized_estimator(model)
     x0 = digits(2)
     z, x_T = model.encode(x0), 3 * torch.randn(2, 1, 16, 16)
