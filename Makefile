@@ -121,9 +121,9 @@ bench-ldm: $(STAMP)
 	test -f $(LDM_AE) || $(PY) -m diffusion_apps fit --config configs/ldm_autoencoder.yaml \
 		--trainer.logger.init_args.version 0
 	test -f $(LDM) || $(PY) -m diffusion_apps fit --config configs/ldm.yaml \
-		--model.init_args.autoencoder $(LDM_AE) --trainer.logger.init_args.version 0
+		--model.init_args.first_stage $(LDM_AE) --trainer.logger.init_args.version 0
 	test -f $(LDM_CAPTION) || $(PY) -m diffusion_apps fit --config configs/ldm_caption.yaml \
-		--model.init_args.autoencoder $(LDM_AE) --trainer.logger.init_args.version 0
+		--model.init_args.first_stage $(LDM_AE) --trainer.logger.init_args.version 0
 	$(PY) -m diffusion_apps eval --ckpt_paths $(LDM_AE),$(LDM),$(LDM_CAPTION)$(if $(wildcard $(CKPT)),$(comma)$(CKPT)) \
 		--num_samples 500 --samplers ddim:50 --out_dir benchmarks/results/ldm
 	$(PY) benchmarks/ldm.py --ldm $(LDM) --caption $(LDM_CAPTION)

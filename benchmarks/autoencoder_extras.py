@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffusion_apps.checkpoint import load_module, read_checkpoint
+from diffusion_apps.commands.common import checkpoint_data
 from diffusion_apps.evaluation import ReconstructionMetrics, digit_classifier
-from diffusion_apps.evaluation.autoencoding import checkpoint_data
 
 
 def reconstruction_by_steps(module, x, steps_list) -> list[str]:

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="benchmarks/results/fast_sampling")
     args = p.parse_args(argv)
 
-    from diffusion_apps.evaluation.evaluate import evaluate
+    from diffusion_apps.commands import evaluate
 
     out = Path(args.out)
     evaluate(

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from diffusion_apps.checkpoint import load_module, resolve_device
+from diffusion_apps.commands.common import parse_samplers
 from diffusion_apps.evaluation import FeatureStats, frechet_distance, mean_cov, reference_features
 from diffusion_apps.evaluation.digits import embedded_split
-from diffusion_apps.evaluation.evaluate import parse_samplers
 from diffusion_apps.images import save_grid
 from diffusion_apps.methods import DDPM, ClassifierGuidedDDPM, NoisyClassifier
 from diffusion_apps.precision import autocast, sampling_precision
@@ -46,9 +46,11 @@ def run(guided, sampler, steps, scale, labels, batch_size, precision, seed, devi
     for start in range(0, len(labels), batch_size):
         tic = time.perf_counter()
         with autocast(device, precision):
+            chosen = labels[start : start + batch_size]
             x = guided.sample(
-                labels[start : start + batch_size], scale, sampler, steps, generator=gen
-            )
+                len(chosen), labels=chosen, scale=scale, sampler=sampler, steps=steps,
+                generator=gen,
+            )  # fmt: skip
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - tic

@@ -66,7 +66,7 @@ def draw(model, n, key, wanted, w, steps, batch_size, precision, seed, device):
         chosen = [wanted[i % len(wanted)] for i in range(start, min(n, start + batch_size))]
         tic = time.perf_counter()
         with autocast(device, precision):
-            x = model.sample(len(chosen), steps=steps, generator=gen, guidance_scale=w,
+            x = model.sample(len(chosen), steps=steps, generator=gen, scale=w,
                              **{key: chosen})  # fmt: skip
         seconds += time.perf_counter() - tic
         images.append(x.float().cpu())
@@ -174,7 +174,7 @@ def speed_row(name, net, encode, decode, shape, model, images, context, args, de
 def speed_rows(model, ldm_path, args, device):
     """Latent vs pixel diffusion with the LDM UNet's config: training images/s and DDIM s/sample."""
     config = read_checkpoint(ldm_path)["hyper_parameters"]["unet"]["init_args"]
-    ae = model.autoencoder.autoencoder
+    ae = model.first_stage.autoencoder
     # The same levels, widths and blocks, with attention at the same levels: resolutions × f.
     attention = [r * ae.factor for r in config.get("attention_resolutions", ())]
     pixel = UNet(**{**config, "in_channels": ae.in_channels, "image_size": ae.image_size,
@@ -270,8 +270,8 @@ def main() -> None:
     model = load_module(args.ldm, LatentDiffusion).to(device)
     real = reference_features("digits", "train", progress=False)
     real_labels = embedded_split("train")[1]
-    val = digits_at("val", 16, model.autoencoder.sample_shape[-1]).to(device)
-    recon = model.autoencoder.reconstruct(val).float().cpu()
+    val = digits_at("val", 16, model.first_stage.sample_shape[-1]).to(device)
+    recon = model.first_stage.reconstruct(val).float().cpu()
     save_grid(torch.cat([val.cpu(), recon]), args.docs / "reconstructions.png", nrow=16)
     classes = class_rows(model, args, device, real, real_labels)
     captions = []

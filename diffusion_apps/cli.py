@@ -15,6 +15,7 @@ from pathlib import Path
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from diffusion_apps.commands import COMMANDS
 from diffusion_apps.lightning_internals import KeepConfiguredModel
 
 PACKAGE = Path(__file__).parent
@@ -100,18 +101,12 @@ def continue_last_version(logger) -> Path | None:
     return lasts[-1]
 
 
-def _function_cli(name: str, args: Sequence[str]) -> None:
-    """``sample``, ``eval``, ``autoencode``: a jsonargparse CLI of the command's typed function."""
-    from importlib import import_module
-
+def run_command(name: str, args: Sequence[str]) -> None:
+    """One of :data:`~diffusion_apps.commands.COMMANDS`: a jsonargparse CLI of its typed
+    function."""
     from jsonargparse import auto_cli
 
-    module, function = {
-        "sample": ("diffusion_apps.sample", "sample"),
-        "eval": ("diffusion_apps.evaluation.evaluate", "evaluate"),
-        "autoencode": ("diffusion_apps.autoencode", "autoencode"),
-    }[name]
-    auto_cli(getattr(import_module(module), function), args=list(args), as_positional=False)
+    auto_cli(COMMANDS[name], args=list(args), as_positional=False)
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -121,8 +116,8 @@ def main(args: Sequence[str] | None = None) -> None:
     from diffusion_apps.checkpoint import CheckpointError
 
     try:
-        if args and args[0] in ("sample", "eval", "autoencode"):
-            _function_cli(args[0], args[1:])
+        if args and args[0] in COMMANDS:
+            run_command(args[0], args[1:])
         else:
             DiffusionCLI(args=None if given is None else args)  # None: Lightning reads argv
     except (NonFiniteLossError, CheckpointError) as err:  # the message says it all

@@ -66,7 +66,7 @@ def test_the_latent_scale_is_one_over_the_std_of_every_ranks_first_batch(ddp_run
     scaled = [config for config, views in seen.items() if "scale_factor" in views[0]["buffers"]]
     assert len(scaled) == 2  # ldm, ldm_caption
     for config in scaled:
-        autoencoder = last_checkpoint(root, config).autoencoder
+        first_stage = last_checkpoint(root, config).first_stage
         z = []
         for view in seen[config]:
             images = torch.tensor(view["scale_input"]["images"])
@@ -76,7 +76,7 @@ def test_the_latent_scale_is_one_over_the_std_of_every_ranks_first_batch(ddp_run
                 torch.set_rng_state(
                     torch.tensor(view["scale_input"]["rng_state"], dtype=torch.uint8)
                 )
-                z.append(autoencoder.encode(images).sample())
+                z.append(first_stage.encode(images).sample())
         expected = 1 / torch.cat(z).double().flatten().std()
         for view in seen[config]:
             assert view["buffers"]["scale_factor"] == pytest.approx(float(expected), rel=1e-5)

@@ -1,10 +1,11 @@
 """``make eval``'s autoencoding protocol: val reconstructions, and a linear probe of the codes.
 
-For a module with ``reconstruct(x)``: MSE, PSNR, SSIM (LPIPS when local) of the val split's
-reconstructions. A module with DiffAE's ``encode`` / ``encode_stochastic`` / ``decode`` gets two
-rows, x_T inferred by DDIM inversion and x_T ~ N(0, I), each stage timed per batch. A module with
-``encode`` and labelled data gets a linear-probe row: the accuracy of a one-vs-rest logistic probe
-fitted on the train split's codes, scored on val, next to the same probe on raw pixels.
+For a module that declares an ``autoencoding``: MSE, PSNR, SSIM (LPIPS when local) of the val
+split's ``reconstruct(x)``. One with a stochastic code (DiffAE's ``encode`` /
+``encode_stochastic`` / ``decode``) gets two rows, x_T inferred by DDIM inversion and
+x_T ~ N(0, I), each stage timed per batch, and with labelled data a linear-probe row: the
+accuracy of a one-vs-rest logistic probe fitted on the train split's codes, scored on val, next
+to the same probe on raw pixels.
 """
 
 from __future__ import annotations
@@ -14,36 +15,17 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from diffusion_apps.evaluation.probe import LinearProbe, encode_all
+from diffusion_apps.distributed import batch_seeds, max_over_ranks
+from diffusion_apps.evaluation.protocol import plain_metrics
 from diffusion_apps.evaluation.reconstruction import ReconstructionMetrics
 from diffusion_apps.evaluation.report import Row
+from diffusion_apps.methods.probe import LinearProbe, encode_all
+from diffusion_apps.methods.protocol import autoencoding_of
 
 
-def checkpoint_data(ckpt: dict, module):
-    """The checkpoint's data module, rebuilt from its saved config and set up (default: the
-    embedded digits at the module's sample shape)."""
-    from lightning.pytorch.cli import instantiate_module
-
-    from diffusion_apps.checkpoint import import_class
-    from diffusion_apps.data import ImageDataModule
-
-    hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    class_path = hparams.pop("_class_path", None)
-    hparams.pop("_instantiator", None)
-    if class_path is not None:
-        data = instantiate_module(import_class(class_path), hparams)
-    else:
-        c, s, _ = module.sample_shape
-        data = ImageDataModule(dataset="digits", image_size=s, channels=c)
-    data.setup("validate")
-    return data
-
-
-def is_diffae_like(module) -> bool:
-    """Whether ``module`` has DiffAE's inference API (encode, encode_stochastic, decode)."""
-    return all(
-        callable(getattr(module, m, None)) for m in ("encode", "encode_stochastic", "decode")
-    )
+def has_stochastic_code(module) -> bool:
+    """Whether ``module`` declares a diffusion autoencoder's staged API (DiffAE, PDAE)."""
+    return getattr(autoencoding_of(module), "stochastic_code", False)
 
 
 def _synced(device: torch.device) -> float:
@@ -80,10 +62,7 @@ def reconstruction_rows(
     their input's label: ``accuracy``)."""
     from tqdm.auto import tqdm
 
-    from diffusion_apps.distributed import batch_seeds, max_over_ranks
-    from diffusion_apps.evaluation.evaluate import plain_metrics
-
-    staged = is_diffae_like(module)
+    staged = has_stochastic_code(module)
     modes = [("inferred x_T", True), ("random x_T", False)] if staged else [("", None)]
     method = type(module).__name__
     rows = []
@@ -134,7 +113,7 @@ def probe_row(module, data, name, step, batch_size: int = 250) -> Row | None:
     """Val accuracy of a linear probe on the codes ``module.encode(x)`` of a DiffAE-like module
     against one on the raw pixels, both fitted on the train split; None for other modules or
     without labels."""
-    if not is_diffae_like(module) or not data.num_classes:
+    if not has_stochastic_code(module) or not data.num_classes:
         return None
     loaders = [DataLoader(s, batch_size=batch_size) for s in (data.train_set, data.val_set)]
     tic = time.perf_counter()

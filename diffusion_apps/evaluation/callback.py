@@ -19,11 +19,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from diffusion_apps.distributed import rank_share
-from diffusion_apps.evaluation.evaluate import GRID_SIZE, MIN_SAMPLES, can_sample, set_reference
+from diffusion_apps.evaluation.protocol import GRID_SIZE, MIN_SAMPLES, set_reference
+from diffusion_apps.methods.protocol import generation_of
 
 
 class SampleQuality(L.Callback):
-    """Every N validations, M samples of the module's ``sample()`` scored against real data.
+    """Every N validations, M samples of the module's ``sample()`` scored against real data
+    (a module that declares a :class:`~diffusion_apps.methods.protocol.Generation`; others are
+    skipped, with a note).
 
     When: at the start of the first validation batch. By then every callback's
     ``on_validation_epoch_start`` has run, so an EMA (WeightAveraging) callback has swapped its
@@ -48,7 +51,7 @@ class SampleQuality(L.Callback):
         every_n_val_epochs: evaluate at every N-th validation run.
         num_samples: M, samples in total over all ranks.
         batch_size: samples per ``sample()`` call.
-        sampler: sampler passed to ``sample()``; default: the module's.
+        sampler: one of the module's samplers (checked at setup); default: the module's.
         steps: sampler steps; default: the module's.
         space: feature space of the metrics.
         feature_extractor_weights_path: local Inception weights (``space="inception"`` offline).
@@ -61,7 +64,7 @@ class SampleQuality(L.Callback):
         every_n_val_epochs: int = 1,
         num_samples: int = 1000,
         batch_size: int = 250,
-        sampler: Literal["ddpm", "ddim", "dpmpp_2m", "consistency"] | None = None,
+        sampler: str | None = None,
         steps: int | None = None,
         space: Literal["digits", "inception"] = "digits",
         feature_extractor_weights_path: str | None = None,
@@ -110,7 +113,10 @@ class SampleQuality(L.Callback):
         # Here, not in a validation hook: building the metric may train the digit classifier,
         # which validation's inference mode forbids. Rank 0 fills the on-disk caches first,
         # then the other ranks read them.
-        if stage in ("fit", "validate") and self._metric is None and can_sample(pl_module):
+        generation = generation_of(pl_module)
+        if generation is not None:
+            generation.check(self.sampler, owner=f"SampleQuality: {type(pl_module).__name__}")
+        if stage in ("fit", "validate") and self._metric is None and generation is not None:
             if trainer.is_global_zero:
                 self._metric = self._build_metric()
             trainer.strategy.barrier("SampleQuality.setup")
@@ -124,11 +130,11 @@ class SampleQuality(L.Callback):
         self._val_runs += 1
         if self._val_runs % self.every_n_val_epochs:
             return
-        if not can_sample(pl_module):
+        if generation_of(pl_module) is None:
             if not self._told_no_sample:
                 rank_zero_info(
                     f"SampleQuality: {type(pl_module).__name__} does not sample unconditionally "
-                    "(no sample() method, or one that needs codes); skipped"
+                    "(it declares no generation: e.g. an autoencoder, which needs codes); skipped"
                 )
                 self._told_no_sample = True
             return
@@ -173,11 +179,14 @@ class SampleQuality(L.Callback):
         precision = getattr(trainer, "precision_plugin", None)
         autocast = precision.val_step_context if precision is not None else contextlib.nullcontext
         kept: list[Tensor] = []
+        generation = generation_of(pl_module)
         for start in range(0, n, self.batch_size):
+            size = min(self.batch_size, n - start)
             with autocast():
                 x = pl_module.sample(
-                    min(self.batch_size, n - start), generator=generator, **self._sample_kwargs()
-                )
+                    size, generator=generator, **generation.inputs_for(start, size),
+                    **self._sample_kwargs(),
+                )  # fmt: skip
             x = x.float()  # (B, C, H, W) in [-1, 1]
             metric.update(x, real=False)
             room = GRID_SIZE - sum(len(k) for k in kept)
@@ -216,8 +225,8 @@ class SampleQuality(L.Callback):
         self._told_protocol = True
 
     def _protocol(self, pl_module: L.LightningModule, results: dict[str, float]) -> str:
-        sampler = self.sampler or getattr(pl_module, "sampler", "default")
-        steps = self.steps or getattr(pl_module, "sample_steps", "default")
+        generation = generation_of(pl_module)
+        sampler, steps = self.sampler or generation.sampler, self.steps or generation.steps
         n_real = int(results.get("quality/n_real", 0))
         return (
             f"quality/*@{self.num_samples}: {self.num_samples} samples ({sampler}, {steps} steps, "

@@ -108,3 +108,43 @@ def write_report(rows: list[Row], header: list[str], out_dir: str | Path) -> tup
     payload = {"header": header, "rows": [asdict(row) for row in rows]}
     js.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
     return md, js
+
+
+def slug(name: str) -> str:
+    """``name`` as a file name: characters other than letters, digits, ``-`` and ``.`` → ``_``."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name).strip("_")
+
+
+def eval_header(
+    rows: list[Row], space: str, seed: int, network: str, notes: list[str]
+) -> list[str]:
+    """The lines above ``eval``'s table: the reference, the floor, how samples were drawn
+    (``network``: the precision and device), what reconstruction rows mean when there are
+    some, and each method's own ``notes`` (once each)."""
+    n_real = int(rows[0].metrics.get("n_real", 0))
+    features, note = "Inception-v3 pool features (torch-fidelity): FID, KID, IS", ""
+    if space == "digits":
+        from diffusion_apps.evaluation import digit_classifier
+
+        accuracy = digit_classifier(progress=False).val_accuracy
+        features = f"the digit classifier's features (its val accuracy: {accuracy:.2%})"
+        note = " fd_digits is a Fréchet distance in those features, not FID."
+    header = [
+        f"Reference: the real **train** split of the embedded digits ({n_real} images, 32 px), "
+        f"in {features}; every generation row compares its N samples against it.{note}",
+        f"FLOOR row: the real val split ({rows[0].num_samples} images) against the same reference.",
+        f"Samples from the checkpoints' EMA weights, batch seeds drawn from seed {seed}, the "
+        "same x_T for every sampler; KID as mean ± std over 100 subsets; precision/recall with "
+        f"k = 3 nearest neighbours; seconds: sampling wall time ({network}).",
+    ]
+    if any(row.sampler.startswith("reconstruct") for row in rows):
+        header.append(
+            "Reconstruction rows: the val split through the EMA weights in fp32, images on [0, 1] "
+            "(MSE per pixel value, PSNR from it); DiffAE, PDAE: x_T by DDIM inversion (NFE counts "
+            "inversion and decoding) or x_T ~ N(0, I), encode_s/invert_s/decode_s seconds per val "
+            "batch. Linear probe: val accuracy of one-vs-rest logistic regression fitted on the "
+            "train split's codes (probe_acc) and on its raw pixels (probe_acc_pixels). "
+            "fd_digits and accuracy of a reconstruction row score the reconstructions as if "
+            "generated: accuracy is the share classified as their input's label."
+        )
+    return header + list(dict.fromkeys(notes))

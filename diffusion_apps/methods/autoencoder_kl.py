@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_apps.methods.base import DiffusionMethod
+from diffusion_apps.methods.protocol import Autoencoding
 from diffusion_apps.nn.autoencoder import Autoencoder, PatchDiscriminator
 
 
@@ -52,6 +53,8 @@ class AutoencoderKL(DiffusionMethod):
         lr, adam_betas: of both Adam optimisers (LDM: β = (0.5, 0.9)).
     """
 
+    autoencoding = Autoencoding()  # reconstruct(x) only: no stochastic code
+
     def __init__(
         self,
         autoencoder: Autoencoder,
@@ -75,7 +78,7 @@ class AutoencoderKL(DiffusionMethod):
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
         self.perceptual, self.perceptual_weight = None, perceptual_weight
         if lpips_weights_path is not None:
-            from diffusion_apps.evaluation.reconstruction import lpips_metric
+            from diffusion_apps.lpips import lpips_metric
 
             self.perceptual = lpips_metric(lpips_weights_path).net.requires_grad_(False).eval()
             self.register_state_dict_post_hook(_without_perceptual)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from diffusion_apps.checkpoint import PARTS_KEY, load_part, part_configs
 from diffusion_apps.images import grid
 from diffusion_apps.lightning_internals import cli_hyperparameters
+from diffusion_apps.methods.protocol import Autoencoding, Generation
 
 
 class DiffusionMethod(L.LightningModule):
@@ -28,7 +29,13 @@ class DiffusionMethod(L.LightningModule):
         compile: ``torch.compile`` the trainable networks (:meth:`networks`) when the
             Trainer configures the model. The first steps then take minutes; meant for long GPU
             runs (on our CPU it gained nothing: README, Performance).
+
+    What a method offers is declared by ``generation`` and ``autoencoding``
+    (:mod:`diffusion_apps.methods.protocol`); a base module offers neither.
     """
+
+    generation: Generation | None = None
+    autoencoding: Autoencoding | None = None
 
     def __init__(
         self,
@@ -85,6 +92,10 @@ class DiffusionMethod(L.LightningModule):
             if params and not any(p.requires_grad for p in params):
                 child.eval()
         return self
+
+    def nfe(self, sampler: str, steps: int) -> int:
+        """Network evaluations per sample of ``sampler`` with ``steps`` steps: one per step."""
+        return steps
 
     def networks(self) -> list[nn.Module]:
         """The trainable networks: the child modules with parameters that require gradients."""

@@ -21,6 +21,7 @@ from diffusion_apps.diffusion import (
 )
 from diffusion_apps.distributed import predict_indices
 from diffusion_apps.methods.base import DiffusionMethod
+from diffusion_apps.methods.protocol import Generation
 from diffusion_apps.nn import UNet
 
 Prediction = Literal["eps", "x0", "v"]
@@ -51,8 +52,6 @@ class DDPM(DiffusionMethod):
         loss: squared error (L_simple) or absolute error (DiffAE's latent DDIM).
         lr, weight_decay, warmup_steps, adam_betas, compile: see :class:`DiffusionMethod`.
     """
-
-    generates_unconditionally = True  # ``sample(n)`` needs nothing but n
 
     def __init__(
         self,
@@ -205,9 +204,37 @@ class DDPM(DiffusionMethod):
         eps_fn = eps_fn or self.eps
         return clip_denoised(eps_fn, self.schedule) if self.clip_x0 else eps_fn
 
-    def sample(self, *args, **kwargs) -> Tensor:
-        """Samples in [−1, 1], (N, C, H, W): :meth:`draw` (same arguments) clamped."""
-        return self.draw(*args, **kwargs).clamp(-1, 1)
+    @property
+    def generation(self) -> Generation:
+        """Unconditional samples of the three samplers (:mod:`~diffusion_apps.methods.protocol`)."""
+        return Generation(typing.get_args(Sampler), self.sampler, self.sample_steps)
+
+    def nfe(self, sampler: str, steps: int) -> int:
+        """Network evaluations per sample: one per step, at most T. DPM-Solver++(2M) too: its
+        second order is multistep, reusing the previous step's x̂_0."""
+        return min(steps, self.schedule.num_timesteps)
+
+    def sample(
+        self,
+        num_samples: int,
+        *,
+        sampler: Sampler | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        spacing: Spacing | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        labels: None = None,
+        prompts: None = None,
+        scale: None = None,
+        x_T: Tensor | None = None,
+    ) -> Tensor:
+        """Samples in [−1, 1], (N, C, H, W): :meth:`draw` clamped. The protocol's call
+        (:mod:`~diffusion_apps.methods.protocol`); ``x_T`` gives the start noise."""
+        self.generation.check(sampler, labels, prompts, scale, type(self).__name__)
+        return self.draw(
+            num_samples, sampler, steps, eta, generator, progress, x_T=x_T, spacing=spacing
+        ).clamp(-1, 1)
 
     @torch.no_grad()
     def draw(

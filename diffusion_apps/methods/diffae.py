@@ -9,8 +9,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from diffusion_apps.diffusion import EpsFn, NoiseSchedule, Spacing
-from diffusion_apps.methods.autoencoder import DiffusionAutoencoder
 from diffusion_apps.methods.ddpm import DDPM
+from diffusion_apps.methods.diffusion_autoencoder import DiffusionAutoencoder
 from diffusion_apps.nn import EncoderUNet, UNet
 
 

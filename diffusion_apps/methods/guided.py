@@ -8,6 +8,8 @@ of :mod:`diffusion_apps.diffusion.guidance` and the DDPM's own sampling loop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
@@ -21,6 +23,7 @@ from diffusion_apps.diffusion import (
 )
 from diffusion_apps.methods.base import DiffusionMethod
 from diffusion_apps.methods.ddpm import DDPM, Sampler, Spacing
+from diffusion_apps.methods.protocol import Generation
 from diffusion_apps.nn import EncoderUNet
 
 NOISE_LEVELS = ("low", "mid", "high")
@@ -165,28 +168,48 @@ class ClassifierGuidedDDPM(LightningModule):
             eps, grad, ddpm.schedule, scale, ddpm.variance, timesteps=timesteps
         )
 
+    @property
+    def generation(self) -> Generation:
+        """The DDPM's samplers, each sample asked for a class label, the gradient scale s."""
+        return Generation(
+            self.ddpm.generation.samplers, self.ddpm.sampler, self.ddpm.sample_steps,
+            inputs=("labels",), num_classes=self.classifier.num_classes,
+            scale="classifier-guidance gradient scale s",
+        )  # fmt: skip
+
+    def nfe(self, sampler: str, steps: int) -> int:
+        """The DDPM's network evaluations per sample (each step adds one classifier gradient)."""
+        return self.ddpm.nfe(sampler, steps)
+
     @torch.no_grad()
     def sample(
         self,
-        labels: Tensor,
-        scale: float = 1.0,
+        num_samples: int,
+        *,
         sampler: Sampler | None = None,
         steps: int | None = None,
         eta: float | None = None,
+        spacing: Spacing | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
-        spacing: Spacing | None = None,
+        labels: Sequence[int] | Tensor | None = None,
+        prompts: None = None,
+        scale: float | None = None,
     ) -> Tensor:
-        """Images (N, C, H, W) in [−1, 1], sample i guided towards class ``labels[i]``.
-        Unset sampler settings are the DDPM's; s = 0 is the unguided DDPM."""
-        k = self.classifier.num_classes
-        if labels.dim() != 1 or not len(labels) or labels.min() < 0 or labels.max() >= k:
-            raise ValueError(f"labels must be a non-empty (N,) tensor of classes in [0, {k})")
+        """Images (N, C, H, W) in [−1, 1], sample i guided towards class ``labels[i]`` (the
+        labels cycled; default 0, 1, …, K−1) at gradient scale s = ``scale`` (default 1; 0 is
+        the unguided DDPM). Unset sampler settings are the DDPM's."""
+        self.generation.check(sampler, labels, prompts, scale, "classifier guidance")
+        scale = 1.0 if scale is None else scale
+        if isinstance(labels, Tensor):
+            labels = labels.tolist()
+        chosen = self.generation.inputs_for(0, num_samples, labels)["labels"]
         sampler = sampler or self.ddpm.sampler
         timesteps = self.ddpm.timesteps(steps or self.ddpm.sample_steps, spacing, sampler)
         eps_fn = self.guided_eps(scale, sampler, timesteps)
-        labels = labels.to(self.ddpm.device)
-        return self.ddpm.sample(
-            len(labels), sampler, steps, eta, generator, progress,
-            eps_fn=eps_fn, spacing=spacing, y=labels,
+        y = torch.tensor(chosen, dtype=torch.long, device=self.ddpm.device)
+        x0 = self.ddpm.draw(
+            num_samples, sampler, steps, eta, generator, progress,
+            eps_fn=eps_fn, spacing=spacing, y=y,
         )  # fmt: skip
+        return x0.clamp(-1, 1)

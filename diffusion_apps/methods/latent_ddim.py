@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from diffusion_apps.diffusion import NoiseSchedule
 from diffusion_apps.distributed import pooled_mean_std
-from diffusion_apps.evaluation.autoencoding import is_diffae_like
-from diffusion_apps.methods.ddpm import DDPM, Sampler
+from diffusion_apps.methods.ddpm import DDPM, Sampler, Spacing
+from diffusion_apps.methods.protocol import autoencoding_of
 from diffusion_apps.nn import SkipMLP
 
 
@@ -34,8 +34,8 @@ class LatentDDIM(DDPM):
     Args:
         net: the latent denoiser; its ``dim`` must equal the encoder's ``out_dim``.
         autoencoder: path of the trained autoencoder's checkpoint (read with
-            ``weights_only=True``): a DiffAE, or any module with its ``encode``,
-            ``encode_stochastic``, ``decode``, ``timesteps``, ``sample_steps``, ``sample_shape``.
+            ``weights_only=True``): a DiffAE or PDAE, or any module whose ``autoencoding``
+            declares a ``stochastic_code`` (:mod:`~diffusion_apps.methods.protocol`).
             Its config and weights are saved in this module's checkpoint, which therefore
             loads without that file.
         schedule: the latent forward process; default constant β = 0.008.
@@ -70,7 +70,7 @@ class LatentDDIM(DDPM):
             warmup_steps=warmup_steps, adam_betas=adam_betas, compile=compile,
         )  # fmt: skip
         self.autoencoder = self.load_part(autoencoder)
-        if not is_diffae_like(self.autoencoder):
+        if not getattr(autoencoding_of(self.autoencoder), "stochastic_code", False):
             raise ValueError(
                 f"autoencoder={autoencoder!r} holds a {type(self.autoencoder).__name__}, which "
                 "has no encode/encode_stochastic/decode: give a DiffAE (or PDAE) checkpoint"
@@ -139,11 +139,25 @@ class LatentDDIM(DDPM):
 
     @torch.no_grad()
     def sample(
-        self, num_samples: int, *args, generator: torch.Generator | None = None, **kwargs
+        self,
+        num_samples: int,
+        *,
+        sampler: Sampler | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        spacing: Spacing | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        labels: None = None,
+        prompts: None = None,
+        scale: None = None,
     ) -> Tensor:
-        """Images in [−1, 1]: :meth:`sample_latents` (same arguments) decoded by the
-        autoencoder from x_T ~ N(0, I), both drawn from ``generator``."""
-        z = self.sample_latents(num_samples, *args, generator=generator, **kwargs)
+        """Images in [−1, 1]: :meth:`sample_latents` decoded by the autoencoder from
+        x_T ~ N(0, I), both drawn from ``generator``."""
+        self.generation.check(sampler, labels, prompts, scale, "LatentDDIM")
+        z = self.sample_latents(
+            num_samples, sampler, steps, eta, generator, progress, spacing=spacing
+        )
         shape = (num_samples, *self.autoencoder.sample_shape)
         x_T = torch.randn(shape, generator=generator, device=z.device)
         return self.autoencoder.decode(z, x_T, self.decode_steps)

@@ -14,6 +14,7 @@ from diffusion_apps.diffusion import NoiseSchedule, classifier_free_guidance
 from diffusion_apps.distributed import pooled_mean_std
 from diffusion_apps.methods.autoencoder_kl import AutoencoderKL
 from diffusion_apps.methods.ddpm import DDPM, Sampler, Spacing
+from diffusion_apps.methods.protocol import Generation
 from diffusion_apps.nn import CaptionEncoder, ClassEmbedder, UNet
 
 
@@ -33,7 +34,7 @@ class LatentDiffusion(DDPM):
     Args:
         unet: the latent denoiser; ``in_channels``/``image_size`` must match the first stage's
             latent shape, ``context_dim`` the condition encoder's ``dim`` (None without one).
-        autoencoder: path of a trained :class:`AutoencoderKL` checkpoint (read with
+        first_stage: path of a trained :class:`AutoencoderKL` checkpoint (read with
             ``weights_only=True``; its config and weights are saved in this module's checkpoint).
         condition: τ_θ, or None for an unconditional LDM.
         cond_drop: fraction of training examples whose condition is replaced by ∅ (LDM: 0.1).
@@ -46,7 +47,7 @@ class LatentDiffusion(DDPM):
     def __init__(
         self,
         unet: UNet,
-        autoencoder: str,
+        first_stage: str,
         condition: ClassEmbedder | CaptionEncoder | None = None,
         cond_drop: float = 0.1,
         caption_drop: float = 0.5,
@@ -72,11 +73,11 @@ class LatentDiffusion(DDPM):
         if not 0.0 <= cond_drop < 1.0 or not 0.0 <= caption_drop <= 1.0:
             raise ValueError(f"cond_drop must lie in [0, 1) and caption_drop in [0, 1], got "
                              f"{cond_drop}, {caption_drop}")  # fmt: skip
-        self.autoencoder = self.load_part(autoencoder, AutoencoderKL)
-        if tuple(unet.sample_shape) != tuple(self.autoencoder.latent_shape):
+        self.first_stage = self.load_part(first_stage, AutoencoderKL)
+        if tuple(unet.sample_shape) != tuple(self.first_stage.latent_shape):
             raise ValueError(
-                f"the UNet takes {tuple(unet.sample_shape)} but the first stage {autoencoder} "
-                f"makes latents of shape {tuple(self.autoencoder.latent_shape)}: set the UNet's "
+                f"the UNet takes {tuple(unet.sample_shape)} but the first stage {first_stage} "
+                f"makes latents of shape {tuple(self.first_stage.latent_shape)}: set the UNet's "
                 "in_channels and image_size to match"
             )
         context_dim = None if condition is None else condition.dim
@@ -109,7 +110,7 @@ class LatentDiffusion(DDPM):
     def measure_scale(self, images: Tensor) -> None:
         """s = 1/std(z) over every element of z ~ q(z | x) for a batch of images (LDM's
         ``scale_by_std``); under DDP over every rank's batch, so all ranks get one s."""
-        z = self.autoencoder.encode(images).sample().double()
+        z = self.first_stage.encode(images).sample().double()
         _, std, _ = pooled_mean_std(z.sum(), z.square().sum(), z.numel(), self._trainer)
         self.scale_factor.fill_(float(1.0 / std))
         self.scale_ready.fill_(True)
@@ -117,12 +118,12 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def diffused(self, images: Tensor) -> Tensor:
         """z_0 = s·z, z ~ q(z | x) (the first stage's posterior sample, as LDM trains)."""
-        return self.scale_factor * self.autoencoder.encode(images).sample()
+        return self.scale_factor * self.first_stage.encode(images).sample()
 
     @torch.no_grad()
     def decode(self, z0: Tensor) -> Tensor:
         """Images D(z_0/s) in [−1, 1]."""
-        return self.autoencoder.decode(z0 / self.scale_factor).clamp(-1, 1)
+        return self.first_stage.decode(z0 / self.scale_factor).clamp(-1, 1)
 
     # -- conditions ------------------------------------------------------------------------------
 
@@ -154,72 +155,77 @@ class LatentDiffusion(DDPM):
     ) -> Tensor:
         """y for ``num_samples`` samples, cycling through ``labels`` or ``prompts`` (default: the
         classes 0, 1, …, 9 in turn; a caption model gets the digit's name)."""
+        if labels is not None and prompts is not None:
+            raise ValueError("give labels or prompts, not both")
+        asked = self.generation.inputs_for(0, num_samples, labels, prompts)
+        if "prompts" in asked:
+            return self.condition.tokenize(asked["prompts"], self.device)
         if isinstance(self.condition, ClassEmbedder):
-            if prompts is not None:
-                raise ValueError("prompts need a caption-conditioned LDM; this one takes labels")
-            classes = labels if labels is not None else range(self.condition.num_classes)
-            ids = torch.tensor(list(classes), dtype=torch.long, device=self.device)
-        else:
-            if prompts is None:
-                prompts = [DIGITS[c] for c in (labels if labels is not None else range(10))]
-            elif labels is not None:
-                raise ValueError("give labels or prompts, not both")
-            ids = self.condition.tokenize(list(prompts), self.device)
-        if len(ids) == 0:
-            raise ValueError("labels/prompts must not be empty")
-        return ids.repeat(-(-num_samples // len(ids)), *[1] * (ids.ndim - 1))[:num_samples]
+            return torch.tensor(asked["labels"], dtype=torch.long, device=self.device)
+        return self.condition.tokenize([DIGITS[c] for c in asked["labels"]], self.device)
 
     # -- sampling --------------------------------------------------------------------------------
 
     @property
-    def class_conditional(self) -> bool:
-        """Whether ``sample`` takes digit ``labels`` (evaluation then asks for each class)."""
-        return self.condition is not None
+    def generation(self) -> Generation:
+        """Unconditional, or class labels (a caption model: labels name the digit, or prompts),
+        guided by classifier-free guidance of scale w."""
+        unconditional = super().generation
+        if self.condition is None:
+            return unconditional
+        captions = isinstance(self.condition, CaptionEncoder)
+        return Generation(
+            unconditional.samplers, self.sampler, self.sample_steps,
+            inputs=("labels", "prompts") if captions else ("labels",),
+            num_classes=len(DIGITS) if captions else self.condition.num_classes,
+            scale="classifier-free guidance w",
+            note="Class-conditional rows (LatentDiffusion): asked for the classes 0, 1, …, 9 in "
+            "turn, at the checkpoint's guidance scale; accuracy is the share classified as asked.",
+        )  # fmt: skip
 
     def nfe(self, sampler: str, steps: int) -> int:
         """Network evaluations per sample: two per step under guidance (w ≠ 1: ε(y) and ε(∅))."""
         per_step = 2 if self.condition is not None and self.guidance_scale != 1 else 1
-        return min(steps, self.schedule.num_timesteps) * per_step
+        return super().nfe(sampler, steps) * per_step
 
     @torch.no_grad()
     def sample(
         self,
         num_samples: int,
+        *,
         sampler: Sampler | None = None,
         steps: int | None = None,
         eta: float | None = None,
+        spacing: Spacing | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
         labels: Sequence[int] | None = None,
         prompts: Sequence[str] | None = None,
-        guidance_scale: float | None = None,
-        spacing: Spacing | None = None,
+        scale: float | None = None,
     ) -> Tensor:
         """Images in [−1, 1] (N, C, H, W): latents drawn by DDPM/DDIM/DPM-Solver++ with
-        classifier-free guidance of scale w (default ``guidance_scale``; w = 1 is plain
-        conditional sampling and skips the ∅ pass), decoded by the first stage."""
-        kw = dict(sampler=sampler, steps=steps, eta=eta, generator=generator, progress=progress)
-        kw["spacing"] = spacing
+        classifier-free guidance of scale w = ``scale`` (default ``guidance_scale``; w = 1 is
+        plain conditional sampling and skips the ∅ pass), decoded by the first stage."""
+        self.generation.check(sampler, labels, prompts, scale, "this LatentDiffusion")
+        kw = dict(generator=generator, progress=progress, spacing=spacing)
         if self.condition is None:
-            if labels is not None or prompts is not None:
-                raise ValueError("an unconditional LDM takes no labels or prompts")
-            return self.decode(self.draw(num_samples, **kw))
-        w = self.guidance_scale if guidance_scale is None else guidance_scale
+            return self.decode(self.draw(num_samples, sampler, steps, eta, **kw))
+        w = self.guidance_scale if scale is None else scale
         context = self.condition(self.requested_ids(num_samples, labels, prompts))
         eps_fn = None
         if w != 1:
             null = self.condition(self.null_ids(1))  # (1, L, dim), broadcast by the wrapper
             eps_fn = classifier_free_guidance(self.eps, w, {"context": null})
-        return self.decode(self.draw(num_samples, eps_fn=eps_fn, context=context, **kw))
+        x0 = self.draw(num_samples, sampler, steps, eta, eps_fn=eps_fn, context=context, **kw)
+        return self.decode(x0)
 
     def predict_item(self, index: int) -> Tensor:
         """Item ``index`` of ``predict``: as a DDPM's, conditioned on class (or digit name)
         ``index`` mod the number of classes, so the classes cycle over the predict set."""
         if self.condition is None:
             return super().predict_item(index)
-        classes = getattr(self.condition, "num_classes", len(DIGITS))
         gen = torch.Generator(self.device).manual_seed(index)
-        return self.sample(1, generator=gen, labels=[index % classes])
+        return self.sample(1, generator=gen, **self.generation.inputs_for(index, 1))
 
     def log_validation_images(self, x0: Tensor) -> None:
         """Fixed-seed samples, one column per class (or digit name), at ``guidance_scale``."""

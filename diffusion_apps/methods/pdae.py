@@ -15,8 +15,9 @@ from torch import Tensor
 from diffusion_apps.checkpoint import load_part
 from diffusion_apps.diffusion import EpsFn, NoiseSchedule, eps_shift_guidance
 from diffusion_apps.diffusion.schedule import per_sample
-from diffusion_apps.methods.autoencoder import DiffusionAutoencoder
 from diffusion_apps.methods.ddpm import DDPM
+from diffusion_apps.methods.diffusion_autoencoder import DiffusionAutoencoder
+from diffusion_apps.methods.protocol import Autoencoding
 from diffusion_apps.nn import EncoderUNet, GradientEstimator, UNet
 
 
@@ -63,6 +64,8 @@ class PDAE(DiffusionAutoencoder, DDPM):
         encode_steps: DDIM steps of the stochastic encoder (the paper: 1000 for autoencoding).
         Other arguments: see :class:`DDPM`; the sampler is always DDIM.
     """
+
+    autoencoding = Autoencoding(True, (*DiffusionAutoencoder.autoencoding.modes, "trajectory"))
 
     def __init__(
         self,
@@ -160,7 +163,8 @@ class PDAE(DiffusionAutoencoder, DDPM):
 
         def frame(z_a: Tensor, z_b: Tensor, x_T: Tensor, w: float) -> Tensor:
             eps = self.code_eps(mix=w, decoding=True)
-            return self.sample(len(x_T), "ddim", steps, 0.0, x_T=x_T, eps_fn=eps, z=z_a, z_b=z_b)
+            x0 = self.draw(len(x_T), "ddim", steps, 0.0, x_T=x_T, eps_fn=eps, z=z_a, z_b=z_b)
+            return x0.clamp(-1, 1)
 
         return self.interpolation_frames(x_a, x_b, num, frame, encode_steps or steps)
 

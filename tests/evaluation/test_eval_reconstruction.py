@@ -77,7 +77,7 @@ def test_a_perfect_reconstructor_scores_the_real_floor():
     from diffusion_apps.data import ImageDataModule
     from diffusion_apps.evaluation import FeatureStats, real_floor
     from diffusion_apps.evaluation.autoencoding import reconstruction_rows
-    from diffusion_apps.evaluation.evaluate import set_reference
+    from diffusion_apps.evaluation.protocol import set_reference
 
     class Identity(torch.nn.Module):
         device = torch.device("cpu")

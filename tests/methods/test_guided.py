@@ -73,7 +73,7 @@ def test_guided_sampling_leaves_the_ddpm_untouched(guided):
     labels = torch.tensor([3, 8])
     for sampler in ("ddpm", "ddim"):
         gen = torch.Generator().manual_seed(0)
-        x = guided.sample(labels, scale=10.0, sampler=sampler, steps=5, generator=gen)
+        x = guided.sample(2, labels=labels, scale=10.0, sampler=sampler, steps=5, generator=gen)
         assert x.shape == (2, 1, 16, 16) and x.abs().max() <= 1
     after = guided.ddpm.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -85,9 +85,15 @@ def test_guided_sampling_leaves_the_ddpm_untouched(guided):
 def test_scale_zero_is_the_unguided_ddpm(guided, sampler):
     labels = torch.tensor([0, 1, 2])
     gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
-    unguided = guided.ddpm.sample(3, sampler, 5, generator=gen())
-    assert torch.equal(guided.sample(labels, 0.0, sampler, 5, generator=gen()), unguided)
-    assert not torch.equal(guided.sample(labels, 5.0, sampler, 5, generator=gen()), unguided)
+    unguided = guided.ddpm.sample(3, sampler=sampler, steps=5, generator=gen())
+    assert torch.equal(
+        guided.sample(3, labels=labels, scale=0.0, sampler=sampler, steps=5, generator=gen()),
+        unguided,
+    )
+    assert not torch.equal(
+        guided.sample(3, labels=labels, scale=5.0, sampler=sampler, steps=5, generator=gen()),
+        unguided,
+    )
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
@@ -115,7 +121,9 @@ def test_respaced_sampling_shows_the_classifier_original_timesteps(guided):
         lambda _, args: seen.append(args[1].unique())
     )
     try:
-        guided.sample(torch.tensor([4]), 1.0, "ddpm", 5, generator=torch.Generator())
+        guided.sample(
+            1, labels=[4], scale=1.0, sampler="ddpm", steps=5, generator=torch.Generator()
+        )
     finally:
         hook.remove()
     assert sorted(torch.cat(seen).tolist()) == guided.ddpm.timesteps(5).tolist()
@@ -131,7 +139,7 @@ def test_moving_the_guided_model_moves_where_its_parts_sample(guided):
 
 def test_bad_input_is_named(guided, run_dir, tmp_path):
     with pytest.raises(ValueError, match=r"classes in \[0, 10\)"):
-        guided.sample(torch.tensor([10]))
+        guided.sample(1, labels=[10])
     unet = tiny_encoder(out_dim=10, num_res_blocks=2, attention_resolutions=(16,))
     with pytest.raises(ValueError, match="time_conditioned=True"):
         NoisyClassifier(unet, str(run_dir / DDPM_CKPT))
@@ -171,7 +179,9 @@ def test_spacing_reaches_the_guided_sampler(guided):
 
     def draw(sampler, **kw):
         gen = torch.Generator().manual_seed(3)
-        return guided.sample(labels, 2.0, sampler, 4, generator=gen, **kw)
+        return guided.sample(
+            2, labels=labels, scale=2.0, sampler=sampler, steps=4, generator=gen, **kw
+        )
 
     assert torch.equal(draw("dpmpp_2m"), draw("dpmpp_2m", spacing="logsnr"))
     assert not torch.allclose(draw("dpmpp_2m"), draw("dpmpp_2m", spacing="uniform"))
@@ -224,5 +234,6 @@ def test_guidance_with_clipping_is_guided_diffusions(guided, sampler):
             step = official.ddim_sample if sampler == "ddim" else official.p_sample
             x = step(model, x, t, clip_denoised=True, cond_fn=cond_fn, model_kwargs={"y": labels})
             x = x["sample"]
-    ours = guided.sample(labels, scale, sampler, steps, generator=torch.Generator().manual_seed(11))
+    gen = torch.Generator().manual_seed(11)
+    ours = guided.sample(4, labels=labels, scale=scale, sampler=sampler, steps=steps, generator=gen)
     torch.testing.assert_close(ours, x.clamp(-1, 1), rtol=0, atol=2e-4)  # sample() clamps

@@ -98,7 +98,7 @@ def test_the_scale_factor_is_one_over_the_latent_std(run_dir):
     torch.manual_seed(5)
     ldm.measure_scale(x)
     torch.manual_seed(5)
-    z = ldm.autoencoder.encode(x).sample()
+    z = ldm.first_stage.encode(x).sample()
     torch.testing.assert_close(ldm.scale_factor, 1 / z.flatten().std())
     torch.manual_seed(5)
     torch.testing.assert_close(ldm.diffused(x).std(), torch.tensor(1.0))
@@ -136,14 +136,14 @@ def test_the_scale_factor_is_restored_on_resume_not_remeasured(run_dir, tmp_path
 def test_the_first_stage_is_frozen_in_eval_mode_and_unchanged(run_dir):
     ldm = load_module(run_dir / LDM_CKPT, LatentDiffusion)
     first = load_module(run_dir / AE_CKPT, AutoencoderKL).state_dict()
-    trained = ldm.autoencoder.state_dict()
+    trained = ldm.first_stage.state_dict()
     assert all(torch.equal(trained[k], v) for k, v in first.items())  # after 4 training steps
     ldm.train()
-    assert ldm.unet.training and not ldm.autoencoder.training
+    assert ldm.unet.training and not ldm.first_stage.training
     batch = (digits(4), torch.tensor([0, 1, 2, 3]))
     x0 = ldm.diffused(batch[0])
     ldm.diffusion_loss(x0, **ldm.conditioning(x0, batch)).backward()
-    assert all(p.grad is None and not p.requires_grad for p in ldm.autoencoder.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in ldm.first_stage.parameters())
     assert ldm.condition.embed.weight.grad.abs().sum() > 0  # τ_θ trains with the UNet
 
 
@@ -183,7 +183,7 @@ def test_guidance_scales_one_and_zero_are_plain_conditional_and_null_sampling(ru
     context = model.condition(torch.tensor(labels))
     null = model.condition(model.null_ids(4))
     for w, ctx in ((1.0, context), (0.0, null)):
-        got = model.sample(4, labels=labels, guidance_scale=w,
+        got = model.sample(4, labels=labels, scale=w,
                            generator=torch.Generator().manual_seed(3))  # fmt: skip
         torch.testing.assert_close(got, conditional_ddim(model, x_T, ctx))
 
@@ -205,7 +205,7 @@ def test_guidance_extrapolates_from_the_null_prediction(run_dir):
     expected = model.decode(
         ddim_sample(guided, model.schedule, x_T, timesteps=timesteps, clip_x0=False)
     )
-    got = model.sample(2, labels=labels, guidance_scale=3.0,
+    got = model.sample(2, labels=labels, scale=3.0,
                        generator=torch.Generator().manual_seed(4))  # fmt: skip
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, conditional_ddim(model, x_T, context), atol=1e-3)
@@ -264,7 +264,7 @@ def test_the_full_configs_run(in_tmp):
     each (the real sizes)."""
     one_step = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]
     ae = "runs/ldm_autoencoder/version_0/checkpoints/last.ckpt"
-    stage2 = ["--model.init_args.autoencoder", ae, *one_step]
+    stage2 = ["--model.init_args.first_stage", ae, *one_step]
     run_cli_in(
         in_tmp,
         ["fit", "--config", str(CONFIGS / "ldm_autoencoder.yaml"), *one_step],
@@ -322,7 +322,7 @@ def test_spacing_reaches_the_latent_sampler(run_dir):
 
     def draw(**kw):
         gen = torch.Generator().manual_seed(1)
-        return model.sample(2, "ddim", 4, labels=[3, 5], generator=gen, **kw)
+        return model.sample(2, sampler="ddim", steps=4, labels=[3, 5], generator=gen, **kw)
 
     logsnr, uniform = draw(spacing="logsnr"), draw()
     model.timestep_spacing = "logsnr"

@@ -34,8 +34,8 @@ def autoencode(
     """Write ``<mode>.png`` for the diffusion autoencoder in ``ckpt_path``.
 
     Args:
-        ckpt_path: checkpoint written by ``fit`` of a module with ``encode``,
-            ``encode_stochastic`` and ``decode`` (DiffAE, PDAE).
+        ckpt_path: checkpoint written by ``fit`` of a diffusion autoencoder (DiffAE, PDAE):
+            a module whose ``autoencoding`` declares the mode.
         mode: see the module docstring.
         num_images: val images used (manipulate: the first ones not already of ``attribute``).
         attribute: manipulate: the class (attribute index) to move towards, e.g. 8.
@@ -54,22 +54,26 @@ def autoencode(
     from torch.utils.data import DataLoader
 
     from diffusion_apps.checkpoint import load_module, read_checkpoint, resolve_device
-    from diffusion_apps.evaluation.autoencoding import checkpoint_data, is_diffae_like
+    from diffusion_apps.commands.common import checkpoint_data
     from diffusion_apps.images import save_grid
+    from diffusion_apps.methods.protocol import autoencoding_of
 
     least = 2 if mode in ("interpolate", "trajectory") else 1
     if num_images < least:
         raise ValueError(f"num_images must be >= {least} for {mode}, got {num_images}")
     dev = resolve_device(device)
     module = load_module(ckpt_path).to(dev)
-    if not is_diffae_like(module):
+    modes = getattr(autoencoding_of(module), "modes", ())
+    if not modes:
         raise SystemExit(
             f"autoencode: {ckpt_path} holds a {type(module).__name__}, which has no "
             "encode/encode_stochastic/decode (train configs/diffae.yaml or configs/pdae.yaml)"
         )
-    if mode == "trajectory" and not hasattr(module, "interpolate_trajectory"):
-        raise SystemExit(f"autoencode: trajectory interpolation is PDAE's; {ckpt_path} holds a "
-                         f"{type(module).__name__}")  # fmt: skip
+    if mode not in modes:
+        raise SystemExit(
+            f"autoencode: {mode} is not a mode of the {type(module).__name__} in {ckpt_path} "
+            f"(it offers {', '.join(modes)}; trajectory is PDAE's)"
+        )
     data = checkpoint_data(read_checkpoint(ckpt_path), module)
     images, labels = next(iter(DataLoader(data.val_set, batch_size=len(data.val_set))))
     gen = torch.Generator(dev).manual_seed(seed)

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from diffusion_apps.diffusion import EpsFn, ddim_invert, slerp
-from diffusion_apps.evaluation.probe import LinearProbe, encode_all
+from diffusion_apps.methods.probe import LinearProbe, encode_all
+from diffusion_apps.methods.protocol import Autoencoding
 
 LATENT_HINT = (
     "a diffusion autoencoder decodes given codes: call decode(z, x_T); for unconditional "
@@ -39,7 +40,8 @@ class DiffusionAutoencoder:
     and the decoding alike, so x_T is decoded from the noise level it was inverted to.
     """
 
-    generates_unconditionally = False  # x_0 needs a z: see LatentDDIM
+    generation = None  # x_0 needs a z: LatentDDIM generates
+    autoencoding = Autoencoding(True, ("reconstruct", "interpolate", "variations", "manipulate"))
 
     def code_eps(self, decoding: bool = False) -> EpsFn:
         """The decoder's ε-model ``eps(x_t, t, z)``. ``decoding`` adds ``clip_x0``'s clamp of
@@ -47,14 +49,14 @@ class DiffusionAutoencoder:
         the unclamped ODE."""
         raise NotImplementedError
 
+    def sample(self, num_samples: int, **request) -> Tensor:
+        """Not from nothing: an error that says how to sample unconditionally."""
+        raise ValueError(LATENT_HINT)
+
     def draw(
-        self, num_samples: int, *args, z: Tensor | None = None, eps_fn: EpsFn | None = None,
-        **kwargs,
-    ) -> Tensor:  # fmt: skip
-        """:meth:`DDPM.draw` with :meth:`code_eps` given codes z (N, D); without them, an error
-        that says how to sample unconditionally."""
-        if z is None:
-            raise ValueError(LATENT_HINT)
+        self, num_samples: int, *args, z: Tensor, eps_fn: EpsFn | None = None, **kwargs
+    ) -> Tensor:
+        """:meth:`DDPM.draw` with :meth:`code_eps` given codes z (N, D)."""
         eps_fn = eps_fn or self.code_eps(decoding=True)
         return super().draw(num_samples, *args, eps_fn=eps_fn, z=z, **kwargs)
 
@@ -82,7 +84,7 @@ class DiffusionAutoencoder:
         """x_0 in [−1, 1] from (z, x_T) by deterministic DDIM (η = 0)."""
         if z.shape[0] != x_T.shape[0]:
             raise ValueError(f"z {tuple(z.shape)} and x_T {tuple(x_T.shape)} differ in B")
-        return self.sample(len(z), "ddim", steps, 0.0, x_T=x_T, z=z)
+        return self.draw(len(z), "ddim", steps, 0.0, x_T=x_T, z=z).clamp(-1, 1)
 
     @torch.no_grad()
     def reconstruct(

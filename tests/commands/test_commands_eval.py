@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from diffusion_apps.cli import main
-from diffusion_apps.evaluation.evaluate import find_checkpoints, parse_samplers
+from diffusion_apps.commands.common import find_checkpoints, parse_samplers
 from tests.conftest import CONFIGS
 
 TINY = str(CONFIGS / "tiny" / "ddpm.yaml")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffusion_apps.evaluation.probe import LinearProbe, encode_all
+from diffusion_apps.methods.probe import LinearProbe, encode_all
 
 
 def two_gaussians(n: int, mu: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

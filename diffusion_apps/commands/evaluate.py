@@ -1,0 +1,150 @@
+"""``python -m diffusion_apps eval``: every checkpoint scored by its method's protocol, one report.
+
+Generation (a module that declares a ``generation``): for each sampler setting, N samples from
+the checkpoint's EMA weights, scored against the cached features of the real training split
+(:mod:`diffusion_apps.evaluation.protocol`). Autoencoding (one that declares an
+``autoencoding``): the val split reconstructed, scored by MSE/PSNR/SSIM (LPIPS when its weights
+are local), and a linear probe of its codes (:mod:`diffusion_apps.evaluation.autoencoding`). The
+report's first row is always the floor: real val against real train.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+DEFAULT_SAMPLERS = "ddpm:1000,ddim:100,ddim:50,ddim:20,ddim:10"
+
+
+def evaluate(
+    run_dir: str = "runs",
+    ckpt_paths: list[str] | str | None = None,
+    num_samples: int = 1000,
+    samplers: list[str] | str = DEFAULT_SAMPLERS,
+    space: Literal["digits", "inception"] = "digits",
+    out_dir: str = "reports",
+    seed: int = 0,
+    batch_size: int = 250,
+    device: str = "auto",
+    precision: Literal["auto", "32", "bf16"] = "auto",
+    feature_extractor_weights_path: str | None = None,
+) -> Path:
+    """Evaluate checkpoints and write ``<out_dir>/eval.md``, ``eval.json`` and sample grids.
+
+    Each checkpoint is rebuilt from the config inside it (``weights_only=True``) with its EMA
+    weights, and scored by what its method declares: generation metrics for each sampler setting
+    (a ``generation``), reconstruction metrics on the val split (an ``autoencoding``). Under
+    ``torchrun`` (or an initialised process group) the ranks take the sample batches in turn,
+    each batch with its own seed drawn from ``seed`` (the same samples as one process draws);
+    rank 0 writes the report.
+
+    Args:
+        run_dir: searched recursively for ``*.ckpt`` (one per run version, ``last.ckpt`` first).
+        ckpt_paths: checkpoints to evaluate instead of searching ``run_dir`` (a list, or one
+            path, or comma-separated paths).
+        num_samples: N, samples per checkpoint and sampler setting.
+        samplers: ``"sampler:steps[:spacing]"`` settings, comma-separated or as a list (spacing:
+            default "logsnr" for dpmpp_2m, else the checkpoint's).
+        space: feature space: "digits" (the offline digit classifier; ``fd_digits``) or
+            "inception" (FID, KID, IS, P&R).
+        out_dir: where the report and the grids go.
+        seed: seed of the batch seeds (:func:`~diffusion_apps.distributed.rank_batches`).
+        batch_size: samples per forward pass.
+        device: "auto" (CUDA when available), "cpu", "cuda", …
+        precision: "bf16" runs the network under bfloat16 autocast (the sampler stays fp32);
+            "auto": bf16 where the device runs it natively (a CPU with AVX512-BF16 or AMX, a
+            bf16 GPU), else fp32. The choice is printed and written in the report.
+        feature_extractor_weights_path: local Inception weights for ``space="inception"`` offline.
+
+    Returns:
+        The path of ``eval.md``.
+    """
+    from diffusion_apps.checkpoint import CheckpointError, load_module, read_checkpoint
+    from diffusion_apps.commands.common import (
+        checkpoint_data,
+        checkpoint_paths,
+        device_and_precision,
+        parse_samplers,
+    )
+    from diffusion_apps.distributed import process_group
+    from diffusion_apps.evaluation import FeatureStats
+    from diffusion_apps.evaluation.autoencoding import probe_row, reconstruction_rows
+    from diffusion_apps.evaluation.protocol import (
+        MIN_SAMPLES,
+        check_samplers,
+        floor_row,
+        generation_rows,
+        set_reference,
+    )
+    from diffusion_apps.evaluation.report import Row, eval_header, slug, write_report
+    from diffusion_apps.images import save_grid
+    from diffusion_apps.methods.protocol import autoencoding_of, generation_of
+
+    if num_samples < MIN_SAMPLES or batch_size < 1:
+        raise ValueError(
+            f"eval: num_samples must be >= {MIN_SAMPLES} and batch_size >= 1, "
+            f"got {num_samples}, {batch_size}"
+        )
+    settings = parse_samplers(samplers)
+    paths = checkpoint_paths(run_dir, ckpt_paths, "eval")
+    rank, world = process_group()
+    if -(-num_samples // batch_size) < world:  # every rank needs a batch of samples
+        raise ValueError(
+            f"num_samples={num_samples} in batches of {batch_size} are fewer batches than the "
+            f"{world} processes: lower --batch_size"
+        )
+    dev, precision = device_and_precision(device, precision)
+    out = Path(out_dir)
+    args = dict(space=space, num_samples=num_samples, seed=seed, batch_size=batch_size,
+                precision=precision)  # fmt: skip
+
+    # Rank 0 fills the on-disk caches first (the digit classifier may need training).
+    floor = floor_row(space, feature_extractor_weights_path) if rank == 0 else None
+    if world > 1:
+        torch.distributed.barrier()
+    rows: list[Row] = [floor or floor_row(space, feature_extractor_weights_path)]
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append((path, read_checkpoint(path), load_module(path).to(dev)))
+        except CheckpointError as err:
+            print(f"eval: skipped {path}: {err}", file=sys.stderr)
+    check_samplers(settings, [g for *_, m in loaded if (g := generation_of(m)) is not None])
+    metric, notes = None, []
+    for path, ckpt, module in loaded:
+        name = str(path) if ckpt_paths else os.path.relpath(path, run_dir)
+        method, step = type(module).__name__, int(ckpt.get("global_step", 0))
+        generation, autoencoding = generation_of(module), autoencoding_of(module)
+        new: list[Row] = []
+        if metric is None and (generation or autoencoding):
+            metric = FeatureStats(
+                space, feature_extractor_weights_path=feature_extractor_weights_path
+            )
+            set_reference(metric, space, feature_extractor_weights_path)
+        if generation is not None:
+            drawn, grids = generation_rows(module, name, step, settings, metric, args, rank, world)
+            new += drawn
+            notes += [generation.note] if generation.note else []
+            for stem, grid in grids if rank == 0 else ():
+                save_grid(grid, out / "grids" / f"{slug(name)}_{slug(stem)}.png")
+        if autoencoding is not None:
+            data = checkpoint_data(ckpt, module)
+            metric = metric.to(module.device)
+            new += reconstruction_rows(module, data, name, step, rank, world, seed, metric)
+            new += [row for row in [probe_row(module, data, name, step)] if row is not None]
+        if not new and rank == 0:
+            print(f"eval: {path}: {method} declares neither a generation nor an autoencoding; "
+                  "skipped")  # fmt: skip
+        rows += new
+    if len(rows) == 1:
+        sys.exit(f"eval: none of the {len(paths)} checkpoint(s) could be evaluated")
+    md = out / "eval.md"
+    if rank == 0:
+        header = eval_header(rows, space, seed, f"{precision} network precision on {dev}", notes)
+        md, js = write_report(rows, header, out)
+        print(f"wrote {md}, {js} and sample grids under {out / 'grids'}")
+    return md

@@ -1,0 +1,131 @@
+"""``python -m diffusion_apps sample``: N samples from a checkpoint, as PNG files and a grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from diffusion_apps.diffusion import Spacing
+
+GRID_MAX = 256  # images in grid.png
+LATENT_STAGE = (
+    ": it is an autoencoder, which decodes given codes; train its latent stage "
+    "(configs/diffae_latent.yaml, configs/pdae_latent.yaml) and sample from that checkpoint"
+)
+
+
+def sample(
+    ckpt_path: str,
+    num_samples: int = 64,
+    sampler: str | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    spacing: Spacing | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    out_dir: str | None = None,
+    device: str = "auto",
+    precision: Literal["auto", "32", "bf16"] = "auto",
+    classifier_path: str | None = None,
+    labels: list[int] | None = None,
+    prompts: list[str] | None = None,
+    scale: float | None = None,
+) -> Path:
+    """Write ``num_samples`` images drawn from the model in ``ckpt_path``.
+
+    The model, what it can be asked for and its default sampler come from the checkpoint (its
+    method's :class:`~diffusion_apps.methods.protocol.Generation`). With ``classifier_path`` the
+    DDPM is guided by that noisy classifier (classifier guidance); a conditional
+    LatentDiffusion takes ``labels`` or ``prompts`` and guides by classifier-free guidance.
+
+    Args:
+        ckpt_path: checkpoint written by ``fit``.
+        num_samples: how many images.
+        sampler: one of the model's samplers ("ddpm" ancestral, "ddim", "dpmpp_2m"
+            DPM-Solver++(2M); "consistency" for a consistency model); default: the checkpoint's.
+        steps: sampler steps (DDPM with fewer than T steps is respaced); default: the checkpoint's.
+        eta: DDIM η; default: the checkpoint's.
+        spacing: the timestep subsequence; default: "logsnr" for dpmpp_2m (on uniform steps
+            its last step overshoots), the checkpoint's ``timestep_spacing`` otherwise.
+        seed: seed of the generators that draw x_T and the sampler noise, one per batch, so the
+            images are the same whatever the number of processes.
+        batch_size: images per forward pass.
+        out_dir: where to write; default ``<run dir>/samples/<ckpt>_<sampler><steps>_seed<seed>``.
+        device: "auto" (CUDA when available), "cpu", "cuda", …
+        precision: "bf16" runs the network under bfloat16 autocast (the sampler stays fp32);
+            "auto": bf16 where the device runs it natively (a CPU with AVX512-BF16 or AMX, a
+            bf16 GPU), else fp32. The choice is printed.
+        classifier_path: a NoisyClassifier checkpoint trained for this DDPM: guided sampling.
+        labels: the target classes, cycled over the samples (default 0, 1, …, K−1).
+        prompts: a caption-conditioned LDM: captions ("thick slanted seven"), cycled likewise.
+        scale: classifier guidance: the gradient scale s (default 1; 0: unguided). LDM: the
+            classifier-free guidance scale w (default: the checkpoint's ``guidance_scale``).
+
+    Under ``torchrun`` the processes take the batches in turn and write their own files.
+
+    Returns:
+        The output folder, holding ``000000.png``… and ``grid.png`` (the first 256 images).
+    """
+    from torchvision.utils import save_image
+    from tqdm.auto import tqdm
+
+    from diffusion_apps.checkpoint import load_module
+    from diffusion_apps.commands.common import device_and_precision
+    from diffusion_apps.distributed import first_images, process_group, rank_batches
+    from diffusion_apps.evaluation.protocol import sample_batches
+    from diffusion_apps.images import save_grid, to_unit
+    from diffusion_apps.methods import ClassifierGuidedDDPM
+    from diffusion_apps.methods.protocol import autoencoding_of, generation_of
+
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(
+            f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}"
+        )
+    dev, precision = device_and_precision(device, precision)
+    if classifier_path is None:
+        module = load_module(ckpt_path).to(dev)
+    else:
+        module = ClassifierGuidedDDPM.from_checkpoints(ckpt_path, classifier_path).to(dev)
+    generation = generation_of(module)
+    if generation is None:
+        latent = getattr(autoencoding_of(module), "stochastic_code", False)
+        raise SystemExit(
+            f"sample: {ckpt_path} holds a {type(module).__name__}, which does not generate from "
+            "nothing" + (LATENT_STAGE if latent else "")
+        )
+    asked = [name for name, v in (("labels", labels), ("prompts", prompts)) if v is not None]
+    if any(name not in generation.inputs for name in asked):
+        raise ValueError(
+            "--labels needs --classifier_path (a NoisyClassifier checkpoint) or a conditional "
+            "LatentDiffusion checkpoint; --prompts a caption-conditioned one"
+        )
+    generation.check(sampler, labels, prompts, scale, f"sample: {ckpt_path}")
+    sampler, steps = sampler or generation.sampler, steps or generation.steps
+    tag = "_guided" if classifier_path else ""
+    tag += "" if scale is None else f"_s{scale:g}"
+    tag += "".join(
+        f"_{len(v)}{name}" for name, v in (("labels", labels), ("prompts", prompts)) if v
+    )
+    ckpt = Path(ckpt_path)
+    out = Path(
+        out_dir or ckpt.parent.parent / "samples" / f"{ckpt.stem}_{sampler}{steps}_seed{seed}{tag}"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+
+    rank, world = process_group()
+    settings = dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing, scale=scale)
+    shown = []  # (start, images) of the grid's batches
+    mine = rank_batches(num_samples, batch_size, seed, rank, world)
+    bar = tqdm(total=len(mine), desc=f"{sampler}-{steps}", unit="batch", disable=rank != 0)
+    for start, batch, _, _ in sample_batches(module, mine, precision, labels, prompts, **settings):
+        for i, img in enumerate(to_unit(batch)):
+            save_image(img, out / f"{start + i:06d}.png")
+        if start < GRID_MAX:
+            shown.append((start, batch[: GRID_MAX - start].cpu()))
+        bar.update()
+    bar.close()
+    grid = first_images(shown, world)
+    if rank == 0:
+        save_grid(grid, out / "grid.png")
+        print(f"wrote {num_samples} samples and grid.png to {out}")
+    return out
