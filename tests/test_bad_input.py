@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from diffusion_apps.cli import main
-from tests.conftest import CONFIGS, run_cli_in
+from tests.conftest import CONFIGS, run_cli_in, tiny_configs, tiny_parts
 
 TINY = str(CONFIGS / "tiny/ddpm.yaml")
 DDPM_CKPT = "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"
@@ -82,15 +82,7 @@ def test_a_bad_value_checked_by_a_constructor(in_tmp, overrides, named):
 
 @pytest.mark.parametrize(
     "config, part",
-    [
-        ("pdae", "tiny_ddpm"),
-        ("guided_classifier", "tiny_ddpm"),
-        ("consistency", "tiny_ddpm"),
-        ("diffae_latent", "tiny_diffae"),
-        ("pdae_latent", "tiny_pdae"),
-        ("ldm", "tiny_ldm_autoencoder"),
-        ("ldm_caption", "tiny_ldm_autoencoder"),
-    ],
+    [(name, f"tiny_{part}") for name in tiny_configs() for part in tiny_parts(name)],
 )
 def test_a_missing_part_is_named(in_tmp, config, part):
     """Each method that builds on a trained checkpoint (stage 1, teacher, DDPM) names it."""

@@ -18,12 +18,9 @@ import torch
 from diffusion_apps.checkpoint import load_module
 from diffusion_apps.cli import DiffusionCLI
 from diffusion_apps.data import ImageDataModule
-from tests.conftest import CONFIGS, REPO, run_cli_in
+from tests.conftest import CONFIGS, REPO, run_cli_in, tiny_configs, tiny_parts
 
-ORDER = [  # each after the checkpoints it builds on
-    "ddpm", "diffae", "ldm_autoencoder", "pdae", "guided_classifier", "consistency",
-    "diffae_latent", "ldm", "ldm_caption", "pdae_latent",
-]  # fmt: skip
+ORDER = tiny_configs()  # each after the checkpoints it builds on
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
@@ -44,6 +41,7 @@ def ddp_run(tmp_path_factory):
 def test_every_method_trains_in_step_on_two_processes(ddp_run):
     _, seen = ddp_run
     assert sorted(ORDER) == sorted(p.stem for p in (CONFIGS / "tiny").glob("*.yaml"))
+    assert all(ORDER.index(part) < ORDER.index(name) for name in ORDER for part in tiny_parts(name))
     for config, (rank0, rank1) in seen.items():
         assert (rank0["rank"], rank1["rank"]) == ([0, 2], [1, 2]), config
         assert rank0["step"] == rank1["step"] == 2, config

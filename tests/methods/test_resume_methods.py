@@ -5,9 +5,17 @@ consistency target, the discriminator start, the latent scale factor, the code s
 import pytest
 import yaml
 
-from tests.conftest import CONFIGS, assert_same_training_state, fit_resuming, run_cli_in
+from tests.conftest import (
+    CONFIGS,
+    assert_same_training_state,
+    fit_resuming,
+    run_cli_in,
+    tiny_configs,
+    tiny_parts,
+)
 
-PARTS = ["ddpm", "diffae", "ldm_autoencoder", "pdae"]  # the checkpoints others build on
+# The checkpoints others build on, in the order they build on each other.
+PARTS = [name for name in tiny_configs() if any(name in tiny_parts(n) for n in tiny_configs())]
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +26,8 @@ def parts(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "method",
-    ["diffae", "ldm_autoencoder", "pdae", "guided_classifier", "consistency", "diffae_latent",
-     "ldm", "ldm_caption", "pdae_latent"],
-)  # fmt: skip
+    "method", [name for name in tiny_configs() if name != "ddpm"]
+)  # the DDPM's resume: tests/test_resume.py
 def test_every_method_resumes_exactly(parts, method):
     config = CONFIGS / f"tiny/{method}.yaml"
     quick = ["--trainer.val_check_interval", "2", "--trainer.num_sanity_val_steps", "0"]
