@@ -75,7 +75,7 @@ def sample(
     from diffusion_apps.evaluation.protocol import sample_batches
     from diffusion_apps.images import save_grid, to_unit
     from diffusion_apps.methods import ClassifierGuidedDDPM
-    from diffusion_apps.methods.protocol import autoencoding_of, generation_of
+    from diffusion_apps.methods.protocol import generation_of, has_stochastic_code
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(
@@ -88,10 +88,9 @@ def sample(
         module = ClassifierGuidedDDPM.from_checkpoints(ckpt_path, classifier_path).to(dev)
     generation = generation_of(module)
     if generation is None:
-        latent = getattr(autoencoding_of(module), "stochastic_code", False)
         raise SystemExit(
             f"sample: {ckpt_path} holds a {type(module).__name__}, which does not generate from "
-            "nothing" + (LATENT_STAGE if latent else "")
+            "nothing" + (LATENT_STAGE if has_stochastic_code(module) else "")
         )
     asked = [name for name, v in (("labels", labels), ("prompts", prompts)) if v is not None]
     if any(name not in generation.inputs for name in asked):

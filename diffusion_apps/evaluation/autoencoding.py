@@ -20,12 +20,7 @@ from diffusion_apps.evaluation.protocol import plain_metrics
 from diffusion_apps.evaluation.reconstruction import ReconstructionMetrics
 from diffusion_apps.evaluation.report import Row
 from diffusion_apps.methods.probe import LinearProbe, encode_all
-from diffusion_apps.methods.protocol import autoencoding_of
-
-
-def has_stochastic_code(module) -> bool:
-    """Whether ``module`` declares a diffusion autoencoder's staged API (DiffAE, PDAE)."""
-    return getattr(autoencoding_of(module), "stochastic_code", False)
+from diffusion_apps.methods.protocol import has_stochastic_code
 
 
 def _synced(device: torch.device) -> float:

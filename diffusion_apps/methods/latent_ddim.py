@@ -16,7 +16,7 @@ from tqdm import tqdm
 from diffusion_apps.diffusion import NoiseSchedule
 from diffusion_apps.distributed import pooled_mean_std
 from diffusion_apps.methods.ddpm import DDPM, Sampler, Spacing
-from diffusion_apps.methods.protocol import autoencoding_of
+from diffusion_apps.methods.protocol import has_stochastic_code
 from diffusion_apps.nn import SkipMLP
 
 
@@ -70,7 +70,7 @@ class LatentDDIM(DDPM):
             warmup_steps=warmup_steps, adam_betas=adam_betas, compile=compile,
         )  # fmt: skip
         self.autoencoder = self.load_part(autoencoder)
-        if not getattr(autoencoding_of(self.autoencoder), "stochastic_code", False):
+        if not has_stochastic_code(self.autoencoder):
             raise ValueError(
                 f"autoencoder={autoencoder!r} holds a {type(self.autoencoder).__name__}, which "
                 "has no encode/encode_stochastic/decode: give a DiffAE (or PDAE) checkpoint"

@@ -123,6 +123,13 @@ def autoencoding_of(module: Any) -> Autoencoding | None:
     return getattr(module, "autoencoding", None)
 
 
+def has_stochastic_code(module: Any) -> bool:
+    """Whether the module is a diffusion autoencoder (DiffAE, PDAE): its ``autoencoding``
+    declares a stochastic code x_T."""
+    autoencoding = autoencoding_of(module)
+    return autoencoding is not None and autoencoding.stochastic_code
+
+
 def cycle(items: Sequence | torch.Tensor, n: int, start: int = 0):
     """Items start, …, start + n − 1 of ``items`` repeated without end (a list, or a tensor
     indexed along its first dimension)."""
