@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from diffusion_apps.methods.base import DiffusionMethod
 from diffusion_apps.methods.protocol import Autoencoding
-from diffusion_apps.nn.autoencoder import Autoencoder, PatchDiscriminator
+from diffusion_apps.nn.first_stage import Autoencoder, PatchDiscriminator
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
