@@ -9,7 +9,9 @@ trains under DDP (tests/test_ddp.py).
 """
 
 import ast
+import copy
 import importlib
+import logging
 import os
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from diffusion_apps import lightning_internals as internals
 from diffusion_apps.cli import DiffusionCLI
+from diffusion_apps.methods.base import DiffusionMethod
 from tests.conftest import CONFIGS, run_cli_in
 
 TINY = str(CONFIGS / "tiny/ddpm.yaml")
@@ -80,15 +83,66 @@ def test_lightning_would_rebuild_the_model_from_the_checkpoint(resumed, tmp_path
     assert {**vars(model.init_args), **model.get("dict_kwargs", {})}["lr"] == 2e-4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="on resume, Lightning restores the optimizer's and the warm-up scheduler's lr from "
-    "the checkpoint: a changed lr reaches the model and its hyper-parameters, not the optimizer",
-)
 def test_resume_with_another_lr_trains_at_that_lr(resumed):
-    cli, _, then = resumed
-    assert cli.trainer.optimizers[0].param_groups[0]["initial_lr"] == RESUMED_LR
+    """The resumed step trains at the new lr, not the checkpoint's (Lightning restores the
+    optimizer's and the scheduler's lr after ``on_load_checkpoint``, which rescales them)."""
+    cli, first, then = resumed
+    assert first["optimizer_states"][0]["param_groups"][0]["lr"] == 2e-4  # warmed up at step 2
+    # train/lr: the optimizer's lr in the resumed training_step, logged by DDPM
+    assert cli.trainer.callback_metrics["train/lr"].item() == pytest.approx(RESUMED_LR)
+    group = cli.trainer.optimizers[0].param_groups[0]
+    assert group["lr"] == group["initial_lr"] == RESUMED_LR
+    assert then["optimizer_states"][0]["param_groups"][0]["lr"] == RESUMED_LR
     assert then["lr_schedulers"][0]["base_lrs"] == [RESUMED_LR]
+
+
+class Linear(DiffusionMethod):
+    def __init__(self, lr: float, warmup_steps: int = 0) -> None:
+        super().__init__(lr=lr, warmup_steps=warmup_steps)
+        self.net = torch.nn.Linear(2, 1)
+
+
+def optimizer_and_scheduler(module: DiffusionMethod, checkpoint: dict | None = None):
+    config = module.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    if checkpoint is not None:  # what Lightning restores, after on_load_checkpoint
+        opt.load_state_dict(checkpoint["optimizer_states"][0])
+        sched.load_state_dict(checkpoint["lr_schedulers"][0])
+    return opt, sched
+
+
+def warm_up_checkpoint(steps: int) -> dict:
+    """The optimizer and scheduler states after ``steps`` of 4 warm-up steps at lr 2e-4."""
+    opt, sched = optimizer_and_scheduler(Linear(2e-4, warmup_steps=4))
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+    return {"optimizer_states": [opt.state_dict()], "lr_schedulers": [sched.state_dict()]}
+
+
+def test_resume_with_another_lr_keeps_the_warm_up_fraction(caplog):
+    checkpoint = warm_up_checkpoint(steps=1)  # at lr 2e-4 · 2/4
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        module = Linear(RESUMED_LR, warmup_steps=4)
+        module.on_load_checkpoint(checkpoint)
+    assert "resuming with lr 1e-05 (the checkpoint trained at 0.0002)" in caplog.text
+    opt, sched = optimizer_and_scheduler(module, checkpoint)
+    assert opt.param_groups[0]["initial_lr"] == sched.base_lrs[0] == RESUMED_LR
+    assert opt.param_groups[0]["lr"] == sched.get_last_lr()[0] == pytest.approx(RESUMED_LR / 2)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(RESUMED_LR * 3 / 4)
+
+
+def test_resume_with_the_same_lr_changes_nothing(caplog):
+    checkpoint = warm_up_checkpoint(steps=1)
+    before = copy.deepcopy(checkpoint)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        Linear(2e-4, warmup_steps=4).on_load_checkpoint(checkpoint)
+    assert "resuming with lr" not in caplog.text
+    groups = [state["param_groups"] for state in checkpoint["optimizer_states"]]
+    assert groups == [state["param_groups"] for state in before["optimizer_states"]]
+    assert checkpoint["lr_schedulers"] == before["lr_schedulers"]
 
 
 def test_keep_configured_model_fails_loudly_when_lightning_changes(monkeypatch):

@@ -6,6 +6,7 @@ import inspect
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from diffusion_apps.checkpoint import PARTS_KEY, load_part, part_configs
@@ -66,6 +67,35 @@ class DiffusionMethod(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._parts:
             checkpoint[PARTS_KEY] = part_configs(self._parts)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resume at the configured ``lr``, not the checkpoint's lr₀.
+
+        Lightning restores the optimizer and scheduler states after this hook, their lr with
+        them. Every param group is built at ``lr``, so for each lr₀ ≠ ``lr``:
+        initial_lr, base_lrs ← lr;  lr_now ← lr · lr_now / lr₀ (the warm-up fraction is kept).
+        A checkpoint trained at ``lr`` is left as is: its resume stays exact.
+        """
+        trained = set()
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                base = group.get("initial_lr", group["lr"])  # no scheduler: lr is the base
+                if base != self.lr:
+                    trained.add(base)
+                    group["lr"] = self.lr * (group["lr"] / base)  # exactly lr once warmed up
+                    if "initial_lr" in group:
+                        group["initial_lr"] = self.lr
+        for state in checkpoint.get("lr_schedulers", []):
+            bases, last = state.get("base_lrs", []), state.get("_last_lr")
+            for i, base in enumerate(bases):
+                if base != self.lr:
+                    trained.add(base)
+                    bases[i] = self.lr
+                    if last is not None:  # get_last_lr() until the next step
+                        last[i] = self.lr * (last[i] / base)
+        if trained:
+            old = ", ".join(str(lr) for lr in sorted(trained))
+            rank_zero_info(f"resuming with lr {self.lr} (the checkpoint trained at {old})")
 
     def save_config(self) -> None:
         """Save the constructor arguments as hyper-parameters, never as pickled modules.
