@@ -31,7 +31,7 @@ class MeanImage(DiffusionMethod):
 
     @property
     def generation(self) -> Generation:
-        return Generation(("toy", "toy_noisier"), "toy", 1)
+        return Generation(("toy", "toy_noisier"), "toy", 1, options=())
 
     def nfe(self, sampler: str, steps: int) -> int:
         return 0  # no network
@@ -44,11 +44,10 @@ class MeanImage(DiffusionMethod):
     def validation_step(self, batch, batch_idx):
         self.log("val/loss", F.mse_loss(self.mean.expand_as(batch[0]), batch[0]))
 
-    def sample(self, num_samples, *, sampler=None, steps=None, eta=None, spacing=None,
-               generator=None, progress=False, labels=None, prompts=None, scale=None):
-        self.generation.check(sampler, labels, prompts, scale, "MeanImage")
-        noise = self.noise * (2 if sampler == "toy_noisier" else 1)
-        z = torch.randn((num_samples, *self.mean.shape), generator=generator, device=self.device)
+    def generate(self, num_samples, request):
+        noise = self.noise * (2 if request.sampler == "toy_noisier" else 1)
+        shape = (num_samples, *self.mean.shape)
+        z = torch.randn(shape, generator=request.generator, device=self.device)
         return (self.mean + noise * z).clamp(-1, 1)
 '''
 

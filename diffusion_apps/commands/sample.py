@@ -75,7 +75,7 @@ def sample(
     from diffusion_apps.evaluation.protocol import sample_batches
     from diffusion_apps.images import save_grid, to_unit
     from diffusion_apps.methods import ClassifierGuidedDDPM
-    from diffusion_apps.methods.protocol import generation_of, has_stochastic_code
+    from diffusion_apps.methods.protocol import SampleRequest, generation_of, has_stochastic_code
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(
@@ -92,19 +92,18 @@ def sample(
             f"sample: {ckpt_path} holds a {type(module).__name__}, which does not generate from "
             "nothing" + (LATENT_STAGE if has_stochastic_code(module) else "")
         )
-    asked = [name for name, v in (("labels", labels), ("prompts", prompts)) if v is not None]
-    if any(name not in generation.inputs for name in asked):
+    conditions = {"labels": labels, "prompts": prompts}
+    if any(v is not None and name not in generation.inputs for name, v in conditions.items()):
         raise ValueError(
             "--labels needs --classifier_path (a NoisyClassifier checkpoint) or a conditional "
             "LatentDiffusion checkpoint; --prompts a caption-conditioned one"
         )
-    generation.check(sampler, labels, prompts, scale, f"sample: {ckpt_path}")
+    asked = SampleRequest(sampler, steps, eta, spacing, labels=labels, prompts=prompts, scale=scale)
+    generation.check(asked, f"sample: {ckpt_path}")
     sampler, steps = sampler or generation.sampler, steps or generation.steps
     tag = "_guided" if classifier_path else ""
     tag += "" if scale is None else f"_s{scale:g}"
-    tag += "".join(
-        f"_{len(v)}{name}" for name, v in (("labels", labels), ("prompts", prompts)) if v
-    )
+    tag += "".join(f"_{len(v)}{name}" for name, v in conditions.items() if v)
     ckpt = Path(ckpt_path)
     out = Path(
         out_dir or ckpt.parent.parent / "samples" / f"{ckpt.stem}_{sampler}{steps}_seed{seed}{tag}"

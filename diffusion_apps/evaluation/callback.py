@@ -20,7 +20,7 @@ from torch import Tensor
 
 from diffusion_apps.distributed import rank_share
 from diffusion_apps.evaluation.protocol import GRID_SIZE, MIN_SAMPLES, set_reference
-from diffusion_apps.methods.protocol import generation_of
+from diffusion_apps.methods.protocol import SampleRequest, generation_of
 
 
 class SampleQuality(L.Callback):
@@ -115,7 +115,8 @@ class SampleQuality(L.Callback):
         # then the other ranks read them.
         generation = generation_of(pl_module)
         if generation is not None:
-            generation.check(self.sampler, owner=f"SampleQuality: {type(pl_module).__name__}")
+            asked = SampleRequest(self.sampler, self.steps)
+            generation.check(asked, f"SampleQuality: {type(pl_module).__name__}")
         if stage in ("fit", "validate") and self._metric is None and generation is not None:
             if trainer.is_global_zero:
                 self._metric = self._build_metric()

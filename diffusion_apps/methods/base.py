@@ -12,10 +12,10 @@ from torch import Tensor, nn
 from diffusion_apps.checkpoint import PARTS_KEY, load_part, part_configs
 from diffusion_apps.images import grid
 from diffusion_apps.lightning_internals import cli_hyperparameters
-from diffusion_apps.methods.protocol import Autoencoding, Generation
+from diffusion_apps.methods.protocol import Autoencoding, Generates
 
 
-class DiffusionMethod(L.LightningModule):
+class DiffusionMethod(Generates, L.LightningModule):
     """Base of the method modules: AdamW with linear warm-up, and TensorBoard image grids.
 
     Subclasses call :meth:`save_config` first thing in ``__init__`` and implement
@@ -31,11 +31,11 @@ class DiffusionMethod(L.LightningModule):
             Trainer configures the model. The first steps then take minutes; meant for long GPU
             runs (on our CPU it gained nothing: README, Performance).
 
-    What a method offers is declared by ``generation`` and ``autoencoding``
+    What a method offers is declared by ``generation`` (with ``generate``, answering
+    :meth:`~diffusion_apps.methods.protocol.Generates.sample`) and ``autoencoding``
     (:mod:`diffusion_apps.methods.protocol`); a base module offers neither.
     """
 
-    generation: Generation | None = None
     autoencoding: Autoencoding | None = None
 
     def __init__(
@@ -122,10 +122,6 @@ class DiffusionMethod(L.LightningModule):
             if params and not any(p.requires_grad for p in params):
                 child.eval()
         return self
-
-    def nfe(self, sampler: str, steps: int) -> int:
-        """Network evaluations per sample of ``sampler`` with ``steps`` steps: one per step."""
-        return steps
 
     def networks(self) -> list[nn.Module]:
         """The trainable networks: the child modules with parameters that require gradients."""

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from diffusion_apps.methods.base import DiffusionMethod
 from diffusion_apps.methods.ddpm import DDPM
-from diffusion_apps.methods.protocol import Generation
+from diffusion_apps.methods.protocol import Generation, SampleRequest
 
 TeacherSolver = Literal["ddim", "heun"]
 Distance = Literal["l2", "pseudo_huber"]
@@ -234,31 +234,15 @@ class ConsistencyDistillation(DiffusionMethod):
     def generation(self) -> Generation:
         """Unconditional samples of multistep consistency sampling, one network call a step."""
         return Generation(
-            ("consistency",), "consistency", self.sample_steps,
+            ("consistency",), "consistency", self.sample_steps, options=(),
             note="Consistency rows: the student's EMA weights, in fp32 whatever the network "
             "precision (x̂_0 = x̄ − σ ε̂ would multiply bf16 rounding by σ); NFE = consistency steps.",
         )  # fmt: skip
 
-    @torch.no_grad()
-    def sample(
-        self,
-        num_samples: int,
-        *,
-        sampler: Literal["consistency"] | None = None,
-        steps: int | None = None,
-        eta: None = None,
-        spacing: None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        labels: None = None,
-        prompts: None = None,
-        scale: None = None,
-    ) -> Tensor:
+    def generate(self, num_samples: int, request: SampleRequest) -> Tensor:
         """Samples in [−1, 1] (Algorithm 1): x̄ = σ_{τ_1} z, x = f_θ(x̄, τ_1); then for each later
         point τ_k, x̄ = x + √(σ_{τ_k}² − σ_min²) z and x = f_θ(x̄, τ_k), clamped to [−1, 1]."""
-        self.generation.check(sampler, labels, prompts, scale, "a consistency model")
-        if eta is not None or spacing is not None:
-            raise ValueError("a consistency model takes no eta or spacing: its steps are its own")
+        steps, generator = request.steps, request.generator
         points = self.sampling_timesteps(steps or self.sample_steps)
         x = None
         for t in points:

@@ -21,7 +21,7 @@ from diffusion_apps.diffusion import (
 )
 from diffusion_apps.distributed import predict_indices
 from diffusion_apps.methods.base import DiffusionMethod
-from diffusion_apps.methods.protocol import Generation
+from diffusion_apps.methods.protocol import Generation, SampleRequest
 from diffusion_apps.nn import UNet
 
 Prediction = Literal["eps", "x0", "v"]
@@ -207,34 +207,21 @@ class DDPM(DiffusionMethod):
     @property
     def generation(self) -> Generation:
         """Unconditional samples of the three samplers (:mod:`~diffusion_apps.methods.protocol`)."""
-        return Generation(typing.get_args(Sampler), self.sampler, self.sample_steps)
+        return Generation(
+            typing.get_args(Sampler), self.sampler, self.sample_steps, inputs=("x_T",)
+        )
 
     def nfe(self, sampler: str, steps: int) -> int:
         """Network evaluations per sample: one per step, at most T. DPM-Solver++(2M) too: its
         second order is multistep, reusing the previous step's x̂_0."""
         return min(steps, self.schedule.num_timesteps)
 
-    def sample(
-        self,
-        num_samples: int,
-        *,
-        sampler: Sampler | None = None,
-        steps: int | None = None,
-        eta: float | None = None,
-        spacing: Spacing | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        labels: None = None,
-        prompts: None = None,
-        scale: None = None,
-        x_T: Tensor | None = None,
-    ) -> Tensor:
-        """Samples in [−1, 1], (N, C, H, W): :meth:`draw` clamped. The protocol's call
-        (:mod:`~diffusion_apps.methods.protocol`); ``x_T`` gives the start noise."""
-        self.generation.check(sampler, labels, prompts, scale, type(self).__name__)
-        return self.draw(
-            num_samples, sampler, steps, eta, generator, progress, x_T=x_T, spacing=spacing
-        ).clamp(-1, 1)
+    def generate(self, num_samples: int, request: SampleRequest) -> Tensor:
+        """:meth:`draw` of the request, clamped to [−1, 1]."""
+        r = request
+        x0 = self.draw(num_samples, r.sampler, r.steps, r.eta, r.generator, r.progress,
+                       x_T=r.x_T, spacing=r.spacing)  # fmt: skip
+        return x0.clamp(-1, 1)
 
     @torch.no_grad()
     def draw(

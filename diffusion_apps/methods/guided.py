@@ -8,8 +8,6 @@ of :mod:`diffusion_apps.diffusion.guidance` and the DDPM's own sampling loop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
@@ -22,8 +20,8 @@ from diffusion_apps.diffusion import (
     mean_shift_guidance,
 )
 from diffusion_apps.methods.base import DiffusionMethod
-from diffusion_apps.methods.ddpm import DDPM, Sampler, Spacing
-from diffusion_apps.methods.protocol import Generation
+from diffusion_apps.methods.ddpm import DDPM, Sampler
+from diffusion_apps.methods.protocol import Generates, Generation, SampleRequest
 from diffusion_apps.nn import EncoderUNet
 
 NOISE_LEVELS = ("low", "mid", "high")
@@ -115,7 +113,7 @@ class NoisyClassifier(DiffusionMethod):
             self.log(f"val/acc_{level}", correct.mean(), sync_dist=True, batch_size=n)
 
 
-class ClassifierGuidedDDPM(LightningModule):
+class ClassifierGuidedDDPM(Generates, LightningModule):
     """Class-conditional samples of a frozen unconditional DDPM, guided by a noisy classifier.
 
     With g = ∇_{x_t} log p_φ(y | x_t) (computed on a detached x_t, the DDPM never sees a
@@ -181,35 +179,20 @@ class ClassifierGuidedDDPM(LightningModule):
         """The DDPM's network evaluations per sample (each step adds one classifier gradient)."""
         return self.ddpm.nfe(sampler, steps)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        num_samples: int,
-        *,
-        sampler: Sampler | None = None,
-        steps: int | None = None,
-        eta: float | None = None,
-        spacing: Spacing | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        labels: Sequence[int] | Tensor | None = None,
-        prompts: None = None,
-        scale: float | None = None,
-    ) -> Tensor:
+    def generate(self, num_samples: int, request: SampleRequest) -> Tensor:
         """Images (N, C, H, W) in [−1, 1], sample i guided towards class ``labels[i]`` (the
         labels cycled; default 0, 1, …, K−1) at gradient scale s = ``scale`` (default 1; 0 is
         the unguided DDPM). Unset sampler settings are the DDPM's."""
-        self.generation.check(sampler, labels, prompts, scale, "classifier guidance")
-        scale = 1.0 if scale is None else scale
-        if isinstance(labels, Tensor):
-            labels = labels.tolist()
+        r = request
+        scale = 1.0 if r.scale is None else r.scale
+        labels = r.labels.tolist() if isinstance(r.labels, Tensor) else r.labels
         chosen = self.generation.inputs_for(0, num_samples, labels)["labels"]
-        sampler = sampler or self.ddpm.sampler
-        timesteps = self.ddpm.timesteps(steps or self.ddpm.sample_steps, spacing, sampler)
+        sampler = r.sampler or self.ddpm.sampler
+        timesteps = self.ddpm.timesteps(r.steps or self.ddpm.sample_steps, r.spacing, sampler)
         eps_fn = self.guided_eps(scale, sampler, timesteps)
         y = torch.tensor(chosen, dtype=torch.long, device=self.ddpm.device)
         x0 = self.ddpm.draw(
-            num_samples, sampler, steps, eta, generator, progress,
-            eps_fn=eps_fn, spacing=spacing, y=y,
+            num_samples, sampler, r.steps, r.eta, r.generator, r.progress,
+            eps_fn=eps_fn, spacing=r.spacing, y=y,
         )  # fmt: skip
         return x0.clamp(-1, 1)

@@ -7,6 +7,7 @@ samples are decoded with a random x_T.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -15,8 +16,8 @@ from tqdm import tqdm
 
 from diffusion_apps.diffusion import NoiseSchedule
 from diffusion_apps.distributed import pooled_mean_std
-from diffusion_apps.methods.ddpm import DDPM, Sampler, Spacing
-from diffusion_apps.methods.protocol import has_stochastic_code
+from diffusion_apps.methods.ddpm import DDPM, Sampler
+from diffusion_apps.methods.protocol import Generation, SampleRequest, has_stochastic_code
 from diffusion_apps.nn import SkipMLP
 
 
@@ -126,6 +127,11 @@ class LatentDDIM(DDPM):
         """The normalised codes (Enc(x_0) − μ)/σ of a batch of images."""
         return self.normalize(self.autoencoder.encode(images))
 
+    @property
+    def generation(self) -> Generation:
+        """The DDPM's samplers on the codes; no x_T to give (the decoder draws its own)."""
+        return replace(super().generation, inputs=())
+
     def nfe(self, sampler: str, steps: int) -> int:
         """Network evaluations per sample: ``steps`` of the latent net (a cheap MLP; at most T)
         plus the decoder's DDIM steps (the UNet)."""
@@ -137,27 +143,13 @@ class LatentDDIM(DDPM):
         """z_sem samples (N, D): :meth:`draw` (same arguments) denormalised, σ·z + μ."""
         return self.denormalize(self.draw(num_samples, *args, **kwargs))
 
-    @torch.no_grad()
-    def sample(
-        self,
-        num_samples: int,
-        *,
-        sampler: Sampler | None = None,
-        steps: int | None = None,
-        eta: float | None = None,
-        spacing: Spacing | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        labels: None = None,
-        prompts: None = None,
-        scale: None = None,
-    ) -> Tensor:
+    def generate(self, num_samples: int, request: SampleRequest) -> Tensor:
         """Images in [−1, 1]: :meth:`sample_latents` decoded by the autoencoder from
         x_T ~ N(0, I), both drawn from ``generator``."""
-        self.generation.check(sampler, labels, prompts, scale, "LatentDDIM")
+        r = request
         z = self.sample_latents(
-            num_samples, sampler, steps, eta, generator, progress, spacing=spacing
+            num_samples, r.sampler, r.steps, r.eta, r.generator, r.progress, spacing=r.spacing
         )
         shape = (num_samples, *self.autoencoder.sample_shape)
-        x_T = torch.randn(shape, generator=generator, device=z.device)
+        x_T = torch.randn(shape, generator=r.generator, device=z.device)
         return self.autoencoder.decode(z, x_T, self.decode_steps)

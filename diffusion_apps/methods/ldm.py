@@ -5,6 +5,7 @@ classifier-free guidance (Ho & Salimans 2022)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -13,8 +14,8 @@ from diffusion_apps.data.captions import DIGITS, WORDS, describe
 from diffusion_apps.diffusion import NoiseSchedule, classifier_free_guidance
 from diffusion_apps.distributed import pooled_mean_std
 from diffusion_apps.methods.autoencoder_kl import AutoencoderKL
-from diffusion_apps.methods.ddpm import DDPM, Sampler, Spacing
-from diffusion_apps.methods.protocol import Generation
+from diffusion_apps.methods.ddpm import DDPM, Sampler
+from diffusion_apps.methods.protocol import Generation, SampleRequest
 from diffusion_apps.nn import CaptionEncoder, ClassEmbedder, UNet
 
 
@@ -172,10 +173,10 @@ class LatentDiffusion(DDPM):
         guided by classifier-free guidance of scale w."""
         unconditional = super().generation
         if self.condition is None:
-            return unconditional
+            return replace(unconditional, inputs=())
         captions = isinstance(self.condition, CaptionEncoder)
-        return Generation(
-            unconditional.samplers, self.sampler, self.sample_steps,
+        return replace(
+            unconditional,
             inputs=("labels", "prompts") if captions else ("labels",),
             num_classes=len(DIGITS) if captions else self.condition.num_classes,
             scale="classifier-free guidance w",
@@ -188,35 +189,21 @@ class LatentDiffusion(DDPM):
         per_step = 2 if self.condition is not None and self.guidance_scale != 1 else 1
         return super().nfe(sampler, steps) * per_step
 
-    @torch.no_grad()
-    def sample(
-        self,
-        num_samples: int,
-        *,
-        sampler: Sampler | None = None,
-        steps: int | None = None,
-        eta: float | None = None,
-        spacing: Spacing | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        labels: Sequence[int] | None = None,
-        prompts: Sequence[str] | None = None,
-        scale: float | None = None,
-    ) -> Tensor:
+    def generate(self, num_samples: int, request: SampleRequest) -> Tensor:
         """Images in [−1, 1] (N, C, H, W): latents drawn by DDPM/DDIM/DPM-Solver++ with
         classifier-free guidance of scale w = ``scale`` (default ``guidance_scale``; w = 1 is
         plain conditional sampling and skips the ∅ pass), decoded by the first stage."""
-        self.generation.check(sampler, labels, prompts, scale, "this LatentDiffusion")
-        kw = dict(generator=generator, progress=progress, spacing=spacing)
+        r = request
+        kw = dict(generator=r.generator, progress=r.progress, spacing=r.spacing)
         if self.condition is None:
-            return self.decode(self.draw(num_samples, sampler, steps, eta, **kw))
-        w = self.guidance_scale if scale is None else scale
-        context = self.condition(self.requested_ids(num_samples, labels, prompts))
+            return self.decode(self.draw(num_samples, r.sampler, r.steps, r.eta, **kw))
+        w = self.guidance_scale if r.scale is None else r.scale
+        context = self.condition(self.requested_ids(num_samples, r.labels, r.prompts))
         eps_fn = None
         if w != 1:
             null = self.condition(self.null_ids(1))  # (1, L, dim), broadcast by the wrapper
             eps_fn = classifier_free_guidance(self.eps, w, {"context": null})
-        x0 = self.draw(num_samples, sampler, steps, eta, eps_fn=eps_fn, context=context, **kw)
+        x0 = self.draw(num_samples, r.sampler, r.steps, r.eta, eps_fn=eps_fn, context=context, **kw)
         return self.decode(x0)
 
     def predict_item(self, index: int) -> Tensor:

@@ -1,26 +1,57 @@
 """What a method offers, declared in one typed place that commands, eval and callbacks read.
 
-A generating method has a ``generation`` (a :class:`Generation`) and answers one call,
+A generating method declares a ``generation`` (a :class:`Generation`) and implements
+``generate(num_samples, request)``; callers make the one call of :class:`Generates`,
 
     ``sample(num_samples, *, sampler, steps, eta, spacing, generator, progress, labels, prompts,
-    scale) -> Tensor``  (N, C, H, W) in [−1, 1],
+    scale, x_T) -> Tensor``  (N, C, H, W) in [−1, 1],
 
-every keyword optional (None: the method's default), and ``nfe(sampler, steps)``, its network
-evaluations per sample. An autoencoding method has an ``autoencoding`` (an
-:class:`Autoencoding`). Other modules declare neither (``None``). Nobody inspects annotations,
-checks a method's class or its name: :func:`generation_of` and :func:`autoencoding_of` say it.
+every keyword a field of :class:`SampleRequest` (None: the method's default), checked against
+the declaration before the method sees it; ``nfe(sampler, steps)`` counts its network
+evaluations per sample. An autoencoding method declares an ``autoencoding`` (an
+:class:`Autoencoding`). Nobody inspects annotations, checks a method's class or its name:
+:func:`generation_of` and :func:`autoencoding_of` say what a module offers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
-Input = Literal["labels", "prompts"]
+Input = Literal["labels", "prompts", "x_T"]
+Option = Literal["eta", "spacing"]
 AutoencodeMode = Literal["reconstruct", "interpolate", "trajectory", "variations", "manipulate"]
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One ``sample`` call's keywords; None leaves the choice to the method.
+
+    Args:
+        sampler, steps: one of the method's samplers and its number of steps.
+        eta, spacing: DDIM's η, the timestep subsequence ("uniform", "quad", "logsnr").
+        generator: draws every random number of the call.
+        progress: a progress bar over the steps.
+        labels: sample i's class ``labels[i]``; prompts: its caption (each list as long as the
+            batch: :meth:`Generation.inputs_for` cycles them).
+        scale: the guidance scale (classifier-free w, classifier guidance s).
+        x_T: the start noise (N, *sample_shape).
+    """
+
+    sampler: str | None = None
+    steps: int | None = None
+    eta: float | None = None
+    spacing: str | None = None
+    generator: torch.Generator | None = None
+    progress: bool = False
+    labels: Sequence[int] | Tensor | None = None
+    prompts: Sequence[str] | None = None
+    scale: float | None = None
+    x_T: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -30,9 +61,10 @@ class Generation:
     Args:
         samplers: the values of ``sampler=``.
         sampler, steps: the defaults ``sample`` uses when they are not given.
-        inputs: what a sample may be asked for: class ``labels`` in [0, ``num_classes``),
-            caption ``prompts``. Unasked, a method that takes labels draws the classes
-            0, 1, …, K−1 in turn (:meth:`inputs_for`).
+        inputs: what a sample may be asked for besides: class ``labels`` in
+            [0, ``num_classes``), caption ``prompts``, its start noise ``x_T``. Unasked, a method
+            that takes labels draws the classes 0, 1, …, K−1 in turn (:meth:`inputs_for`).
+        options: the sampler settings it takes besides ``sampler`` and ``steps``.
         num_classes: K, for ``labels``.
         scale: what ``scale=`` means (e.g. "classifier-free guidance w"); None: no scale.
         note: a line for eval's report on how the method's rows were drawn.
@@ -42,41 +74,42 @@ class Generation:
     sampler: str
     steps: int
     inputs: tuple[Input, ...] = ()
+    options: tuple[Option, ...] = ("eta", "spacing")
     num_classes: int | None = None
     scale: str | None = None
     note: str | None = None
 
-    def check(
-        self,
-        sampler: str | None = None,
-        labels: Sequence[int] | torch.Tensor | None = None,
-        prompts: Sequence[str] | None = None,
-        scale: float | None = None,
-        owner: str = "this model",
-    ) -> None:
-        """Raise a ValueError naming what of a request ``owner`` cannot take."""
-        if sampler is not None and sampler not in self.samplers:
+    def check(self, request: SampleRequest, owner: str = "this model") -> None:
+        """Raise a ValueError naming what of ``request`` ``owner`` cannot take."""
+        r = request
+        if r.sampler is not None and r.sampler not in self.samplers:
             raise ValueError(
-                f"{owner} samples with {', '.join(map(repr, self.samplers))}, not {sampler!r}"
+                f"{owner} samples with {', '.join(map(repr, self.samplers))}, not {r.sampler!r}"
             )
-        for name, given in (("labels", labels), ("prompts", prompts)):
-            if given is not None and name not in self.inputs:
+        if r.steps is not None and r.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {r.steps}")
+        for name in ("labels", "prompts", "x_T"):
+            if getattr(r, name) is not None and name not in self.inputs:
                 takes = " or ".join(self.inputs) if self.inputs else "nothing but the number"
                 need = "; prompts need a caption-conditioned model" if name == "prompts" else ""
                 raise ValueError(f"{owner} takes no {name} (it takes {takes}){need}")
-        if scale is not None and self.scale is None:
+        for name in ("eta", "spacing"):
+            if getattr(r, name) is not None and name not in self.options:
+                raise ValueError(f"{owner} takes no {name}: its steps are its own")
+        if r.scale is not None and self.scale is None:
             raise ValueError(f"{owner} takes no scale (it is not guided)")
-        if labels is not None:
-            values = torch.as_tensor(labels)
+        if r.labels is not None:
+            values = torch.as_tensor(r.labels)
             k = self.num_classes
             if (
                 values.dim() != 1
                 or not len(values)
                 or (k is not None and (values.min() < 0 or values.max() >= k))
             ):
-                raise ValueError(f"labels must be a non-empty list of classes in [0, {k}), got "
-                                 f"{values.tolist()}")  # fmt: skip
-        if prompts is not None and not len(prompts):
+                raise ValueError(
+                    f"labels must be a non-empty list of classes in [0, {k}), got {values.tolist()}"
+                )
+        if r.prompts is not None and not len(r.prompts):
             raise ValueError("prompts must not be empty")
 
     def inputs_for(
@@ -95,6 +128,36 @@ class Generation:
         if labels is None and "labels" in self.inputs and self.num_classes:
             labels = range(self.num_classes)
         return {} if labels is None else {"labels": cycle(list(labels), n, start)}
+
+
+class Generates:
+    """The protocol's call, for a module that declares ``generation`` and implements
+    ``generate(num_samples, request)``: :meth:`sample` checks the request first."""
+
+    generation: Generation | None = None
+
+    def sample(self, num_samples: int, **request) -> Tensor:
+        """``num_samples`` samples (N, C, H, W) in [−1, 1]; ``request``: the fields of
+        :class:`SampleRequest` (another keyword is an error naming it)."""
+        unknown = set(request) - {f.name for f in fields(SampleRequest)}
+        if unknown:
+            raise TypeError(f"sample() takes no {', '.join(sorted(unknown))}")
+        if self.generation is None:
+            raise ValueError(f"{type(self).__name__} does not generate from nothing")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        asked = SampleRequest(**request)
+        self.generation.check(asked, type(self).__name__)
+        with torch.no_grad():
+            return self.generate(num_samples, asked)
+
+    def generate(self, num_samples: int, request: SampleRequest) -> Tensor:
+        """The method's samples for a checked ``request``."""
+        raise NotImplementedError
+
+    def nfe(self, sampler: str, steps: int) -> int:
+        """Network evaluations per sample of ``sampler`` with ``steps`` steps: one per step."""
+        return steps
 
 
 @dataclass(frozen=True)
