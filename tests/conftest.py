@@ -30,9 +30,11 @@ def tiny_configs() -> list[str]:
     return ordered
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine thrash."""
+    """Tiny models run fastest on one thread; two threads on a busy 2-core machine thrash (a
+    module-scoped fixture training under two threads beside the other xdist worker took 258 s
+    instead of 11 s). Session-scoped, so it is set before any module's fixtures run."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

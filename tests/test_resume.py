@@ -40,14 +40,10 @@ def write_config(root, num_workers: int = 0):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Runs before the autouse one-thread fixture: set the same thread count as the tests (CPU
-    kernels sum in another order on another number of threads)."""
-    root, threads = tmp_path_factory.mktemp("resume"), torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fit_resuming(root, write_config(root), "whole", STEPS)
-    finally:
-        torch.set_num_threads(threads)
+    """The uninterrupted run, on one thread like the tests (conftest's session fixture): CPU
+    kernels sum in another order on another number of threads."""
+    root = tmp_path_factory.mktemp("resume")
+    return fit_resuming(root, write_config(root), "whole", STEPS)
 
 
 @pytest.mark.parametrize(

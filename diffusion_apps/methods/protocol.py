@@ -193,11 +193,8 @@ def has_stochastic_code(module: Any) -> bool:
     return autoencoding is not None and autoencoding.stochastic_code
 
 
-def cycle(items: Sequence | torch.Tensor, n: int, start: int = 0):
-    """Items start, …, start + n − 1 of ``items`` repeated without end (a list, or a tensor
-    indexed along its first dimension)."""
+def cycle(items: Sequence, n: int, start: int = 0) -> list:
+    """Items start, …, start + n − 1 of ``items`` repeated without end."""
     if not len(items):
         raise ValueError("nothing to cycle through: the labels/prompts are empty")
-    if isinstance(items, torch.Tensor):
-        return items[(torch.arange(start, start + n, device=items.device)) % len(items)]
     return [items[(start + i) % len(items)] for i in range(n)]

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from diffusion_apps.cli import main
@@ -20,14 +19,12 @@ TINY = str(CONFIGS / "tiny" / "ddpm.yaml")
 def run_dir(tmp_path_factory):
     """runs/ of one tiny fit (2 steps), shared by this module's tests."""
     root = tmp_path_factory.mktemp("fit")
-    cwd, threads = os.getcwd(), torch.get_num_threads()
+    cwd = os.getcwd()
     os.chdir(root)
-    torch.set_num_threads(1)
     try:
         main(["fit", "--config", TINY, "--trainer.max_steps", "2"])
     finally:
         os.chdir(cwd)
-        torch.set_num_threads(threads)
     return root / "runs"
 
 
