@@ -58,18 +58,30 @@ class SafeCheckpointIO(TorchCheckpointIO):
             partial.unlink(missing_ok=True)
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file."""
+def read_tensors(path: str | Path, mmap: bool = False):
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file.
+    ``mmap``: memory-map the file's tensors instead of reading them into RAM (a file in torch's
+    zip format; an older one is read whole)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not mmap or "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
         raise CheckpointError(
             f"cannot read checkpoint {path}: truncated, corrupt, or it holds objects that "
             f"weights_only=True refuses ({type(err).__name__}: {str(err).splitlines()[0]})"
         ) from None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint at ``path``, read by :func:`read_tensors`."""
+    ckpt = read_tensors(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     return ckpt
@@ -136,6 +148,12 @@ def _build(hparams: dict, expected: type[M], what: str, parts: dict | None) -> M
             return instantiate_module(cls, hparams)
     finally:
         _parts.reset(token)
+
+
+def build_module(hparams: dict, expected: type[M] = LightningModule) -> M:
+    """The module a config describes (``_class_path`` and its init args, as a checkpoint's
+    ``hyper_parameters`` hold it), built as the CLI builds it, so it saves that config."""
+    return _build(hparams, expected, "the config", None)
 
 
 def load_module(path: str | Path, expected: type[M] = LightningModule) -> M:

@@ -58,7 +58,10 @@ def documented_layers() -> dict[str, int]:
     block = re.search(r"```[^\n]*\n(.*?)```", text, re.S).group(1)
     layers = {}
     for line in block.splitlines():
-        number, *names = line.split("#")[0].split()
+        fields = line.split("#")[0].split()  # a line may be a comment alone
+        if not fields:
+            continue
+        number, *names = fields
         layers |= {name.strip("/").removesuffix(".py"): int(number) for name in names}
     return layers
 

@@ -9,8 +9,14 @@ from collections.abc import Callable
 
 from diffusion_apps.commands.autoencode import autoencode
 from diffusion_apps.commands.evaluate import evaluate
+from diffusion_apps.commands.import_checkpoint import import_checkpoint
 from diffusion_apps.commands.sample import sample
 
-COMMANDS: dict[str, Callable] = {"sample": sample, "eval": evaluate, "autoencode": autoencode}
+COMMANDS: dict[str, Callable] = {
+    "sample": sample,
+    "eval": evaluate,
+    "autoencode": autoencode,
+    "import": import_checkpoint,
+}
 
-__all__ = ["COMMANDS", "autoencode", "evaluate", "sample"]
+__all__ = ["COMMANDS", "autoencode", "evaluate", "import_checkpoint", "sample"]

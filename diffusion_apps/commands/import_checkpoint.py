@@ -1,0 +1,113 @@
+"""``python -m diffusion_apps import``: a released checkpoint of another codebase → one of ours.
+
+The file written is an ordinary checkpoint (the config inside, ``weights_only=True``), which
+``sample``, ``eval``, guided sampling and every method that builds on a trained model take:
+
+    python -m diffusion_apps import --source guided-diffusion --weights 64x64_diffusion.pt \\
+        --flags "$MODEL_FLAGS" --out adm64.ckpt
+    python -m diffusion_apps import --source guided-diffusion --weights 64x64_classifier.pt \\
+        --flags "$CLASSIFIER_FLAGS" --diffusion adm64.ckpt --out adm64_classifier.ckpt
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+
+def import_checkpoint(
+    source: Literal["guided-diffusion"],
+    weights: str,
+    out: str,
+    flags: str = "",
+    diffusion: str | None = None,
+) -> Path:
+    """Convert ``weights`` of ``source`` into our checkpoint ``out``.
+
+    Args:
+        source: "guided-diffusion": openai/guided-diffusion's diffusion models (a DDPM of ours)
+            and noisy classifiers (a NoisyClassifier of ours), told apart by the file's tensors.
+        weights: the released ``.pt`` file (read with ``weights_only=True``, memory-mapped).
+        out: the checkpoint to write (atomically; an existing file is replaced only by a
+            complete new one).
+        flags: the official flags, exactly as its README prints them (``MODEL_FLAGS`` and
+            ``DIFFUSION_FLAGS`` together, or ``CLASSIFIER_FLAGS``).
+        diffusion: a classifier: our checkpoint of the diffusion model it guides (its noise
+            schedule is the classifier's).
+
+    Returns:
+        The path written.
+    """
+    from diffusion_apps.checkpoint import (
+        PARTS_KEY,
+        SafeCheckpointIO,
+        build_module,
+        load_module,
+        part_configs,
+        read_tensors,
+    )
+    from diffusion_apps.interop import guided_diffusion as gd
+
+    state = read_tensors(weights, mmap=True)
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ValueError(f"{weights} holds no state dict (a mapping of names to tensors)")
+    classifier = not any(k.startswith("output_blocks.") for k in state)
+    if classifier:
+        if diffusion is None:
+            raise ValueError(
+                f"{weights} is a classifier: give --diffusion, our checkpoint of the diffusion "
+                "model it guides (imported first)"
+            )
+        options = gd.classifier_options(gd.parse_flags(flags, gd.CLASSIFIER_DEFAULTS))
+        config = {
+            "_class_path": "diffusion_apps.methods.NoisyClassifier",
+            "classifier": {"class_path": "diffusion_apps.nn.EncoderUNet", "init_args": options},
+            "diffusion": str(diffusion),
+        }
+        module = build_module(config)
+        converted = gd.convert_classifier(state, module.classifier)
+        _load(module.classifier, converted, weights)
+    else:
+        parsed = gd.parse_flags(flags, gd.GUIDED_DEFAULTS)
+        config = {
+            "_class_path": "diffusion_apps.methods.DDPM",
+            "unet": {"class_path": "diffusion_apps.nn.UNet", "init_args": gd.unet_options(parsed)},
+            **gd.ddpm_options(parsed),
+        }
+        module = build_module(config)
+        legacy = gd.legacy_attention(parsed, source)
+        _load(module.unet, gd.convert_unet(state, module.unet, legacy), weights)
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        PARTS_KEY: part_configs(module._parts),
+        "global_step": 0,
+        "imported_from": {"source": source, "weights": str(weights), "flags": flags},
+    }
+    SafeCheckpointIO().save_checkpoint(checkpoint, out)
+    load_module(out)  # it loads as every command will load it
+    print(f"wrote {out}: {type(module).__name__} from {source} {weights}")
+    return Path(out)
+
+
+def _load(network, converted: dict, weights: str) -> None:
+    """``converted`` into ``network``, or an error naming the first tensor that does not fit."""
+    own = network.state_dict()
+    missing, unexpected = (
+        sorted(own.keys() - converted.keys()),
+        sorted(converted.keys() - own.keys()),
+    )
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not fit the network its flags build: "
+            + (f"{len(missing)} tensors missing (first: {missing[0]})" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "")
+        )
+    for key, value in converted.items():
+        if value.shape != own[key].shape:
+            raise ValueError(
+                f"{weights} does not fit the network its flags build: {key} is "
+                f"{tuple(value.shape)} in the file, {tuple(own[key].shape)} in the network"
+            )
+    network.load_state_dict(converted)
