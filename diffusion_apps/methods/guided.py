@@ -171,7 +171,7 @@ class ClassifierGuidedDDPM(Generates, LightningModule):
         """The DDPM's samplers, each sample asked for a class label, the gradient scale s."""
         return Generation(
             self.ddpm.generation.samplers, self.ddpm.sampler, self.ddpm.sample_steps,
-            inputs=("labels",), num_classes=self.classifier.num_classes,
+            inputs=("labels", "x_T"), num_classes=self.classifier.num_classes,
             scale="classifier-guidance gradient scale s",
         )  # fmt: skip
 
@@ -193,6 +193,6 @@ class ClassifierGuidedDDPM(Generates, LightningModule):
         y = torch.tensor(chosen, dtype=torch.long, device=self.ddpm.device)
         x0 = self.ddpm.draw(
             num_samples, sampler, r.steps, r.eta, r.generator, r.progress,
-            eps_fn=eps_fn, spacing=r.spacing, y=y,
+            x_T=r.x_T, eps_fn=eps_fn, spacing=r.spacing, y=y,
         )  # fmt: skip
         return x0.clamp(-1, 1)

@@ -237,3 +237,14 @@ def test_guidance_with_clipping_is_guided_diffusions(guided, sampler):
     gen = torch.Generator().manual_seed(11)
     ours = guided.sample(4, labels=labels, scale=scale, sampler=sampler, steps=steps, generator=gen)
     torch.testing.assert_close(ours, x.clamp(-1, 1), rtol=0, atol=2e-4)  # sample() clamps
+
+
+def test_guided_sampling_starts_from_a_given_x_T(guided):
+    """DDIM is deterministic given x_T: the generator no longer matters, the start does."""
+    x_T = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(8))
+    draw = lambda x, seed: guided.sample(  # noqa: E731
+        2, labels=[1, 2], scale=2.0, sampler="ddim", steps=3, x_T=x,
+        generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+    assert torch.equal(draw(x_T, 0), draw(x_T, 1))
+    assert not torch.allclose(draw(x_T, 0), draw(-x_T, 0))
