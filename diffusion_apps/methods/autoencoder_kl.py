@@ -50,6 +50,8 @@ class AutoencoderKL(DiffusionMethod):
             LPIPS network stays out of the checkpoint (the config names the file).
         perceptual_weight: w_p (LDM: 1).
         num_val_images: validation images shown with their reconstructions in TensorBoard.
+        scaling_factor: the latent scale s a stage 2 multiplies z by, when it is known (Stable
+            Diffusion's VAE: 0.18215); None: stage 2 measures s = 1/std(z) (LDM's scale_by_std).
         lr, adam_betas: of both Adam optimisers (LDM: β = (0.5, 0.9)).
     """
 
@@ -66,6 +68,7 @@ class AutoencoderKL(DiffusionMethod):
         lpips_weights_path: str | None = None,
         perceptual_weight: float = 1.0,
         num_val_images: int = 8,
+        scaling_factor: float | None = None,
         lr: float = 1e-4,
         adam_betas: tuple[float, float] = (0.5, 0.9),
     ) -> None:
@@ -84,6 +87,9 @@ class AutoencoderKL(DiffusionMethod):
             self.register_state_dict_post_hook(_without_perceptual)
             self.register_load_state_dict_pre_hook(_with_own_perceptual)
         self.num_val_images = num_val_images
+        if scaling_factor is not None and scaling_factor <= 0:
+            raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
+        self.scaling_factor = scaling_factor
         self.automatic_optimization = False
 
     def setup(self, stage: str) -> None:

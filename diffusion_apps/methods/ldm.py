@@ -22,7 +22,8 @@ from diffusion_apps.nn import CaptionEncoder, ClassEmbedder, UNet
 class LatentDiffusion(DDPM):
     """Stage 2: L_LDM = E_{E(x), y, ε, t} ‖ε − ε_θ(z_t, t, τ_θ(y))‖² (LDM eq. 3), z_0 = s·z,
     z ~ q(z | x) of the frozen first stage, s = 1/std(z) measured once, on the first training
-    batch (every rank's under DDP), and saved with the weights (a resumed run keeps it). Samples
+    batch (every rank's under DDP), and saved with the weights (a resumed run keeps it); a first
+    stage that knows its s (``scaling_factor``: an imported VAE's) gives it instead. Samples
     are decoded as D(z_0/s).
 
     Conditioning: τ_θ (class embedding or caption encoder) gives the context of the UNet's
@@ -95,8 +96,9 @@ class LatentDiffusion(DDPM):
             caption_drop,
             guidance_scale,
         )
-        self.register_buffer("scale_factor", torch.tensor(1.0))
-        self.register_buffer("scale_ready", torch.tensor(False))
+        known = self.first_stage.scaling_factor  # an imported VAE's, e.g. SD's 0.18215
+        self.register_buffer("scale_factor", torch.tensor(1.0 if known is None else known))
+        self.register_buffer("scale_ready", torch.tensor(known is not None))
 
     def setup(self, stage: str) -> None:
         """No latent-shape check against the data: the frozen first stage checks the images."""

@@ -345,3 +345,17 @@ def test_predict_items_cycle_through_the_classes(run_dir, ckpt):
     assert all(any(torch.equal(a, e) for a in conditional) for e in expected)
     assert not any(torch.equal(a, model.requested_ids(1, [0], None)[0]) for a in conditional)
     assert all(x.shape == (1, 1, 16, 16) for x in images)
+
+
+def test_a_first_stage_that_knows_its_scale_gives_it(run_dir, tmp_path):
+    """An imported VAE's scaling_factor (SD: 0.18215) is s from the start, not re-measured."""
+    ckpt = read_checkpoint(run_dir / AE_CKPT)
+    ckpt["hyper_parameters"]["scaling_factor"] = 0.18215
+    torch.save(ckpt, tmp_path / "vae.ckpt")
+    ldm = LatentDiffusion(latent_unet(context_dim=None), str(tmp_path / "vae.ckpt"))
+    assert bool(ldm.scale_ready) and ldm.scale_factor.item() == pytest.approx(0.18215)
+    x = digits(4)
+    torch.manual_seed(0)
+    z = ldm.first_stage.encode(x).sample()
+    torch.manual_seed(0)
+    torch.testing.assert_close(ldm.diffused(x), 0.18215 * z)
