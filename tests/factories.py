@@ -38,6 +38,16 @@ ARCHS = {
         image_size=16, channel_mult=(1, 2, 2), attention_resolutions=(8, 4), num_res_blocks=2
     ),
     "no_attention_levels": dict(attention_resolutions=(), out_channels=4),
+    # the options of the official ADM / iDDPM layouts: additive time embedding, fixed head
+    # counts (2 down and in the middle, 4 up), fractional channel_mult (8, 16 channels)
+    "adm_options": dict(
+        scale_shift_norm=False,
+        num_head_channels=None,
+        num_heads=2,
+        num_heads_upsample=4,
+        base_channels=16,
+        channel_mult=(0.5, 1),
+    ),
 }
 
 

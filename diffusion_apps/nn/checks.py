@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -15,14 +16,54 @@ def check_positive(**values: int | None) -> None:
             raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
-def check_architecture(
-    image_size: int, base_channels: int, channel_mult: Sequence[int],
-    attention_resolutions: Sequence[int], num_head_channels: int, num_groups: int, dropout: float,
-) -> None:  # fmt: skip
-    """Raise ValueError, naming the option, for any configuration the network cannot build."""
+def level_channels(base_channels: int, channel_mult: Sequence[int | float]) -> tuple[int, ...]:
+    """Every level's width, int(mult · base_channels) as in ADM (whose 512x512 model starts at
+    mult 0.5); ValueError unless each mult is a positive number giving at least one channel."""
     mult = tuple(channel_mult)
-    if not mult or any(not isinstance(m, int) or m < 1 for m in mult):
-        raise ValueError(f"channel_mult={mult} must be a non-empty sequence of positive integers")
+    bad = [m for m in mult if isinstance(m, bool) or not isinstance(m, int | float) or m <= 0]
+    if not mult or bad or any(int(m * base_channels) < 1 for m in mult):
+        raise ValueError(
+            f"channel_mult={mult} must be a non-empty sequence of positive numbers, each "
+            f"giving int(mult * base_channels={base_channels}) >= 1 channels"
+        )
+    return tuple(int(m * base_channels) for m in mult)
+
+
+def resolve_heads(
+    num_head_channels: int | None, num_heads: int | None, num_heads_upsample: int | None
+) -> tuple[int | None, int | None, int | None]:
+    """(head width, heads, heads of the up path): one of a fixed head width
+    (``num_head_channels``, 32 when neither is given) or a fixed number of heads per block
+    (``num_heads``, and ``num_heads_upsample`` for the up path, default ``num_heads``)."""
+    check_positive(
+        num_head_channels=num_head_channels, num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+    )  # fmt: skip
+    if num_heads is None:
+        if num_heads_upsample is not None:
+            raise ValueError(
+                f"num_heads_upsample={num_heads_upsample} needs num_heads: with "
+                "num_head_channels every block's heads follow from its width"
+            )
+        return 32 if num_head_channels is None else num_head_channels, None, None
+    if num_head_channels is not None:
+        raise ValueError(
+            f"num_head_channels={num_head_channels} and num_heads={num_heads} are exclusive: "
+            "give a fixed head width or a fixed number of heads, not both"
+        )
+    return None, num_heads, num_heads if num_heads_upsample is None else num_heads_upsample
+
+
+def check_architecture(
+    image_size: int, base_channels: int, channel_mult: Sequence[int | float],
+    attention_resolutions: Sequence[int], num_head_channels: int | None, num_groups: int,
+    dropout: float, num_heads: int | None = None, num_heads_upsample: int | None = None,
+) -> None:  # fmt: skip
+    """Raise ValueError, naming the option, for any configuration the network cannot build.
+
+    The head options are resolved ones (:func:`resolve_heads`): a head width or head counts."""
+    mult = tuple(channel_mult)
+    widths = level_channels(base_channels, mult)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout={dropout} must lie in [0, 1)")
     factor = 2 ** (len(mult) - 1)
@@ -31,8 +72,12 @@ def check_architecture(
             f"image_size={image_size} is not divisible by 2**{len(mult) - 1}={factor} "
             f"required by channel_mult={mult}"
         )
-    if base_channels % num_groups:  # then every level's base_channels * mult divides too
-        raise ValueError(f"num_groups={num_groups} does not divide base_channels={base_channels}")
+    for level, (m, ch) in enumerate(zip(mult, widths, strict=True)):
+        if ch % num_groups:
+            raise ValueError(
+                f"num_groups={num_groups} does not divide the {ch} channels of level {level} "
+                f"(channel_mult[{level}]={m} x base_channels={base_channels})"
+            )
     resolutions = [image_size // 2**i for i in range(len(mult))]
     unreached = sorted(set(attention_resolutions) - set(resolutions))
     if unreached:
@@ -40,15 +85,27 @@ def check_architecture(
             f"attention_resolutions={tuple(attention_resolutions)} contains {unreached}, "
             f"never reached by the net (resolutions {resolutions})"
         )
-    # Attention runs at the chosen resolutions and always in the middle block.
-    attn = dict(zip(resolutions, (base_channels * m for m in mult), strict=True))
-    attn = {r: ch for r, ch in attn.items() if r in attention_resolutions or r == resolutions[-1]}
-    for res, ch in attn.items():
-        if ch % num_head_channels:
-            raise ValueError(
-                f"num_head_channels={num_head_channels} does not divide {ch} channels of the "
-                f"attention at resolution {res}"
-            )
+    # Attention runs at the chosen resolutions and always in the middle block; with num_heads,
+    # the up path's blocks (at the chosen resolutions only) have num_heads_upsample heads.
+    chosen = [
+        (r, ch) for r, ch in zip(resolutions, widths, strict=True) if r in attention_resolutions
+    ]
+    down = [*chosen, (resolutions[-1], widths[-1])]
+    if num_heads is None:
+        heads = [("num_head_channels", num_head_channels, "", down)]
+    else:
+        up = num_heads if num_heads_upsample is None else num_heads_upsample
+        heads = [
+            ("num_heads", num_heads, "", down),
+            ("num_heads_upsample", up, " up path's", chosen),
+        ]
+    for name, value, path, blocks in heads:
+        for res, ch in blocks:
+            if ch % value:
+                raise ValueError(
+                    f"{name}={value} does not divide {ch} channels of the{path} attention at "
+                    f"resolution {res}"
+                )
 
 
 def check_x(x: Tensor, in_channels: int, image_size: int) -> None:
@@ -57,6 +114,24 @@ def check_x(x: Tensor, in_channels: int, image_size: int) -> None:
         raise ValueError(
             f"expected x of shape (B, {in_channels}, {image_size}, {image_size}), "
             f"got {tuple(x.shape)}"
+        )
+
+
+def check_labels(y: Tensor, batch: int, num_classes: int, null_label: bool, training: bool) -> None:
+    """Raise ValueError unless y is (batch,) ints in [0, num_classes - 1], or up to
+    ``num_classes`` (the null label) with ``null_label``.
+
+    The range check syncs with the device, so on accelerators it runs only in training (sampling
+    loops, in eval mode, stay asynchronous)."""
+    if y.shape != (batch,) or y.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"expected int y of shape ({batch},), got {y.dtype} {y.shape}")
+    n = num_classes
+    if (training or y.device.type == "cpu") and (y.min() < 0 or y.max() > n - 1 + null_label):
+        if null_label:
+            raise ValueError(f"labels y must lie in [0, num_classes={n}] ({n}: null label)")
+        raise ValueError(
+            f"labels y must lie in [0, num_classes - 1 = {n - 1}]: built with null_label=False, "
+            f"the UNet has no null label {n}"
         )
 
 

@@ -26,8 +26,11 @@ class EncoderUNet(nn.Module):
     Args:
         out_dim: Output width (number of classes, or 512 for z_sem).
         time_conditioned: Embed timesteps as the UNet does; ``t`` is then required.
-        pool: "avg" (DiffAE head) or "attention" (ADM attention pooling).
-        Other arguments: as for ``UNet``.
+        pool: "avg" (DiffAE head; official ``pool="adaptive"``) or "attention" (ADM attention
+            pooling, heads ``num_head_channels`` wide: not with ``num_heads``, as officially).
+        Other arguments: as for ``UNet`` (``scale_shift_norm``: official
+            ``use_scale_shift_norm``; ``num_heads``: heads per attention block instead of
+            ``num_head_channels``).
     """
 
     def __init__(
@@ -36,13 +39,15 @@ class EncoderUNet(nn.Module):
         out_dim: int = 512,
         image_size: int = 32,
         base_channels: int = 64,
-        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        channel_mult: Sequence[int | float] = (1, 2, 2, 2),
         num_res_blocks: int = 2,
         attention_resolutions: Sequence[int] = (16,),
-        num_head_channels: int = 32,
+        num_head_channels: int | None = None,
+        num_heads: int | None = None,
         dropout: float = 0.0,
         num_groups: int = 32,
         resblock_updown: bool = False,
+        scale_shift_norm: bool = True,
         time_conditioned: bool = True,
         pool: Literal["avg", "attention"] = "avg",
         channels_last: bool = False,
@@ -51,6 +56,11 @@ class EncoderUNet(nn.Module):
         if pool not in ("avg", "attention"):
             raise ValueError(f"pool={pool!r} must be 'avg' or 'attention'")
         check_positive(out_dim=out_dim)
+        if pool == "attention" and num_heads is not None:
+            raise ValueError(
+                f"pool='attention' needs num_head_channels (its heads' width), not "
+                f"num_heads={num_heads}: as the official EncoderUNetModel"
+            )
         self.in_channels, self.out_dim, self.image_size = in_channels, out_dim, image_size
         self.base_channels, self.time_conditioned, self.pool = base_channels, time_conditioned, pool
         self.time_embed = time_mlp(base_channels) if time_conditioned else None
@@ -58,13 +68,15 @@ class EncoderUNet(nn.Module):
             in_channels, image_size, base_channels, channel_mult, num_res_blocks,
             attention_resolutions, num_head_channels, dropout, num_groups, resblock_updown,
             emb_dim=4 * base_channels if time_conditioned else None,
+            scale_shift_norm=scale_shift_norm, num_heads=num_heads,
         )  # fmt: skip
         ch = self.down.out_channels
         self.out_norm = GroupNorm(num_groups, ch)
         if pool == "avg":
             self.head: nn.Module = nn.Linear(ch, out_dim)
         else:
-            self.head = AttentionPool2d(self.down.out_resolution, ch, num_head_channels, out_dim)
+            heads = self.down.spec.head_dim
+            self.head = AttentionPool2d(self.down.out_resolution, ch, heads, out_dim)
         if channels_last:
             self.to(memory_format=torch.channels_last)
 

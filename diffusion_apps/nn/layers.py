@@ -90,10 +90,18 @@ class ResBlock(nn.Module):
         m(h) = GN(h)·(1 + t_s) + t_b                           (ADM),   (t_s, t_b) = W_t SiLU(emb)
         m(h) = (GN(h)·(1 + t_s) + t_b)·(1 + z_s)               (DiffAE), z_s = W_z SiLU(cond)
         m(h) = (1 + z_s)·(GN(h)·(1 + t_s) + t_b) + z_b         (PDAE, ``cond_shift``).
-    All modulations are folded into one per-(sample, channel) affine, so m costs one pass.
+    All modulations are folded into one per-(sample, channel) affine, so m costs one pass. With
+    ``scale_shift_norm=False`` (iDDPM's LSUN model) the time embedding is added before the norm
+    instead, m(h) = GN(h + t) with t = W_t SiLU(emb) (C wide), the AdaGN on ``cond`` on top.
 
     ``forward`` takes ``emb`` and ``cond`` *already passed through SiLU*: the UNet activates them
     once per call instead of once per block.
+
+    Args:
+        scale_shift_norm: Inject the time embedding as a scale and shift of the output norm
+            (official ``use_scale_shift_norm=True``), else add it before the norm.
+        Other arguments: as the names say; ``resample`` halves ("down") or doubles ("up") the
+            resolution.
     """
 
     def __init__(
@@ -106,14 +114,16 @@ class ResBlock(nn.Module):
         dropout: float = 0.0,
         num_groups: int = 32,
         resample: Literal["none", "up", "down"] = "none",
+        scale_shift_norm: bool = True,
     ) -> None:
         super().__init__()
         out_channels = out_channels or in_channels
         self.resample = resample
-        self.cond_shift = cond_shift
+        self.cond_shift, self.scale_shift_norm = cond_shift, scale_shift_norm
         self.in_norm = GroupNorm(num_groups, in_channels)
         self.in_conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_channels) if emb_dim else None
+        n_emb = 2 * out_channels if scale_shift_norm else out_channels
+        self.emb_proj = nn.Linear(emb_dim, n_emb) if emb_dim else None
         n_cond = 2 * out_channels if cond_shift else out_channels
         self.cond_proj = nn.Linear(cond_dim, n_cond) if cond_dim else None
         self.out_norm = GroupNorm(num_groups, out_channels)
@@ -135,24 +145,31 @@ class ResBlock(nn.Module):
         if self.resample != "none":
             h, x = self._resample(h), self._resample(x)
         h = self.in_conv(h)
-        if self.emb_proj is None:
-            h = self.out_norm(h)
-        else:
+        norm = self.out_norm
+        a: Tensor | None = None  # GN(h)·a + b: norm affine and modulations, per (sample, channel)
+        if self.emb_proj is not None:
             if emb is None:
                 raise ValueError("ResBlock was built with emb_dim but called without emb")
-            # ((GN0(h)·γ + β)(1 + t_s) + t_b)(1 + z_s) + z_b  =  GN0(h)·a + b
-            t_s, t_b = self.emb_proj(emb).chunk(2, dim=1)  # (B, C) each
-            a = self.out_norm.weight * (1 + t_s)
-            b = torch.addcmul(t_b, self.out_norm.bias, 1 + t_s)
-            if self.cond_proj is not None:
-                if cond is None:
-                    raise ValueError("ResBlock was built with cond_dim but called without cond")
-                z = self.cond_proj(cond)
-                z_s, z_b = z.chunk(2, dim=1) if self.cond_shift else (z, None)
-                a, b = a * (1 + z_s), b * (1 + z_s)
-                if z_b is not None:
-                    b = b + z_b
-            h = group_norm(h, self.out_norm.num_groups, eps=self.out_norm.eps)
+            e = self.emb_proj(emb)  # (B, 2C) or (B, C)
+            if self.scale_shift_norm:  # (GN0(h)·γ + β)(1 + t_s) + t_b
+                t_s, t_b = e.chunk(2, dim=1)  # (B, C) each
+                a, b = norm.weight * (1 + t_s), torch.addcmul(t_b, norm.bias, 1 + t_s)
+            else:
+                h = h + e.to(h.dtype)[:, :, None, None]
+        if self.cond_proj is not None:
+            if cond is None:
+                raise ValueError("ResBlock was built with cond_dim but called without cond")
+            if a is None:
+                a, b = norm.weight[None], norm.bias[None]  # (1, C)
+            z = self.cond_proj(cond)
+            z_s, z_b = z.chunk(2, dim=1) if self.cond_shift else (z, None)
+            a, b = a * (1 + z_s), b * (1 + z_s)  # ·(1 + z_s) [+ z_b]
+            if z_b is not None:
+                b = b + z_b
+        if a is None:
+            h = norm(h)
+        else:
+            h = group_norm(h, norm.num_groups, eps=norm.eps)
             a, b = a.to(h.dtype)[:, :, None, None], b.to(h.dtype)[:, :, None, None]
             h = torch.addcmul(b, h, a)
         h = self.out_conv(self.dropout(F.silu(h)))

@@ -3,7 +3,9 @@
 One class covers every method: class labels (with a null label for classifier-free guidance),
 a conditioning vector applied by adaptive group norm in every ResBlock (DiffAE's z_sem, PDAE's
 z), and cross-attention to a context sequence (LDM). The encoder half (``EncoderUNet``) and
-PDAE's ``GradientEstimator`` reuse these paths (nn/encoders.py).
+PDAE's ``GradientEstimator`` reuse these paths (nn/encoders.py). Its options also express every
+released ADM / iDDPM layout (openai/guided-diffusion, openai/improved-diffusion), parameter for
+parameter (tests/nn/test_nn_official_layouts.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_apps.nn.checks import check_architecture, check_positive, check_t, check_x
+from diffusion_apps.nn.checks import (
+    check_architecture,
+    check_labels,
+    check_positive,
+    check_t,
+    check_x,
+    level_channels,
+    resolve_heads,
+)
 from diffusion_apps.nn.layers import (
     AttentionBlock,
     CondSequential,
@@ -32,32 +42,40 @@ from diffusion_apps.nn.layers import (
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """How the ResBlocks and attention blocks of one network are built."""
+    """How the ResBlocks and attention blocks of one network are built.
+
+    Attention heads are ``head_dim`` channels wide, or, with ``num_heads``, each block has
+    ``num_heads`` heads (``num_heads_up`` on the up path)."""
 
     emb_dim: int | None
     cond_dim: int | None
     cond_shift: bool
     dropout: float
     num_groups: int
-    head_dim: int
+    head_dim: int | None
     context_dim: int | None
     transformer_depth: int
+    scale_shift_norm: bool = True
+    num_heads: int | None = None
+    num_heads_up: int | None = None
 
     def res_block(
         self, in_ch: int, out_ch: int, resample: Literal["none", "up", "down"] = "none"
     ) -> ResBlock:
         return ResBlock(
             in_ch, out_ch, self.emb_dim, self.cond_dim, self.cond_shift, self.dropout,
-            self.num_groups, resample,
+            self.num_groups, resample, self.scale_shift_norm,
         )  # fmt: skip
 
-    def attention(self, ch: int) -> nn.Module:
+    def attention(self, ch: int, up: bool = False) -> nn.Module:
+        """An attention block of ``ch`` channels; ``up``: one of the up path's."""
+        heads = self.num_heads_up if up else self.num_heads
+        head_dim = self.head_dim if heads is None else ch // heads
         if self.context_dim is None:
-            return AttentionBlock(ch, self.head_dim, self.num_groups)
+            return AttentionBlock(ch, head_dim, self.num_groups)
         return SpatialTransformer(
-            ch, self.head_dim, self.context_dim, self.transformer_depth,
-            self.num_groups, self.dropout,
-        )  # fmt: skip
+            ch, head_dim, self.context_dim, self.transformer_depth, self.num_groups, self.dropout
+        )
 
     def middle(self, ch: int) -> CondSequential:
         """The middle block: ResBlock, attention, ResBlock."""
@@ -76,10 +94,10 @@ class DownPath(nn.Module):
         in_channels: int,
         image_size: int,
         base_channels: int,
-        channel_mult: Sequence[int],
+        channel_mult: Sequence[int | float],
         num_res_blocks: int,
         attention_resolutions: Sequence[int],
-        num_head_channels: int,
+        num_head_channels: int | None,
         dropout: float,
         num_groups: int,
         resblock_updown: bool,
@@ -88,41 +106,47 @@ class DownPath(nn.Module):
         cond_shift: bool = False,
         context_dim: int | None = None,
         transformer_depth: int = 1,
+        scale_shift_norm: bool = True,
+        num_heads: int | None = None,
+        num_heads_upsample: int | None = None,
     ) -> None:
         super().__init__()
         check_positive(
             in_channels=in_channels, image_size=image_size, base_channels=base_channels,
-            num_res_blocks=num_res_blocks, num_head_channels=num_head_channels,
-            num_groups=num_groups, cond_dim=cond_dim, context_dim=context_dim,
-            transformer_depth=transformer_depth,
+            num_res_blocks=num_res_blocks, num_groups=num_groups, cond_dim=cond_dim,
+            context_dim=context_dim, transformer_depth=transformer_depth,
         )  # fmt: skip
+        head_dim, num_heads, num_heads_up = resolve_heads(
+            num_head_channels, num_heads, num_heads_upsample
+        )
         check_architecture(
-            image_size, base_channels, channel_mult, attention_resolutions, num_head_channels,
-            num_groups, dropout,
+            image_size, base_channels, channel_mult, attention_resolutions, head_dim,
+            num_groups, dropout, num_heads, num_heads_up,
         )  # fmt: skip
         if cond_shift and cond_dim is None:
             raise ValueError("cond_shift=True requires cond_dim")
         self.spec = BlockSpec(
-            emb_dim, cond_dim, cond_shift, dropout, num_groups, num_head_channels, context_dim,
-            transformer_depth,
+            emb_dim, cond_dim, cond_shift, dropout, num_groups, head_dim, context_dim,
+            transformer_depth, scale_shift_norm, num_heads, num_heads_up,
         )  # fmt: skip
         self.base_channels, self.channel_mult = base_channels, tuple(channel_mult)
+        self.level_channels = level_channels(base_channels, channel_mult)  # int(mult · base)
         self.num_res_blocks, self.resblock_updown = num_res_blocks, resblock_updown
         self.attention_resolutions = tuple(attention_resolutions)
 
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        ch, res = self.level_channels[0], image_size
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.blocks = nn.ModuleList()
-        self.skip_channels = [base_channels]  # channels of every tensor the up path concatenates
-        ch, res = base_channels, image_size
-        for level, mult in enumerate(channel_mult):
+        self.skip_channels = [ch]  # channels of every tensor the up path concatenates
+        for level, width in enumerate(self.level_channels):
             for _ in range(num_res_blocks):
-                layers = [self.spec.res_block(ch, base_channels * mult)]
-                ch = base_channels * mult
+                layers = [self.spec.res_block(ch, width)]
+                ch = width
                 if res in attention_resolutions:
                     layers.append(self.spec.attention(ch))
                 self.blocks.append(CondSequential(*layers))
                 self.skip_channels.append(ch)
-            if level < len(channel_mult) - 1:
+            if level < len(self.level_channels) - 1:
                 down = self.spec.res_block(ch, ch, "down") if resblock_updown else downsample(ch)
                 self.blocks.append(CondSequential(down))
                 self.skip_channels.append(ch)
@@ -156,18 +180,19 @@ class DownPath(nn.Module):
 class UpPath(nn.ModuleList):
     """The up path mirroring ``down``: num_res_blocks + 1 blocks per level, each consuming one
     skip tensor, the last block of every level but the top one ending in an upsample. Built
-    with ``spec`` (``down.spec`` for the UNet; PDAE's gradient estimator conditions its own)."""
+    with ``spec`` (``down.spec`` for the UNet; PDAE's gradient estimator conditions its own),
+    whose up-path head count (``num_heads_upsample``) its attention blocks take."""
 
     def __init__(self, down: DownPath, spec: BlockSpec) -> None:
         super().__init__()
         skips = list(down.skip_channels)
         ch, res = down.out_channels, down.out_resolution
-        for level, mult in reversed(list(enumerate(down.channel_mult))):
+        for level, width in reversed(list(enumerate(down.level_channels))):
             for i in range(down.num_res_blocks + 1):
-                layers = [spec.res_block(ch + skips.pop(), down.base_channels * mult)]
-                ch = down.base_channels * mult
+                layers = [spec.res_block(ch + skips.pop(), width)]
+                ch = width
                 if res in down.attention_resolutions:
-                    layers.append(spec.attention(ch))
+                    layers.append(spec.attention(ch, up=True))
                 if level > 0 and i == down.num_res_blocks:
                     up = spec.res_block(ch, ch, "up") if down.resblock_updown else Upsample(ch)
                     layers.append(up)
@@ -209,16 +234,27 @@ class UNet(nn.Module):
         in_channels: Image channels.
         out_channels: Output channels; defaults to ``in_channels``.
         image_size: Height and width of the (square) input.
-        base_channels: Width of the first level; the time embedding is 4x this.
-        channel_mult: Width multiplier per level; the resolution halves between levels.
+        base_channels: The model width (official ``model_channels``): the sinusoidal time
+            embedding has this many dims and its MLP 4x this.
+        channel_mult: Width multiplier per level, ints or floats: level i (and conv_in, for
+            i = 0) has int(channel_mult[i] · base_channels) channels (ADM 512x512: 0.5, 1, ...);
+            the resolution halves between levels.
         num_res_blocks: ResBlocks per level on the way down (one more on the way up).
         attention_resolutions: Resolutions (in pixels) that get an attention block.
-        num_head_channels: Channels per attention head.
+        num_head_channels: Channels per attention head; default 32 unless ``num_heads``.
+        num_heads: A fixed number of heads per attention block instead, of width
+            channels // num_heads (official ``num_heads`` with ``num_head_channels=-1``).
+        num_heads_upsample: Heads of the up path's attention blocks (official
+            ``num_heads_upsample``); default ``num_heads``. The middle block has ``num_heads``.
         dropout: Dropout inside ResBlocks (and transformer feed-forwards).
         num_groups: GroupNorm groups.
         resblock_updown: Resample with ResBlocks instead of strided conv / upsample+conv.
-        num_classes: Adds a label embedding with ``num_classes + 1`` rows to the time embedding;
-            label ``num_classes`` is the null label for classifier-free guidance.
+        scale_shift_norm: ResBlocks inject the time embedding as a scale and shift of their
+            output norm (official ``use_scale_shift_norm``), else add it before the norm.
+        num_classes: Adds a label embedding to the time embedding.
+        null_label: The label embedding has a row more, label ``num_classes``: the null label
+            for classifier-free guidance. False: exactly ``num_classes`` rows (the official
+            ``label_emb``).
         cond_dim: Width of a conditioning vector applied by AdaGN in every ResBlock.
         cond_shift: Use PDAE's scale-and-shift AdaGN instead of DiffAE's scale-only one.
         context_dim: Width of a context sequence; attention blocks become spatial transformers.
@@ -234,14 +270,18 @@ class UNet(nn.Module):
         out_channels: int | None = None,
         image_size: int = 32,
         base_channels: int = 64,
-        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        channel_mult: Sequence[int | float] = (1, 2, 2, 2),
         num_res_blocks: int = 2,
         attention_resolutions: Sequence[int] = (16,),
-        num_head_channels: int = 32,
+        num_head_channels: int | None = None,
+        num_heads: int | None = None,
+        num_heads_upsample: int | None = None,
         dropout: float = 0.0,
         num_groups: int = 32,
         resblock_updown: bool = False,
+        scale_shift_norm: bool = True,
         num_classes: int | None = None,
+        null_label: bool = True,
         cond_dim: int | None = None,
         cond_shift: bool = False,
         context_dim: int | None = None,
@@ -254,14 +294,17 @@ class UNet(nn.Module):
         self.out_channels = out_channels or in_channels
         self.base_channels = base_channels
         self.num_classes, self.cond_dim, self.context_dim = num_classes, cond_dim, context_dim
+        self.null_label = bool(null_label)
 
         emb_dim = 4 * base_channels
         self.time_embed = time_mlp(base_channels)
-        self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        rows = num_classes + self.null_label if num_classes else 0  # the null label: one more
+        self.label_embed = nn.Embedding(rows, emb_dim) if rows else None
         self.down = DownPath(
             in_channels, image_size, base_channels, channel_mult, num_res_blocks,
             attention_resolutions, num_head_channels, dropout, num_groups, resblock_updown,
-            emb_dim, cond_dim, cond_shift, context_dim, transformer_depth,
+            emb_dim, cond_dim, cond_shift, context_dim, transformer_depth, scale_shift_norm,
+            num_heads, num_heads_upsample,
         )  # fmt: skip
 
         self.up = UpPath(self.down, self.down.spec)
@@ -289,13 +332,7 @@ class UNet(nn.Module):
             if setting is not None and value is None:
                 raise ValueError(f"the UNet was built with {option}={setting}: {name} is required")
         if y is not None:
-            n = self.num_classes
-            if y.shape != (batch,) or y.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"expected int y of shape ({batch},), got {y.dtype} {y.shape}")
-            # The range check syncs with the device, so on accelerators it runs only in training;
-            # sampling loops (eval mode) stay asynchronous.
-            if (self.training or y.device.type == "cpu") and (y.min() < 0 or y.max() > n):
-                raise ValueError(f"labels y must lie in [0, num_classes={n}] ({n}: null label)")
+            check_labels(y, batch, self.num_classes, self.null_label, self.training)
         if cond is not None and cond.shape != (batch, self.cond_dim):
             raise ValueError(f"expected cond of shape ({batch}, {self.cond_dim}), got {cond.shape}")
         if context is not None and (
@@ -319,7 +356,8 @@ class UNet(nn.Module):
         Args:
             x: Noisy images.
             t: Timesteps, integer or float.
-            y: Labels (B,) in [0, num_classes]; required iff built with ``num_classes``.
+            y: Labels (B,) in [0, num_classes] (``num_classes`` - 1 without ``null_label``);
+                required iff built with ``num_classes``.
             cond: Conditioning vectors (B, cond_dim); required iff built with ``cond_dim``.
             context: Context sequences (B, L, context_dim); required iff built with it.
 

@@ -3,8 +3,10 @@ validation."""
 
 import pytest
 import torch
+from torch import nn
 
 from diffusion_apps.nn import EncoderUNet, GradientEstimator, UNet
+from diffusion_apps.nn.layers import Attention, ResBlock
 from tests.factories import ARCHS, TINY_NN, B, randomize_, unet_inputs
 
 
@@ -41,6 +43,22 @@ def test_encoder_shares_the_unet_down_path():
         EncoderUNet(**TINY_NN, pool="max")
     with pytest.raises(ValueError, match="image_size=10"):
         EncoderUNet(**{**TINY_NN, "image_size": 10, "channel_mult": (1, 1, 1)})
+    with pytest.raises(
+        ValueError, match="pool='attention' needs num_head_channels .* not num_heads=2"
+    ):
+        EncoderUNet(**{**TINY_NN, "num_head_channels": None}, num_heads=2, pool="attention")
+    with pytest.raises(ValueError, match="num_head_channels=4 and num_heads=2"):
+        EncoderUNet(**TINY_NN, num_heads=2)
+
+
+def heads(module: nn.Module) -> list[int]:
+    return [m.heads for m in module.modules() if isinstance(m, Attention)]
+
+
+def blocks(module: nn.Module) -> list[tuple]:
+    """(width, time-embedding width, scale_shift_norm) of every ResBlock."""
+    res = [m for m in module.modules() if isinstance(m, ResBlock)]
+    return [(m.out_norm.num_channels, m.emb_proj.out_features, m.scale_shift_norm) for m in res]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -58,6 +76,8 @@ def test_gradient_estimator_mirrors_the_up_path_and_starts_at_zero(arch):
     assert not torch.equal(out, estimator(features, z.flip(0)))  # z steers every sample
     ups = [m for m in estimator.up.modules() if getattr(m, "cond_shift", False)]
     assert len(ups) == sum(1 for m in unet.up.modules() if hasattr(m, "cond_shift"))
+    for ours, theirs in ((estimator.middle, unet.down.middle), (estimator.up, unet.up)):
+        assert heads(ours) == heads(theirs) and blocks(ours) == blocks(theirs)
     out.square().sum().backward()
     assert all(p.grad is not None for p in estimator.parameters())
 

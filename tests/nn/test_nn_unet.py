@@ -8,6 +8,7 @@ import torch
 
 import diffusion_apps
 from diffusion_apps.nn import UNet
+from diffusion_apps.nn.layers import Attention
 from tests.factories import ARCHS, CONDITIONINGS, TINY_NN, B, randomize_, unet_inputs
 
 
@@ -68,7 +69,8 @@ def test_null_label_and_label_errors():
 
 
 @pytest.mark.parametrize(
-    "arch,conditioning", [("tiny", "all"), ("updown", "class"), ("three_levels", "diffae")]
+    "arch,conditioning",
+    [("tiny", "all"), ("updown", "class"), ("three_levels", "diffae"), ("adm_options", "all")],
 )
 def test_gradients_reach_every_parameter(arch, conditioning):
     """No unused parameters (DDP would hang on them)."""
@@ -116,11 +118,59 @@ def test_scalar_and_float_timesteps():
         (dict(cond_shift=True), "cond_shift"),
         (dict(context_dim=0), "context_dim"),
         (dict(out_channels=0), "out_channels"),
+        (dict(channel_mult=(1, 0.1)), r"channel_mult=\(1, 0.1\) .* base_channels=8"),
+        (dict(channel_mult=(0.625, 1)), r"num_groups=2 .* 5 channels of level 0"),
+        (dict(num_heads=2, num_head_channels=4), "num_head_channels=4 and num_heads=2 are excl"),
+        (dict(num_head_channels=None, num_heads_upsample=2), "num_heads_upsample=2 needs num_h"),
+        (dict(num_head_channels=None, num_heads=0), "num_heads=0"),
+        (dict(num_head_channels=None, num_heads=3), "num_heads=3 does not divide 8 channels"),
+        (
+            dict(num_head_channels=None, num_heads=2, num_heads_upsample=3),
+            "num_heads_upsample=3 does not divide 8 channels of the up path's attention",
+        ),
     ],
 )
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UNet(**{**TINY_NN, **kwargs})
+
+
+def test_without_null_label_the_embedding_has_num_classes_rows():
+    model = randomize_(UNet(**TINY_NN, num_classes=4, null_label=False), 0.2, seed=1).eval()
+    assert model.label_embed.num_embeddings == 4 and not model.null_label
+    with_null = UNet(**TINY_NN, num_classes=4)
+    assert with_null.label_embed.num_embeddings == 5 and with_null.null_label
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([1, 500])
+    assert model(x, t, torch.tensor([0, 3])).shape == x.shape
+    for bad in ([4, 0], [-1, 0]):
+        with pytest.raises(ValueError, match=r"\[0, num_classes - 1 = 3\]: .* null_label=False"):
+            model(x, t, torch.tensor(bad))
+
+
+def test_head_options_set_the_heads_of_every_attention_block():
+    def heads(path):
+        return [m.heads for m in path.modules() if isinstance(m, Attention)]
+
+    # attention at 8x8 (32 channels), 4x4 and in the middle (64 channels)
+    three = dict(ARCHS["three_levels"], base_channels=16, channel_mult=(1, 2, 4))
+    fixed_width = UNet(**{**TINY_NN, **three, "num_head_channels": 8})
+    assert heads(fixed_width.down) == [4, 4, 8, 8, 8] and heads(fixed_width.up) == [8] * 3 + [4] * 3
+    assert UNet(**{**TINY_NN, **three, "num_head_channels": None}).down.spec.head_dim == 32
+    fixed = UNet(
+        **{**TINY_NN, **three, "num_head_channels": None, "num_heads": 4, "num_heads_upsample": 2}
+    )
+    assert heads(fixed.down) == [4] * 5 and heads(fixed.up) == [2] * 6  # the middle: num_heads
+    default_up = UNet(**{**TINY_NN, **three, "num_head_channels": None, "num_heads": 4})
+    assert heads(default_up.up) == [4] * 6
+    ldm = UNet(**{**TINY_NN, **three, "num_head_channels": None, "num_heads": 4, "context_dim": 5})
+    assert set(heads(ldm)) == {4} and len(heads(ldm)) == 2 * 11  # self- and cross-attention
+
+
+def test_fractional_channel_mult_widths():
+    model = UNet(**{**TINY_NN, "base_channels": 16, "channel_mult": (0.5, 1)})
+    assert model.down.level_channels == (8, 16)
+    assert model.down.conv_in.out_channels == 8 and model.out_conv.in_channels == 8
+    assert model.time_embed[0].in_features == 16 and model.time_embed[2].out_features == 64
 
 
 def test_bad_inputs_raise():
