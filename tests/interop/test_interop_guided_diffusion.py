@@ -31,12 +31,16 @@ ADM_64 = (  # guided-diffusion's README, 64x64 class-conditional
     "--num_res_blocks 3 --resblock_updown True --use_new_attention_order True --use_fp16 True "
     "--use_scale_shift_norm True"
 )
-SMALL = "--num_channels 32 --num_head_channels 8 --num_res_blocks 1"  # the layout, narrow (GN: 32 groups)
+# the layout, narrow (its GroupNorm has 32 groups)
+SMALL = "--num_channels 32 --num_head_channels 8 --num_res_blocks 1"
 LAYOUTS = {
     "adm64": f"{ADM_64} {SMALL}",
     "unconditional": f"{ADM_64} {SMALL} --class_cond False --learn_sigma False",
     "no_updown": f"{ADM_64} {SMALL} --resblock_updown False",
     "legacy_attention": f"{ADM_64} {SMALL} --use_new_attention_order False",
+    "no_scale_shift": f"{ADM_64} {SMALL} --use_scale_shift_norm False",
+    "head_count": f"{ADM_64} {SMALL} --num_head_channels -1 --num_heads 2 "
+    "--num_heads_upsample 4 --use_new_attention_order False",  # iDDPM's kind of attention
 }
 
 
