@@ -1,0 +1,106 @@
+"""Sampling an imported guided-diffusion model (and its imported classifier) with our samplers
+equals the official sampling loops from the same x_T: DDIM η = 0 on 25 respaced steps, and
+classifier-guided DDIM with the ``cond_fn`` of guided-diffusion's ``classifier_sample.py``."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusion_apps.checkpoint import load_module
+from diffusion_apps.cli import main
+from diffusion_apps.interop.guided_diffusion import (
+    CLASSIFIER_DEFAULTS,
+    GUIDED_DEFAULTS,
+    parse_flags,
+)
+from diffusion_apps.methods import DDPM, ClassifierGuidedDDPM, NoisyClassifier
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from guided_diffusion import script_util
+
+T, STEPS = 100, 25
+MODEL_FLAGS = (
+    f"--attention_resolutions 16,8 --class_cond False --diffusion_steps {T} --image_size 64 "
+    "--learn_sigma False --noise_schedule cosine --num_channels 32 --num_head_channels 8 "
+    "--num_res_blocks 1 --resblock_updown True --use_new_attention_order True"
+)
+CLASSIFIER_FLAGS = (
+    "--classifier_attention_resolutions 16,8 --classifier_depth 1 --classifier_width 64"
+)
+
+
+def randomized(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            norm_scale = p.dim() == 1 and name.endswith("weight")  # GroupNorm γ around 1
+            p.copy_(0.05 * torch.randn(p.shape, generator=gen) + float(norm_scale))
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    """The official model, classifier and respaced diffusion, and ours imported from them."""
+    root = tmp_path_factory.mktemp("guided_sampling")
+    flags = parse_flags(MODEL_FLAGS, GUIDED_DEFAULTS)
+    names = flags.keys() & set(script_util.create_model.__code__.co_varnames)
+    model = randomized(script_util.create_model(**{k: flags[k] for k in names}), 0)
+    c_flags = parse_flags(CLASSIFIER_FLAGS, CLASSIFIER_DEFAULTS)
+    classifier = randomized(script_util.create_classifier(**c_flags), 1)
+    torch.save(model.state_dict(), root / "model.pt")
+    torch.save(classifier.state_dict(), root / "classifier.pt")
+    source = ["import", "--source", "guided-diffusion"]
+    main([*source, "--weights", str(root / "model.pt"), "--flags", MODEL_FLAGS,
+          "--out", str(root / "ddpm.ckpt")])  # fmt: skip
+    main([*source, "--weights", str(root / "classifier.pt"), "--flags", CLASSIFIER_FLAGS,
+          "--diffusion", str(root / "ddpm.ckpt"),
+          "--out", str(root / "classifier.ckpt")])  # fmt: skip
+    diffusion = script_util.create_gaussian_diffusion(
+        steps=T, learn_sigma=False, noise_schedule="cosine", timestep_respacing=f"ddim{STEPS}"
+    )
+    ddpm = load_module(root / "ddpm.ckpt", DDPM)
+    guided = ClassifierGuidedDDPM(ddpm, load_module(root / "classifier.ckpt", NoisyClassifier))
+    return model, classifier, diffusion, ddpm, guided
+
+
+def x_T(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+
+
+def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+def test_ddim_equals_the_official_respaced_ddim_loop(official):
+    model, _, diffusion, ddpm, _ = official
+    with torch.no_grad():
+        theirs = diffusion.ddim_sample_loop(model, (2, 3, 64, 64), noise=x_T(), clip_denoised=True)
+    ours = ddpm.sample(2, sampler="ddim", steps=STEPS, eta=0.0, x_T=x_T())
+    assert relative(ours, theirs.clamp(-1, 1)) < 1e-4
+
+
+def test_classifier_guided_ddim_equals_the_official_loop_with_its_cond_fn(official):
+    model, classifier, diffusion, _, guided = official
+    labels, scale = torch.tensor([3, 871]), 4.0
+
+    def cond_fn(x, t, y=None):  # classifier_sample.py's
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = F.log_softmax(classifier(x_in, t), dim=-1)
+            selected = log_probs[range(len(log_probs)), y.view(-1)]
+            return torch.autograd.grad(selected.sum(), x_in)[0] * scale
+
+    def model_fn(x, t, y=None):  # classifier_sample.py's, for an unconditional model
+        return model(x, t, None)
+
+    theirs = diffusion.ddim_sample_loop(
+        model_fn, (2, 3, 64, 64), noise=x_T(), clip_denoised=True, cond_fn=cond_fn, device="cpu",
+        model_kwargs={"y": labels},
+    )  # fmt: skip
+    unguided = guided.sample(2, labels=labels, scale=0.0, sampler="ddim", steps=STEPS, x_T=x_T())
+    ours = guided.sample(2, labels=labels, scale=scale, sampler="ddim", steps=STEPS, x_T=x_T())
+    assert relative(ours, theirs.clamp(-1, 1)) < 1e-4
+    assert relative(unguided, theirs.clamp(-1, 1)) > 1e-2  # the guidance is at work
