@@ -38,61 +38,76 @@ def import_checkpoint(
     Returns:
         The path written.
     """
-    from diffusion_apps.checkpoint import (
-        PARTS_KEY,
-        SafeCheckpointIO,
-        build_module,
-        load_module,
-        part_configs,
-        read_tensors,
-    )
-    from diffusion_apps.interop import guided_diffusion as gd
+    import torch
 
-    state = read_tensors(weights, mmap=True)
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise ValueError(f"{weights} holds no state dict (a mapping of names to tensors)")
-    classifier = not any(k.startswith("output_blocks.") for k in state)
-    if classifier:
-        if diffusion is None:
-            raise ValueError(
-                f"{weights} is a classifier: give --diffusion, our checkpoint of the diffusion "
-                "model it guides (imported first)"
-            )
-        options = gd.classifier_options(gd.parse_flags(flags, gd.CLASSIFIER_DEFAULTS))
-        config = {
-            "_class_path": "diffusion_apps.methods.NoisyClassifier",
-            "classifier": {"class_path": "diffusion_apps.nn.EncoderUNet", "init_args": options},
-            "diffusion": str(diffusion),
-        }
+    from diffusion_apps.checkpoint import PARTS_KEY, SafeCheckpointIO, build_module, part_configs
+
+    config, convert = SOURCES[source](weights, flags, diffusion)
+    with torch.device("meta"):  # the module's names and shapes, no second copy of the weights
         module = build_module(config)
-        converted = gd.convert_classifier(state, module.classifier)
-        _load(module.classifier, converted, weights)
-    else:
-        parsed = gd.parse_flags(flags, gd.GUIDED_DEFAULTS)
-        config = {
-            "_class_path": "diffusion_apps.methods.DDPM",
-            "unet": {"class_path": "diffusion_apps.nn.UNet", "init_args": gd.unet_options(parsed)},
-            **gd.ddpm_options(parsed),
-        }
-        module = build_module(config)
-        legacy = gd.legacy_attention(parsed, source)
-        _load(module.unet, gd.convert_unet(state, module.unet, legacy), weights)
+    state = convert(module)
+    _check_fits(module.state_dict(), state, weights)
     checkpoint = {
-        "state_dict": module.state_dict(),
+        "state_dict": state,
         "hyper_parameters": dict(module.hparams),
         PARTS_KEY: part_configs(module._parts),
         "global_step": 0,
         "imported_from": {"source": source, "weights": str(weights), "flags": flags},
     }
     SafeCheckpointIO().save_checkpoint(checkpoint, out)
-    load_module(out)  # it loads as every command will load it
     print(f"wrote {out}: {type(module).__name__} from {source} {weights}")
     return Path(out)
 
 
-def _load(network, converted: dict, weights: str) -> None:
-    """``converted`` into ``network``, or an error naming the first tensor that does not fit."""
-    own = network.state_dict()
+def _official_state(weights: str) -> dict:
+    """The released file's state dict, memory-mapped (its tensors are read as they are saved)."""
+    from diffusion_apps.checkpoint import read_tensors
+
+    state = read_tensors(weights, mmap=True)
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ValueError(f"{weights} holds no state dict (a mapping of names to tensors)")
+    return state
+
+
+def _prefixed(prefix: str, state: dict) -> dict:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def _guided_diffusion(weights: str, flags: str, diffusion: str | None):
+    """guided-diffusion's diffusion model (a DDPM) or noisy classifier (a NoisyClassifier), told
+    apart by the file's tensors: (our config, the module's state dict from the file)."""
+    from diffusion_apps.interop import guided_diffusion as gd
+
+    state = _official_state(weights)
+    if any(k.startswith("output_blocks.") for k in state):
+        parsed = gd.parse_flags(flags, gd.GUIDED_DEFAULTS)
+        config = {
+            "_class_path": "diffusion_apps.methods.DDPM",
+            "unet": {"class_path": "diffusion_apps.nn.UNet", "init_args": gd.unet_options(parsed)},
+            **gd.ddpm_options(parsed),
+        }
+        legacy = gd.legacy_attention(parsed, "guided-diffusion")
+        return config, lambda m: _prefixed("unet", gd.convert_unet(state, m.unet, legacy))
+    if diffusion is None:
+        raise ValueError(
+            f"{weights} is a classifier: give --diffusion, our checkpoint of the diffusion model "
+            "it guides (imported first)"
+        )
+    options = gd.classifier_options(gd.parse_flags(flags, gd.CLASSIFIER_DEFAULTS))
+    config = {
+        "_class_path": "diffusion_apps.methods.NoisyClassifier",
+        "classifier": {"class_path": "diffusion_apps.nn.EncoderUNet", "init_args": options},
+        "diffusion": str(diffusion),
+    }
+    return config, lambda m: _prefixed("classifier", gd.convert_classifier(state, m.classifier))
+
+
+SOURCES = {"guided-diffusion": _guided_diffusion}
+
+
+def _check_fits(own: dict, converted: dict, weights: str) -> None:
+    """Every tensor of the module is in ``converted`` with its shape, or an error naming the
+    first that is not."""
     missing, unexpected = (
         sorted(own.keys() - converted.keys()),
         sorted(converted.keys() - own.keys()),
@@ -110,4 +125,3 @@ def _load(network, converted: dict, weights: str) -> None:
                 f"{weights} does not fit the network its flags build: {key} is "
                 f"{tuple(value.shape)} in the file, {tuple(own[key].shape)} in the network"
             )
-    network.load_state_dict(converted)
