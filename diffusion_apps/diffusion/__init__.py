@@ -10,15 +10,23 @@ from diffusion_apps.diffusion.guidance import (
 from diffusion_apps.diffusion.interpolation import slerp
 from diffusion_apps.diffusion.samplers import (
     EpsFn,
-    Spacing,
+    Variance,
     clip_denoised,
     ddim_invert,
     ddim_sample,
     ddpm_sample,
-    dpm_solver_pp_2m,
-    timestep_subsequence,
 )
 from diffusion_apps.diffusion.schedule import NoiseSchedule, ScheduleKind
+from diffusion_apps.diffusion.solvers import dpm_solver_pp_2m
+from diffusion_apps.diffusion.timesteps import Spacing, timestep_subsequence
+from diffusion_apps.diffusion.variance import (
+    discretized_gaussian_log_likelihood,
+    join_output,
+    learned_log_variance,
+    normal_kl,
+    split_output,
+    vlb_terms,
+)
 
 __all__ = [
     "EpsFn",
@@ -26,15 +34,22 @@ __all__ = [
     "NoiseSchedule",
     "ScheduleKind",
     "Spacing",
+    "Variance",
     "classifier_free_guidance",
     "clip_denoised",
     "classifier_log_prob_grad",
     "ddim_invert",
     "ddim_sample",
     "ddpm_sample",
+    "discretized_gaussian_log_likelihood",
     "dpm_solver_pp_2m",
     "eps_shift_guidance",
+    "join_output",
+    "learned_log_variance",
     "mean_shift_guidance",
+    "normal_kl",
     "slerp",
+    "split_output",
     "timestep_subsequence",
+    "vlb_terms",
 ]

@@ -1,8 +1,10 @@
-"""Stateless samplers (k-diffusion style): DDPM ancestral, DDIM, DDIM inversion and
-DPM-Solver++(2M).
+"""Stateless samplers (k-diffusion style): DDPM ancestral, DDIM and DDIM inversion
+(DPM-Solver++ in :mod:`~diffusion_apps.diffusion.solvers`).
 
 Model contract: ``eps_fn(x_t, t, **cond) -> ε̂`` where ``t`` is an int64 tensor (B,) of ORIGINAL
-schedule indices (respacing never renumbers t) and ``cond`` is passed through unchanged.
+schedule indices (respacing never renumbers t) and ``cond`` is passed through unchanged. A model
+with learned variance returns [ε̂, v] (2C channels, :mod:`~diffusion_apps.diffusion.variance`):
+``ddpm_sample(variance="learned")`` draws with its Σ_θ, every other sampler uses the ε̂ half.
 
 Convention: a subsequence t_0 < t_1 < … < t_{S−1} of [0, T) is walked from t_{S−1} down to t_0. The
 level before t_0 is ᾱ_{−1} = 1 (clean data), so the last step returns x̂_0 and adds no noise.
@@ -13,90 +15,28 @@ Grad mode is left alone: callers wrap samplers in ``torch.no_grad()``, not
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from diffusion_apps.diffusion.schedule import NoiseSchedule, per_sample
+from diffusion_apps.diffusion.timesteps import subsequence_tables
+from diffusion_apps.diffusion.variance import join_output, log_variance_bounds, split_output
 
 EpsFn = Callable[..., Tensor]
-Variance = Literal["beta", "beta_tilde"]
-Spacing = Literal["uniform", "quad", "logsnr"]
-
-
-def timestep_subsequence(
-    num_timesteps: int,
-    steps: int,
-    kind: Spacing = "uniform",
-    alphas_cumprod: Tensor | None = None,
-) -> Tensor:
-    """The S-step subsequences of [0, T) of DDIM (Song et al. 2021; official ermongroup/ddim) and
-    DPM-Solver (Lu et al. 2022).
-
-    ``uniform``: ``arange(0, T, T // S)[:S]``, i.e. t_i = i·⌊T/S⌋: it starts at 0 and ends at
-    T − T/S when S divides T (the official DDIM code; latent-diffusion adds +1, we do not).
-    ``quad``: t_i = ⌊(i·√(0.8 T)/(S − 1))²⌋, rounded like the official code's ``numpy.linspace``:
-    the walk starts at t_{S−1} = 0.8·T, not near T (the official choice).
-    Its repeats near 0 (from S ≈ √(0.8 T) on: 96 distinct of S = 100 at T = 1000) are dropped; the
-    official sampler runs them as no-op steps t → t that still cost a model call.
-    ``logsnr``: uniform in λ = log(√ᾱ/√(1 − ᾱ)) from λ_{T−1} to λ_0 (DPM-Solver's ``logSNR``
-    skip type, its choice for low resolutions), each λ rounded to the nearest index, repeats
-    dropped. It needs ``alphas_cumprod``, and unlike the others it ends at T − 1.
-
-    Args:
-        num_timesteps: T.
-        steps: S, with 1 ≤ S ≤ T.
-        kind: Spacing rule.
-        alphas_cumprod: ᾱ_0 … ᾱ_{T−1}, for ``logsnr``.
-
-    Returns:
-        Strictly increasing int64 tensor, (S,) (``quad``, ``logsnr``: at most S).
-    """
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in [1, num_timesteps={num_timesteps}], got {steps}")
-    if kind == "uniform":
-        return torch.arange(0, num_timesteps, num_timesteps // steps)[:steps]
-    if kind == "quad":
-        stop = math.sqrt(0.8 * num_timesteps)  # numpy.linspace's rounding, as in the official code
-        root = torch.arange(steps, dtype=torch.float64) * (stop / max(steps - 1, 1))
-        if steps > 1:
-            root[-1] = stop
-        return (root**2).long().unique()
-    if kind != "logsnr":
-        raise ValueError(f"kind must be one of {get_args(Spacing)}, got {kind!r}")
-    if alphas_cumprod is None or len(alphas_cumprod) != num_timesteps:
-        raise ValueError("kind='logsnr' needs the schedule's alphas_cumprod (T values)")
-    alpha_bar = alphas_cumprod.detach().cpu().double()
-    lam = 0.5 * (alpha_bar.log() - (1 - alpha_bar).log())  # decreasing in t
-    if steps == 1:
-        return torch.tensor([num_timesteps - 1])
-    wanted = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
-    nearest = (lam[None, :] - wanted[:, None]).abs().argmin(1)
-    return nearest.unique()
-
-
-def subsequence_tables(
-    schedule: NoiseSchedule, timesteps: Tensor | None
-) -> tuple[list[int], Tensor, Tensor]:
-    """Validated indices [t_0, …, t_{S−1}] and float64 (S,) tables ᾱ_{t_i} and ᾱ_{t_{i−1}}."""
-    T = schedule.num_timesteps
-    ts = torch.arange(T) if timesteps is None else torch.as_tensor(timesteps).cpu().long()
-    if ts.ndim != 1 or len(ts) == 0 or ts[0] < 0 or ts[-1] >= T or (ts.diff() <= 0).any():
-        raise ValueError(f"timesteps must be a non-empty increasing 1-D subset of [0, {T})")
-    alpha_bar = schedule.alphas_cumprod.detach().cpu().double()[ts]
-    return ts.tolist(), alpha_bar, torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+Variance = Literal["beta", "beta_tilde", "learned"]
 
 
 def respaced_variance(
     alpha_bar: Tensor, alpha_bar_prev: Tensor, variance: Variance
 ) -> tuple[Tensor, Tensor]:
-    """β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i−1}} (improved DDPM respacing) and Σ_i = β'_i or β̃'_i."""
+    """β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i−1}} (improved DDPM respacing) and Σ_i = β'_i or β̃'_i (a fixed
+    variance; for "learned" see :func:`~diffusion_apps.diffusion.variance.log_variance_bounds`)."""
     if variance not in ("beta", "beta_tilde"):
-        raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}")
+        raise ValueError(f"a fixed variance is 'beta' or 'beta_tilde', got {variance!r}")
     beta = 1 - alpha_bar / alpha_bar_prev
     return beta, beta if variance == "beta" else beta * (1 - alpha_bar_prev) / (1 - alpha_bar)
 
@@ -109,13 +49,15 @@ def clip_denoised(eps_fn: EpsFn, schedule: NoiseSchedule) -> EpsFn:
     the order of clamping and guidance: guided-diffusion clamps the model's x̂_0 first and
     shifts after, never clamping again, which is ``eps_shift_guidance(clip_denoised(eps, …), …)``
     given to a sampler with ``clip_x0=False``. Coefficients in float64, cast to x_t's dtype.
+    A learned-variance output [ε̂, v] keeps its v.
     """
 
     def clipped(x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
         alpha_bar = schedule.alpha_bar(t).double()
         signal, sigma = per_sample(alpha_bar.sqrt(), x_t), per_sample((1 - alpha_bar).sqrt(), x_t)
-        x0 = ((x_t - sigma * eps_fn(x_t, t, **cond)) / signal).clamp_(-1, 1)
-        return (x_t - signal * x0) / sigma
+        eps, v = split_output(eps_fn(x_t, t, **cond), x_t)
+        x0 = ((x_t - sigma * eps) / signal).clamp_(-1, 1)
+        return join_output((x_t - signal * x0) / sigma, v)
 
     return clipped
 
@@ -128,6 +70,7 @@ def _run(
     generator: torch.Generator | None,
     progress: bool,
     cond: dict[str, Any],
+    log_var_bounds: Tensor | None = None,
 ) -> Tensor:
     """Walk ``ts``: x ← c_x0·x̂_0 + c_x·x + c_ε·ε̂ + σ·z, z ~ N(0, I), x̂_0 = (x − √(1 − ᾱ)ε̂)/√ᾱ.
 
@@ -135,19 +78,29 @@ def _run(
     into two coefficients on the network's output ε̂ and on x:
         x ← (c_ε − c_x0·√((1 − ᾱ)/ᾱ))·ε̂ + (c_x + c_x0/√ᾱ)·x + σz.
     The loop gets them as Python floats: a step is the network call plus two elementwise passes
-    (a third for the noise), and nothing in it synchronises host and device.
+    (a third for the noise), and nothing in it synchronises host and device. A 2C-channel output
+    [ε̂, v] is read for its ε̂; with ``log_var_bounds`` (S, 2), rows (log β̃', log β'), σ is then
+    only a flag (> 0: add noise) and the noise's scale is Σ_θ^½ from v, elementwise.
     """
     alpha_bar, c_x0, c_x, c_eps, sigma = table.unbind(1)
     c_u = c_eps - c_x0 * ((1 - alpha_bar) / alpha_bar).sqrt()
     c_x = c_x + c_x0 / alpha_bar.sqrt()
     rows = torch.stack([c_u, c_x, sigma], 1).tolist()
+    bounds = [None] * len(rows) if log_var_bounds is None else log_var_bounds.tolist()
     t_all = torch.tensor(list(ts), dtype=torch.long, device=x.device)
     for i, (c_u_t, c_x_t, sigma_t) in enumerate(tqdm(rows, disable=not progress)):
-        u = eps_fn(x, t_all[i].expand(x.shape[0]), **cond)
-        x_next = u.mul(c_u_t).add_(x, alpha=c_x_t)
+        eps, v = split_output(eps_fn(x, t_all[i].expand(x.shape[0]), **cond), x)
+        x_next = eps.mul(c_u_t).add_(x, alpha=c_x_t)
         if sigma_t > 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x_next.add_(noise, alpha=sigma_t)
+            if bounds[i] is None:
+                x_next.add_(noise, alpha=sigma_t)
+            elif v is None:
+                raise ValueError("variance='learned' needs eps_fn to return [ε, v] (2C channels)")
+            else:  # σ = exp(½ log Σ_θ), log Σ_θ = min + (v + 1)/2 · (max − min)
+                min_log, max_log = bounds[i]
+                std = v.add(1).mul_(0.25 * (max_log - min_log)).add_(0.5 * min_log).exp_()
+                x_next.addcmul_(noise, std)
         x = x_next
     return x
 
@@ -170,10 +123,13 @@ def ddpm_sample(
     x_{t_{i−1}} = μ̃_i + σ_i z with the posterior mean (DDPM eq. 7) taken at x̂_0:
     μ̃_i = √ᾱ_{t_{i−1}} β'_i/(1 − ᾱ_{t_i}) · x̂_0 + √α'_i (1 − ᾱ_{t_{i−1}})/(1 − ᾱ_{t_i}) · x_{t_i},
     σ_i² = β'_i ("beta", fixed large) or β̃'_i = β'_i (1 − ᾱ_{t_{i−1}})/(1 − ᾱ_{t_i}) ("beta_tilde",
-    fixed small); the last step (t_0 → x̂_0) adds no noise.
+    fixed small), or ("learned") the model's Σ_θ: ``eps_fn`` returns [ε̂, v] and
+    log σ_i² = frac·log β'_i + (1 − frac)·log β̃'_i, frac = (v + 1)/2 elementwise (Nichol &
+    Dhariwal 2021 eq. 15 on the respaced β', guided-diffusion's ``LEARNED_RANGE``). The last step
+    (t_0 → x̂_0) adds no noise.
 
     Args:
-        eps_fn: ε-prediction model ``eps_fn(x_t, t, **cond)``.
+        eps_fn: ε-prediction model ``eps_fn(x_t, t, **cond)``; [ε̂, v] for ``learned``.
         schedule: The noise schedule the model was trained with.
         x_T: Start noise at level t_{S−1}, shape (B, …).
         timesteps: Increasing subsequence of [0, T); default all T.
@@ -188,14 +144,17 @@ def ddpm_sample(
         Samples shaped like x_T.
     """
     ts, alpha_bar, alpha_bar_prev = subsequence_tables(schedule, timesteps)
-    beta, sigma2 = respaced_variance(alpha_bar, alpha_bar_prev, variance)
+    learned = variance == "learned"
+    beta, sigma2 = respaced_variance(alpha_bar, alpha_bar_prev, "beta" if learned else variance)
     c_x0 = alpha_bar_prev.sqrt() * beta / (1 - alpha_bar)
     c_x = (1 - beta).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar)
     sigma = sigma2.sqrt()
     sigma[0] = 0.0
     table = torch.stack([alpha_bar, c_x0, c_x, torch.zeros_like(beta), sigma], dim=1)
+    bounds = torch.stack(log_variance_bounds(alpha_bar, alpha_bar_prev), 1) if learned else None
     eps_fn = clip_denoised(eps_fn, schedule) if clip_x0 else eps_fn
-    return _run(eps_fn, x_T, ts[::-1], table.flip(0), generator, progress, cond)
+    return _run(eps_fn, x_T, ts[::-1], table.flip(0), generator, progress, cond,
+                None if bounds is None else bounds.flip(0))  # fmt: skip
 
 
 def ddim_sample(
@@ -274,63 +233,3 @@ def ddim_invert(
     zeros = torch.zeros_like(alpha_bar)
     table = torch.stack([alpha_bar_prev, alpha_bar.sqrt(), zeros, (1 - alpha_bar).sqrt(), zeros], 1)
     return _run(eps_fn, x0, [ts[0], *ts[:-1]], table, None, progress, cond)
-
-
-def dpm_solver_pp_2m(
-    eps_fn: EpsFn,
-    schedule: NoiseSchedule,
-    x_T: Tensor,
-    *,
-    timesteps: Tensor | None = None,
-    clip_x0: bool = False,
-    progress: bool = False,
-    **cond: Any,
-) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep, second order, data prediction;
-    an ODE solver of the same probability-flow ODE as DDIM (η = 0), on the same contract.
-
-    With α = √ᾱ, σ = √(1 − ᾱ), λ = log(α/σ), the data prediction x_θ = (x − σ ε̂)/α, and
-    h_i = λ_{t_{i−1}} − λ_{t_i} for the step from t_i to t_{i−1}:
-        x_{t_{i−1}} = (σ_{t_{i−1}}/σ_{t_i}) x_{t_i} − α_{t_{i−1}} (e^{−h_i} − 1) D_i,
-        D_i = (1 + 1/(2 r_i)) x_θ(x_{t_i}) − 1/(2 r_i) x_θ(x_{t_{i+1}}),   r_i = h_{i+1}/h_i,
-    and D = x_θ(x_{t_i}) (first order, which is DDIM with η = 0) for the first step, and for
-    the last one, to ᾱ = 1 (h = ∞), which returns x_θ as DDIM does (diffusers'
-    ``lower_order_final``). One network evaluation per step.
-
-    Args:
-        eps_fn: ε-prediction model ``eps_fn(x_t, t, **cond)``.
-        schedule: The noise schedule the model was trained with.
-        x_T: Start noise at level t_{S−1}, shape (B, …).
-        timesteps: Increasing subsequence of [0, T); default all T.
-        clip_x0: Clamp x_θ = x̂_0 to [−1, 1] and re-derive ε̂ from it (:func:`clip_denoised`
-            around ``eps_fn``: after any guidance in it).
-        progress: Show a tqdm bar.
-        **cond: Passed to ``eps_fn`` unchanged.
-
-    Returns:
-        Samples shaped like x_T.
-    """
-    ts, alpha_bar, alpha_bar_prev = subsequence_tables(schedule, timesteps)
-    # Per step, from t_{S−1} down: (α_s, σ_s, σ_t/σ_s, α_t, h), in float64, then Python floats.
-    alpha_s, sigma_s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    alpha_t, sigma_t = alpha_bar_prev.sqrt(), (1 - alpha_bar_prev).sqrt()
-    h = (alpha_t / sigma_t).log() - (alpha_s / sigma_s).log()  # +inf for the last step
-    rows = torch.stack([alpha_s, sigma_s, sigma_t / sigma_s, alpha_t, h], 1).flip(0).tolist()
-    t_all = torch.tensor(ts[::-1], dtype=torch.long, device=x_T.device)
-    eps_fn = clip_denoised(eps_fn, schedule) if clip_x0 else eps_fn
-
-    def data_prediction(x: Tensor, i: int, a_s: float, s_s: float) -> Tensor:
-        # x_θ = (x − σ_s ε̂)/α_s
-        return torch.add(x, eps_fn(x, t_all[i].expand(x.shape[0]), **cond), alpha=-s_s).div_(a_s)
-
-    x, x0_prev, h_prev = x_T, None, None
-    for i, (a_s, s_s, sigma_ratio, a_t, h_i) in enumerate(tqdm(rows[:-1], disable=not progress)):
-        x0 = data_prediction(x, i, a_s, s_s)
-        d = x0
-        if x0_prev is not None:  # second order: extrapolate x_θ along λ
-            half_inv_r = h_i / (2 * h_prev)
-            d = x0.mul(1 + half_inv_r).add_(x0_prev, alpha=-half_inv_r)
-        x = d.mul(-a_t * math.expm1(-h_i)).add_(x, alpha=sigma_ratio)
-        x0_prev, h_prev = x0, h_i
-    a_s, s_s = rows[-1][:2]  # the last step, to clean data (h = ∞): x_θ itself
-    return data_prediction(x, len(rows) - 1, a_s, s_s)

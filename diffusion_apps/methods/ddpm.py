@@ -1,4 +1,5 @@
-"""DDPM (Ho et al. 2020) trained with L_simple; ancestral or DDIM (Song et al. 2021) sampling."""
+"""DDPM (Ho et al. 2020) trained with L_simple (and, with a learned variance, Nichol & Dhariwal's
+L_hybrid); ancestral, DDIM (Song et al. 2021) or DPM-Solver++ sampling."""
 
 from __future__ import annotations
 
@@ -6,18 +7,21 @@ import typing
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from diffusion_apps.diffusion import (
     EpsFn,
     NoiseSchedule,
     Spacing,
+    Variance,
     clip_denoised,
     ddim_sample,
     ddpm_sample,
     dpm_solver_pp_2m,
+    join_output,
+    split_output,
     timestep_subsequence,
+    vlb_terms,
 )
 from diffusion_apps.distributed import predict_indices
 from diffusion_apps.methods.base import DiffusionMethod
@@ -36,6 +40,18 @@ class DDPM(DiffusionMethod):
     where target is ε (paper), x0, or v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022). The loss
     is computed in fp32 even under mixed precision.
 
+    Learned variance (Nichol & Dhariwal 2021, ``variance="learned"``): the UNet outputs 2C
+    channels [f_θ, v], f_θ the chosen parametrisation and v the interpolation of eq. 15,
+    log Σ_θ = frac·log β_t + (1 − frac)·log β̃_t with frac = (v + 1)/2
+    (:mod:`~diffusion_apps.diffusion.variance`). Training minimises
+        L_hybrid = L_simple + λ·L_vlb,   L_vlb = T·E_t[L_t] (bits per dimension),
+    L_t the KL of p_θ(x_{t−1} | x_t) from q(x_{t−1} | x_t, x0) (t > 0) or the discretised
+    decoder NLL (t = 0), with the mean stop-gradient'ed so that L_vlb trains Σ_θ only (§3.1).
+    λ = 0.001 at T = 1000 is guided-diffusion's ``LossType.MSE`` loss ``mse + vb``; for any T it
+    is improved-diffusion's ``RESCALED_MSE`` (vb·T/1000). Sampling: the ancestral sampler draws
+    with Σ_θ (on respaced steps, with the respaced β', β̃'); DDIM and DPM-Solver++ use ε̂ only.
+    A 2C-channel UNet with a fixed ``variance`` is sampled with that variance, its v ignored.
+
     Args:
         unet: the noise-prediction network; its ``in_channels``/``image_size`` fix the sample shape.
         schedule: the forward process q(x_t | x0).
@@ -45,11 +61,15 @@ class DDPM(DiffusionMethod):
         eta: DDIM η (0 deterministic, 1 = DDPM posterior variance).
         timestep_spacing: sampling timestep subsequence, "uniform", "quad" or "logsnr" (see
             :func:`~diffusion_apps.diffusion.timestep_subsequence`).
-        variance: ancestral σ²_t, β_t ("beta", the paper's CIFAR-10 choice) or β̃_t.
+        variance: ancestral σ²_t, β_t ("beta", the paper's CIFAR-10 choice), β̃_t
+            ("beta_tilde"), or the network's Σ_θ ("learned": needs a UNet with
+            ``out_channels = 2·in_channels``; ADM's and improved DDPM's ``learn_sigma``).
         clip_x0: clamp x̂0 to [−1, 1] at each sampling step, before any guidance shift
             (:meth:`sampling_eps`).
         num_val_samples: images in the grid drawn at each validation.
         loss: squared error (L_simple) or absolute error (DiffAE's latent DDIM).
+        vlb_weight: λ of L_hybrid (the paper: 0.001), used with ``variance="learned"`` only
+            (with a fixed Σ the stop-gradient'ed L_vlb would carry no gradient).
         lr, weight_decay, warmup_steps, adam_betas, compile: see :class:`DiffusionMethod`.
     """
 
@@ -62,7 +82,7 @@ class DDPM(DiffusionMethod):
         sample_steps: int = 50,
         eta: float = 0.0,
         timestep_spacing: Spacing = "uniform",
-        variance: Literal["beta", "beta_tilde"] = "beta",
+        variance: Variance = "beta",
         clip_x0: bool = True,
         num_val_samples: int = 64,
         loss: Literal["mse", "l1"] = "mse",
@@ -71,6 +91,7 @@ class DDPM(DiffusionMethod):
         warmup_steps: int = 1000,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         compile: bool = False,
+        vlb_weight: float = 0.001,
     ) -> None:
         super().__init__(lr, weight_decay, warmup_steps, adam_betas, compile)
         self.save_config()
@@ -82,7 +103,20 @@ class DDPM(DiffusionMethod):
         self.num_val_samples = num_val_samples
         if loss not in ("mse", "l1"):
             raise ValueError(f"loss must be 'mse' or 'l1', got {loss!r}")
-        self.loss = loss
+        if variance not in typing.get_args(Variance):
+            raise ValueError(
+                f"variance must be one of {typing.get_args(Variance)}, got {variance!r}"
+            )
+        if vlb_weight < 0:
+            raise ValueError(f"vlb_weight must be >= 0, got {vlb_weight}")
+        channels, out = (getattr(unet, name, None) for name in ("in_channels", "out_channels"))
+        if variance == "learned" and (channels is None or out != 2 * channels):
+            raise ValueError(
+                f"variance='learned' needs a UNet that outputs [ε, v], out_channels = "
+                f"2·in_channels = 2·{channels}, got out_channels={out} (set "
+                "model.init_args.unet.init_args.out_channels)"
+            )
+        self.loss, self.vlb_weight = loss, vlb_weight
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -108,25 +142,56 @@ class DDPM(DiffusionMethod):
             return x0
         return self.schedule.velocity(x0, t, noise)
 
-    def eps(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
-        """ε̂(x_t, t), the samplers' eps_fn: the network output converted to ε."""
-        out = self.unet(x_t, t, **cond).float()
-        if self.prediction == "eps":
+    def _converted(self, x_t: Tensor, t: Tensor, out: Tensor, to: Literal["eps", "x0"]) -> Tensor:
+        """The network's parametrisation f_θ (``prediction``) converted to ε or x̂_0."""
+        s = self.schedule
+        if self.prediction == to:
             return out
-        if self.prediction == "x0":
-            return self.schedule.predict_eps(x_t, t, out)
-        return self.schedule.eps_from_v(x_t, t, out)
+        if self.prediction == "v":
+            return (s.eps_from_v if to == "eps" else s.x0_from_v)(x_t, t, out)
+        return (s.predict_eps if to == "eps" else s.predict_x0)(x_t, t, out)
+
+    def model_output(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
+        """The samplers' model function: ε̂(x_t, t), and with ``variance="learned"`` [ε̂, v]
+        (2C channels) for the ancestral sampler's Σ_θ (the other samplers read ε̂ only)."""
+        f, v = split_output(self.unet(x_t, t, **cond).float(), x_t)
+        return join_output(
+            self._converted(x_t, t, f, "eps"), v if self.variance == "learned" else None
+        )
+
+    def eps(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
+        """ε̂(x_t, t) (B, C, …): the network's first half converted to ε, whatever the variance."""
+        f, _ = split_output(self.unet(x_t, t, **cond).float(), x_t)
+        return self._converted(x_t, t, f, "eps")
+
+    def loss_terms(self, x0: Tensor, t: Tensor, noise: Tensor, **cond) -> dict[str, Tensor]:
+        """Per-sample loss terms (B,) at the given t and ε, in fp32: ``"simple"``, the mean over
+        the dimensions of (target − f_θ)² (|·| with ``loss="l1"``), and with
+        ``variance="learned"`` ``"vb"``, L_t in bits per dimension from the detached f_θ and v
+        (:func:`~diffusion_apps.diffusion.vlb_terms`; guided-diffusion's ``terms["vb"]``)."""
+        x_t = self.schedule.q_sample(x0, t, noise)
+        f, v = split_output(self.unet(x_t, t, **cond).float(), x_t)
+        error = (f - self.target(x0, t, noise).float()).flatten(1)
+        terms = {"simple": (error.square() if self.loss == "mse" else error.abs()).mean(1)}
+        if self.variance == "learned":
+            x_t, x0 = x_t.float(), x0.float()
+            x0_hat = self._converted(x_t, t, f.detach(), "x0")  # the mean's stop-gradient
+            terms["vb"] = vlb_terms(self.schedule, x0, x_t, t, x0_hat, v)
+        return terms
 
     def diffusion_loss(
         self, x0: Tensor, generator: torch.Generator | None = None, **cond
     ) -> Tensor:
         """L_simple, E‖target − f_θ(x_t, t)‖² (or ‖·‖₁ with ``loss="l1"``), for a batch x0 (B, …):
         one t ~ U{0, …, T−1} and ε ~ N(0, I) per sample, drawn from ``generator`` when given
-        (validation: comparable across epochs)."""
-        t, noise, x_t = self.noised(x0, generator)
-        out = self.unet(x_t, t, **cond)
-        error = F.mse_loss if self.loss == "mse" else F.l1_loss
-        return error(out.float(), self.target(x0, t, noise).float())
+        (validation: comparable across epochs). With a learned variance, L_hybrid: plus
+        λ·T·E[L_t] (:meth:`loss_terms`)."""
+        t, noise, _ = self.noised(x0, generator)
+        terms = self.loss_terms(x0, t, noise, **cond)
+        loss = terms["simple"].mean()
+        if "vb" in terms:
+            loss = loss + self.vlb_weight * self.schedule.num_timesteps * terms["vb"].mean()
+        return loss
 
     def noised(
         self, x0: Tensor, generator: torch.Generator | None = None
@@ -197,11 +262,11 @@ class DDPM(DiffusionMethod):
         return timestep_subsequence(T, min(steps, T), spacing, self.schedule.alphas_cumprod)
 
     def sampling_eps(self, eps_fn: EpsFn | None = None) -> EpsFn:
-        """``eps_fn`` (default :meth:`eps`) as the samplers take it: with ``clip_x0``, its x̂_0
-        clamped to [−1, 1] and ε re-derived (:func:`~diffusion_apps.diffusion.clip_denoised`).
+        """``eps_fn`` (default :meth:`model_output`) as the samplers take it: with ``clip_x0``, its
+        x̂_0 clamped to [−1, 1] and ε re-derived (:func:`~diffusion_apps.diffusion.clip_denoised`).
         Classifier guidance and PDAE's shift wrap this, so the clamp comes before the shift and
         is not repeated after it, as in guided-diffusion."""
-        eps_fn = eps_fn or self.eps
+        eps_fn = eps_fn or self.model_output
         return clip_denoised(eps_fn, self.schedule) if self.clip_x0 else eps_fn
 
     @property

@@ -6,7 +6,7 @@ from torch import nn
 
 from diffusion_apps.diffusion import NoiseSchedule, timestep_subsequence
 from diffusion_apps.methods import DDPM
-from tests.factories import tiny_unet
+from tests.factories import randomize_, tiny_unet
 
 MU, SIGMA = 0.2, 0.2  # |x| > 1 (clamped by sample()) has probability 3e-5
 
@@ -155,3 +155,111 @@ def test_dpm_solver_takes_logsnr_steps_unless_told():
     assert walked("dpmpp_2m") == logsnr != uniform
     assert walked("ddim") == uniform
     assert walked("dpmpp_2m", spacing="uniform") == uniform
+
+
+# --- learned variance (Nichol & Dhariwal 2021) ---------------------------------------------------
+
+
+class LearnedOracle(GaussianOracle):
+    """[f, v]: the oracle's prediction and a constant v."""
+
+    def __init__(self, schedule, prediction, v: float, size: int = 8):
+        super().__init__(schedule, prediction, size)
+        self.out_channels, self.v = 2, v
+
+    def forward(self, x_t, t):
+        out = super().forward(x_t, t)
+        return torch.cat([out, torch.full_like(out, self.v)], dim=1)
+
+
+def test_learned_variance_needs_a_unet_with_twice_the_channels():
+    with pytest.raises(ValueError, match="out_channels = 2·in_channels = 2·1, got out_channels=1"):
+        DDPM(tiny_unet(), variance="learned")
+    assert DDPM(tiny_unet(out_channels=2), variance="learned").variance == "learned"
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_eps_is_the_first_half_and_model_output_carries_v(prediction):
+    schedule = NoiseSchedule(num_timesteps=200)
+    model = DDPM(LearnedOracle(schedule, prediction, 0.25), schedule, prediction=prediction,
+                 variance="learned")  # fmt: skip
+    x_t, t = torch.randn(4, 1, 8, 8), torch.tensor([1, 50, 120, 199])
+    expected = make("eps").eps(x_t, t)
+    torch.testing.assert_close(model.eps(x_t, t), expected, rtol=1e-4, atol=1e-4)
+    out = model.model_output(x_t, t)
+    torch.testing.assert_close(out, torch.cat([model.eps(x_t, t), torch.full_like(x_t, 0.25)], 1))
+    model.variance = "beta"  # a 2C network sampled with a fixed variance: ε only
+    torch.testing.assert_close(model.model_output(x_t, t), model.eps(x_t, t))
+
+
+@pytest.mark.parametrize(("v", "fixed"), [(1.0, "beta"), (-1.0, "beta_tilde")])
+def test_learned_ancestral_sampling_at_a_bound_is_the_fixed_variance(v, fixed):
+    """v ≡ ±1 is Σ = β or β̃ (no noise at the last step, where they differ): the same samples;
+    DDIM reads ε only."""
+    schedule = NoiseSchedule(num_timesteps=200)
+    learned = DDPM(LearnedOracle(schedule, "eps", v), schedule, variance="learned")
+    for sampler, variance in (("ddpm", fixed), ("ddim", "beta")):
+        kw = dict(sampler=sampler, steps=20, x_T=torch.randn(16, 1, 8, 8))
+        mine = learned.sample(16, generator=torch.Generator().manual_seed(0), **kw)
+        other = make("eps", variance=variance).sample(
+            16, generator=torch.Generator().manual_seed(0), **kw
+        )
+        torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-6)
+
+
+def learned_unet(seed=0):
+    return randomize_(tiny_unet(out_channels=2), 0.1, seed=seed)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+def test_hybrid_loss_terms_equal_guided_diffusion(kind, prediction):
+    """loss_terms = guided-diffusion's ``training_losses`` (``LEARNED_RANGE``, ``LossType.MSE``) at
+    the same t, ε and network: ``mse`` and ``vb`` (bits/dim; the decoder NLL at t = 0), and
+    L_hybrid = mse + λ·T·vb = their ``loss`` at λ = 0.001, T = 1000. The official code gets the
+    betas of our float32 ᾱ, β_t = 1 − ᾱ_t/ᾱ_{t−1}: the same process."""
+    gd = pytest.importorskip("guided_diffusion.gaussian_diffusion")
+    schedule = NoiseSchedule(kind, 1000)
+    unet = learned_unet()
+    ddpm = DDPM(unet, schedule, prediction=prediction, variance="learned")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 256, (6, 1, 16, 16), generator=g) / 127.5 - 1  # 8-bit data
+    t, noise = torch.tensor([0, 1, 2, 100, 500, 999]), torch.randn(x0.shape, generator=g)
+    a = schedule.alphas_cumprod.double()
+    mean_type = {"eps": gd.ModelMeanType.EPSILON, "x0": gd.ModelMeanType.START_X}[prediction]
+    official = gd.GaussianDiffusion(
+        betas=(1 - a / torch.cat([a.new_ones(1), a[:-1]])).numpy(), model_mean_type=mean_type,
+        model_var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.MSE,
+    )  # fmt: skip
+    with torch.no_grad():
+        theirs = official.training_losses(lambda x, t: unet(x, t), x0, t, noise=noise)
+        mine = ddpm.loss_terms(x0, t, noise)
+    torch.testing.assert_close(mine["simple"], theirs["mse"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(mine["vb"], theirs["vb"], rtol=1e-5, atol=0)
+    hybrid = mine["simple"] + ddpm.vlb_weight * 1000 * mine["vb"]
+    torch.testing.assert_close(hybrid, theirs["loss"], rtol=1e-5, atol=0)
+
+
+def test_hybrid_loss_trains_v_through_the_vlb_only():
+    """The mean is stop-gradient'ed in L_vlb: ∂vb/∂f = 0, ∂vb/∂v ≠ 0; ∂L_simple/∂v = 0. And
+    diffusion_loss = mean(simple) + λ·T·mean(vb) at the drawn t and ε."""
+    unet = learned_unet()
+    outputs = []
+    unet.register_forward_hook(lambda module, args, out: outputs.append(out.retain_grad() or out))
+    ddpm = DDPM(unet, variance="learned", vlb_weight=0.003)
+    x0 = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    t, noise = torch.tensor([0, 3, 300, 900]), torch.randn(x0.shape)
+    terms = ddpm.loss_terms(x0, t, noise)
+    terms["vb"].sum().backward(retain_graph=True)
+    grad = outputs[0].grad
+    assert grad[:, :1].abs().max() == 0 and grad[:, 1:].abs().min() > 0
+    outputs[0].grad = None
+    terms["simple"].sum().backward()
+    assert outputs[0].grad[:, 1:].abs().max() == 0
+    gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    t, noise, _ = ddpm.noised(x0, gen())
+    expected = ddpm.loss_terms(x0, t, noise)
+    loss = ddpm.diffusion_loss(x0, gen())
+    assert loss.item() == pytest.approx(
+        (expected["simple"].mean() + 0.003 * 1000 * expected["vb"].mean()).item(), rel=1e-6
+    )
