@@ -18,7 +18,7 @@ with warnings.catch_warnings():
 
 MODEL_FLAGS = (
     "--attention_resolutions 16,8 --class_cond False --diffusion_steps 100 --image_size 64 "
-    "--learn_sigma False --noise_schedule cosine --num_channels 32 --num_head_channels 8 "
+    "--learn_sigma True --noise_schedule cosine --num_channels 32 --num_head_channels 8 "
     "--num_res_blocks 1 --resblock_updown True --use_new_attention_order True "
     "--use_scale_shift_norm True"
 )
@@ -69,9 +69,10 @@ def test_the_imported_diffusion_model_computes_the_official_output(imported):
         torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)),
         torch.tensor([7, 93]),
     )
+    assert ddpm.variance == "learned"  # --learn_sigma True: [ε, v], Σ_θ from v
     with torch.no_grad():
-        expected = official(x, t)
-        relative = (ddpm.eps(x, t) - expected).abs().max() / expected.abs().max()
+        expected = official(x, t)  # (B, 6, H, W)
+        relative = (ddpm.model_output(x, t) - expected).abs().max() / expected.abs().max()
     assert relative < 1e-5
 
 
