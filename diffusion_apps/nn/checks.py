@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def check_positive(**values: int | None) -> None:
@@ -58,10 +58,12 @@ def check_architecture(
     image_size: int, base_channels: int, channel_mult: Sequence[int | float],
     attention_resolutions: Sequence[int], num_head_channels: int | None, num_groups: int,
     dropout: float, num_heads: int | None = None, num_heads_upsample: int | None = None,
+    middle_attention: bool = True,
 ) -> None:  # fmt: skip
     """Raise ValueError, naming the option, for any configuration the network cannot build.
 
-    The head options are resolved ones (:func:`resolve_heads`): a head width or head counts."""
+    The head options are resolved ones (:func:`resolve_heads`): a head width or head counts;
+    ``middle_attention``: whether the middle block has an attention block whose heads to check."""
     mult = tuple(channel_mult)
     widths = level_channels(base_channels, mult)
     if not 0.0 <= dropout < 1.0:
@@ -85,12 +87,12 @@ def check_architecture(
             f"attention_resolutions={tuple(attention_resolutions)} contains {unreached}, "
             f"never reached by the net (resolutions {resolutions})"
         )
-    # Attention runs at the chosen resolutions and always in the middle block; with num_heads,
+    # Attention runs at the chosen resolutions and in the middle block; with num_heads,
     # the up path's blocks (at the chosen resolutions only) have num_heads_upsample heads.
     chosen = [
         (r, ch) for r, ch in zip(resolutions, widths, strict=True) if r in attention_resolutions
     ]
-    down = [*chosen, (resolutions[-1], widths[-1])]
+    down = [*chosen, (resolutions[-1], widths[-1])] if middle_attention else chosen
     if num_heads is None:
         heads = [("num_head_channels", num_head_channels, "", down)]
     else:
@@ -106,6 +108,20 @@ def check_architecture(
                     f"{name}={value} does not divide {ch} channels of the{path} attention at "
                     f"resolution {res}"
                 )
+
+
+def check_choices(
+    norm_eps: float, downsample_padding: str, middle_attention: bool, middle_attention_norm: bool
+) -> None:
+    """Raise ValueError, naming the option, for a bad ε, padding or middle-attention choice."""
+    if not norm_eps > 0:
+        raise ValueError(f"norm_eps={norm_eps!r} must be > 0")
+    if downsample_padding not in ("symmetric", "asymmetric"):
+        raise ValueError(
+            f"downsample_padding={downsample_padding!r} must be 'symmetric' or 'asymmetric'"
+        )
+    if not middle_attention and not middle_attention_norm:
+        raise ValueError("middle_attention_norm=False needs middle_attention=True")
 
 
 def check_x(x: Tensor, in_channels: int, image_size: int) -> None:
@@ -132,6 +148,33 @@ def check_labels(y: Tensor, batch: int, num_classes: int, null_label: bool, trai
         raise ValueError(
             f"labels y must lie in [0, num_classes - 1 = {n - 1}]: built with null_label=False, "
             f"the UNet has no null label {n}"
+        )
+
+
+def check_conditioning(
+    unet: nn.Module, batch: int, y: Tensor | None, cond: Tensor | None, context: Tensor | None
+) -> None:
+    """Raise ValueError unless the UNet's conditioning inputs are given exactly when it was built
+    for them (``num_classes``, ``cond_dim``, ``context_dim``), each of the right shape."""
+    for name, value, option, setting in (
+        ("y", y, "num_classes", unet.num_classes),
+        ("cond", cond, "cond_dim", unet.cond_dim),
+        ("context", context, "context_dim", unet.context_dim),
+    ):
+        if setting is None and value is not None:
+            raise ValueError(f"{name} was given but the UNet was built without {option}")
+        if setting is not None and value is None:
+            raise ValueError(f"the UNet was built with {option}={setting}: {name} is required")
+    if y is not None:
+        check_labels(y, batch, unet.num_classes, unet.null_label, unet.training)
+    if cond is not None and cond.shape != (batch, unet.cond_dim):
+        raise ValueError(f"expected cond of shape ({batch}, {unet.cond_dim}), got {cond.shape}")
+    if context is not None and (
+        context.ndim != 3 or context.shape[0] != batch or context.shape[2] != unet.context_dim
+    ):
+        raise ValueError(
+            f"expected context of shape ({batch}, L, {unet.context_dim}), "
+            f"got {tuple(context.shape)}"
         )
 
 

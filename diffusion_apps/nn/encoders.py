@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_apps.nn.checks import check_positive, check_t, check_x
-from diffusion_apps.nn.layers import AttentionPool2d, GroupNorm, timestep_embedding, zero_
-from diffusion_apps.nn.unet import DownFeatures, DownPath, UNet, UpPath, time_mlp
+from diffusion_apps.nn.layers import AttentionPool2d, GroupNorm, TimeEmbedding, zero_
+from diffusion_apps.nn.unet import DownFeatures, DownPath, UNet, UpPath
 
 
 class EncoderUNet(nn.Module):
@@ -63,7 +63,7 @@ class EncoderUNet(nn.Module):
             )
         self.in_channels, self.out_dim, self.image_size = in_channels, out_dim, image_size
         self.base_channels, self.time_conditioned, self.pool = base_channels, time_conditioned, pool
-        self.time_embed = time_mlp(base_channels) if time_conditioned else None
+        self.time_embed = TimeEmbedding(base_channels) if time_conditioned else None
         self.down = DownPath(
             in_channels, image_size, base_channels, channel_mult, num_res_blocks,
             attention_resolutions, num_head_channels, dropout, num_groups, resblock_updown,
@@ -87,7 +87,7 @@ class EncoderUNet(nn.Module):
         emb = None
         if self.time_embed is not None:
             t = check_t(t, x.shape[0])
-            emb = F.silu(self.time_embed(timestep_embedding(t, self.base_channels).to(x.dtype)))
+            emb = F.silu(self.time_embed(t))
         elif t is not None:
             raise ValueError("t was given but the encoder was built with time_conditioned=False")
         h = F.silu(self.out_norm(self.down(x, emb)))

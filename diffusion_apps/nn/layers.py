@@ -14,27 +14,52 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def timestep_embedding(
+    t: Tensor, dim: int, max_period: float = 10000.0, sin_first: bool = False,
+    freq_shift: float = 0.0,
+) -> Tensor:  # fmt: skip
     """Sinusoidal embedding of (possibly fractional) timesteps, as in ADM / Transformer.
 
     emb = [cos(t·ω_0), ..., cos(t·ω_{h-1}), sin(t·ω_0), ..., sin(t·ω_{h-1})],
-    ω_i = max_period^(-i/h), h = dim // 2; a zero column is appended when ``dim`` is odd.
+    ω_i = max_period^(-i/(h - freq_shift)), h = dim // 2; a zero column is appended when ``dim``
+    is odd. The original DDPM (and diffusers' ``flip_sin_to_cos=False, freq_shift=1``) puts the
+    sines first and spaces the frequencies by 1/(h - 1).
 
     Args:
         t: Timesteps, shape (B,), integer or float.
         dim: Embedding width.
         max_period: Longest wavelength.
+        sin_first: [sin, cos] instead of [cos, sin].
+        freq_shift: Subtracted from h in the frequencies' exponent (diffusers' ``freq_shift``).
 
     Returns:
         Float32 tensor of shape (B, dim).
     """
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    )
+    if not freq_shift < half:
+        raise ValueError(f"freq_shift={freq_shift} must be below dim // 2 = {half}")
+    steps = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * steps / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    pair = (torch.sin(args), torch.cos(args)) if sin_first else (torch.cos(args), torch.sin(args))
+    emb = torch.cat(pair, dim=-1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimeEmbedding(nn.Sequential):
+    """ADM's time embedding: the sinusoids of t (``dim`` wide, :func:`timestep_embedding` with
+    ``sin_first`` and ``freq_shift``), then Linear -> SiLU -> Linear to 4·dim."""
+
+    def __init__(self, dim: int, sin_first: bool = False, freq_shift: float = 0.0) -> None:
+        if not freq_shift < dim // 2:
+            raise ValueError(f"freq_shift={freq_shift} must be below dim // 2 = {dim // 2}")
+        super().__init__(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, 4 * dim))
+        self.dim, self.sin_first, self.freq_shift = dim, sin_first, freq_shift
+
+    def forward(self, t: Tensor) -> Tensor:
+        """(B, 4·dim) in the weights' dtype for timesteps t (B,), before any SiLU."""
+        emb = timestep_embedding(t, self.dim, 10000.0, self.sin_first, self.freq_shift)
+        return super().forward(emb.to(self[0].weight.dtype))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -100,6 +125,7 @@ class ResBlock(nn.Module):
     Args:
         scale_shift_norm: Inject the time embedding as a scale and shift of the output norm
             (official ``use_scale_shift_norm=True``), else add it before the norm.
+        norm_eps: ε of both group norms.
         Other arguments: as the names say; ``resample`` halves ("down") or doubles ("up") the
             resolution.
     """
@@ -115,18 +141,19 @@ class ResBlock(nn.Module):
         num_groups: int = 32,
         resample: Literal["none", "up", "down"] = "none",
         scale_shift_norm: bool = True,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         out_channels = out_channels or in_channels
         self.resample = resample
         self.cond_shift, self.scale_shift_norm = cond_shift, scale_shift_norm
-        self.in_norm = GroupNorm(num_groups, in_channels)
+        self.in_norm = GroupNorm(num_groups, in_channels, norm_eps)
         self.in_conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         n_emb = 2 * out_channels if scale_shift_norm else out_channels
         self.emb_proj = nn.Linear(emb_dim, n_emb) if emb_dim else None
         n_cond = 2 * out_channels if cond_shift else out_channels
         self.cond_proj = nn.Linear(cond_dim, n_cond) if cond_dim else None
-        self.out_norm = GroupNorm(num_groups, out_channels)
+        self.out_norm = GroupNorm(num_groups, out_channels, norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         same = in_channels == out_channels
@@ -187,9 +214,26 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def downsample(channels: int) -> nn.Conv2d:
-    """Strided 3x3 conv halving the resolution."""
+def downsample(
+    channels: int, padding: Literal["symmetric", "asymmetric"] = "symmetric"
+) -> nn.Conv2d:
+    """Strided 3x3 conv halving the resolution: one zero row / column padded on every side
+    ("symmetric", ADM's), or only at the bottom and right ("asymmetric": the original DDPM's,
+    LDM's and diffusers' ``downsample_padding=0``). The same weights and output size; the pixel
+    grid moves by half a pixel, so the two are not interchangeable for trained weights."""
+    if padding == "asymmetric":
+        return AsymmetricDownsample(channels)
     return nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+
+class AsymmetricDownsample(nn.Conv2d):
+    """Strided 3x3 conv after ``F.pad(x, (0, 1, 0, 1))``: see :func:`downsample`."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, (0, 1, 0, 1)))
 
 
 class Attention(nn.Module):
@@ -225,11 +269,17 @@ class Attention(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """ADM self-attention block: x + proj_zero(MHA(GN(x))) over the H·W positions."""
+    """ADM self-attention block: x + proj_zero(MHA(GN(x))) over the H·W positions.
 
-    def __init__(self, channels: int, head_dim: int, num_groups: int = 32) -> None:
+    ``norm=False``: no group norm, x + proj_zero(MHA(x)) (the middle attention of a diffusers
+    UNet2DModel with ``resnet_time_scale_shift="scale_shift"``)."""
+
+    def __init__(
+        self, channels: int, head_dim: int, num_groups: int = 32, norm_eps: float = 1e-5,
+        norm: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.norm = GroupNorm(num_groups, channels)
+        self.norm = GroupNorm(num_groups, channels, norm_eps) if norm else nn.Identity()
         self.attn = Attention(channels, head_dim, qkv_bias=True)
         zero_(self.attn.out)
 

@@ -5,7 +5,8 @@ a conditioning vector applied by adaptive group norm in every ResBlock (DiffAE's
 z), and cross-attention to a context sequence (LDM). The encoder half (``EncoderUNet``) and
 PDAE's ``GradientEstimator`` reuse these paths (nn/encoders.py). Its options also express every
 released ADM / iDDPM layout (openai/guided-diffusion, openai/improved-diffusion), parameter for
-parameter (tests/nn/test_nn_official_layouts.py).
+parameter (tests/nn/test_nn_official_layouts.py), and the original DDPM's as diffusers publishes
+it (google/ddpm-*: interop/diffusers_unet.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from torch import Tensor, nn
 
 from diffusion_apps.nn.checks import (
     check_architecture,
-    check_labels,
+    check_choices,
+    check_conditioning,
     check_positive,
     check_t,
     check_x,
@@ -33,9 +35,9 @@ from diffusion_apps.nn.layers import (
     GroupNorm,
     ResBlock,
     SpatialTransformer,
+    TimeEmbedding,
     Upsample,
     downsample,
-    timestep_embedding,
     zero_,
 )
 
@@ -45,7 +47,8 @@ class BlockSpec:
     """How the ResBlocks and attention blocks of one network are built.
 
     Attention heads are ``head_dim`` channels wide, or, with ``num_heads``, each block has
-    ``num_heads`` heads (``num_heads_up`` on the up path)."""
+    ``num_heads`` heads (``num_heads_up`` on the up path). The middle block's attention can go
+    (``middle_attention``) or lose its group norm (``middle_attention_norm``)."""
 
     emb_dim: int | None
     cond_dim: int | None
@@ -58,28 +61,34 @@ class BlockSpec:
     scale_shift_norm: bool = True
     num_heads: int | None = None
     num_heads_up: int | None = None
+    norm_eps: float = 1e-5
+    middle_attention: bool = True
+    middle_attention_norm: bool = True
 
     def res_block(
         self, in_ch: int, out_ch: int, resample: Literal["none", "up", "down"] = "none"
     ) -> ResBlock:
         return ResBlock(
             in_ch, out_ch, self.emb_dim, self.cond_dim, self.cond_shift, self.dropout,
-            self.num_groups, resample, self.scale_shift_norm,
+            self.num_groups, resample, self.scale_shift_norm, self.norm_eps,
         )  # fmt: skip
 
-    def attention(self, ch: int, up: bool = False) -> nn.Module:
+    def attention(self, ch: int, up: bool = False, norm: bool = True) -> nn.Module:
         """An attention block of ``ch`` channels; ``up``: one of the up path's."""
         heads = self.num_heads_up if up else self.num_heads
         head_dim = self.head_dim if heads is None else ch // heads
         if self.context_dim is None:
-            return AttentionBlock(ch, head_dim, self.num_groups)
+            return AttentionBlock(ch, head_dim, self.num_groups, self.norm_eps, norm)
         return SpatialTransformer(
             ch, head_dim, self.context_dim, self.transformer_depth, self.num_groups, self.dropout
         )
 
     def middle(self, ch: int) -> CondSequential:
-        """The middle block: ResBlock, attention, ResBlock."""
-        return CondSequential(self.res_block(ch, ch), self.attention(ch), self.res_block(ch, ch))
+        """The middle block: ResBlock, attention, ResBlock (or two ResBlocks)."""
+        if not self.middle_attention:
+            return CondSequential(self.res_block(ch, ch), self.res_block(ch, ch))
+        attention = self.attention(ch, norm=self.middle_attention_norm)
+        return CondSequential(self.res_block(ch, ch), attention, self.res_block(ch, ch))
 
 
 class DownPath(nn.Module):
@@ -109,6 +118,10 @@ class DownPath(nn.Module):
         scale_shift_norm: bool = True,
         num_heads: int | None = None,
         num_heads_upsample: int | None = None,
+        norm_eps: float = 1e-5,
+        downsample_padding: Literal["symmetric", "asymmetric"] = "symmetric",
+        middle_attention: bool = True,
+        middle_attention_norm: bool = True,
     ) -> None:
         super().__init__()
         check_positive(
@@ -121,13 +134,15 @@ class DownPath(nn.Module):
         )
         check_architecture(
             image_size, base_channels, channel_mult, attention_resolutions, head_dim,
-            num_groups, dropout, num_heads, num_heads_up,
+            num_groups, dropout, num_heads, num_heads_up, middle_attention,
         )  # fmt: skip
+        check_choices(norm_eps, downsample_padding, middle_attention, middle_attention_norm)
         if cond_shift and cond_dim is None:
             raise ValueError("cond_shift=True requires cond_dim")
         self.spec = BlockSpec(
             emb_dim, cond_dim, cond_shift, dropout, num_groups, head_dim, context_dim,
-            transformer_depth, scale_shift_norm, num_heads, num_heads_up,
+            transformer_depth, scale_shift_norm, num_heads, num_heads_up, norm_eps,
+            middle_attention, middle_attention_norm,
         )  # fmt: skip
         self.base_channels, self.channel_mult = base_channels, tuple(channel_mult)
         self.level_channels = level_channels(base_channels, channel_mult)  # int(mult · base)
@@ -147,7 +162,10 @@ class DownPath(nn.Module):
                 self.blocks.append(CondSequential(*layers))
                 self.skip_channels.append(ch)
             if level < len(self.level_channels) - 1:
-                down = self.spec.res_block(ch, ch, "down") if resblock_updown else downsample(ch)
+                if resblock_updown:
+                    down = self.spec.res_block(ch, ch, "down")
+                else:
+                    down = downsample(ch, downsample_padding)
                 self.blocks.append(CondSequential(down))
                 self.skip_channels.append(ch)
                 res //= 2
@@ -221,12 +239,6 @@ class DownFeatures(NamedTuple):
     context: Tensor | None
 
 
-def time_mlp(base_channels: int) -> nn.Sequential:
-    """ADM time embedding MLP: base_channels -> 4·base_channels, with SiLU between."""
-    dim = 4 * base_channels
-    return nn.Sequential(nn.Linear(base_channels, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-
 class UNet(nn.Module):
     """ADM-style UNet (Dhariwal & Nichol 2021) predicting eps (or x0/v) from (x_t, t).
 
@@ -251,6 +263,13 @@ class UNet(nn.Module):
         resblock_updown: Resample with ResBlocks instead of strided conv / upsample+conv.
         scale_shift_norm: ResBlocks inject the time embedding as a scale and shift of their
             output norm (official ``use_scale_shift_norm``), else add it before the norm.
+        norm_eps: ε of every group norm (the original DDPM's and diffusers': 1e-6).
+        sin_first, freq_shift: The sinusoidal time embedding's order and frequency spacing
+            (:func:`~diffusion_apps.nn.layers.timestep_embedding`; the original DDPM's: True, 1).
+        downsample_padding: How the strided downsampling conv pads: "symmetric" (ADM's) or
+            "asymmetric" (bottom and right only: the original DDPM's).
+        middle_attention: The middle block has an attention block (else two ResBlocks);
+            ``middle_attention_norm``: that block group-normalises its input.
         num_classes: Adds a label embedding to the time embedding.
         null_label: The label embedding has a row more, label ``num_classes``: the null label
             for classifier-free guidance. False: exactly ``num_classes`` rows (the official
@@ -280,6 +299,12 @@ class UNet(nn.Module):
         num_groups: int = 32,
         resblock_updown: bool = False,
         scale_shift_norm: bool = True,
+        norm_eps: float = 1e-5,
+        sin_first: bool = False,
+        freq_shift: float = 0.0,
+        downsample_padding: Literal["symmetric", "asymmetric"] = "symmetric",
+        middle_attention: bool = True,
+        middle_attention_norm: bool = True,
         num_classes: int | None = None,
         null_label: bool = True,
         cond_dim: int | None = None,
@@ -297,19 +322,20 @@ class UNet(nn.Module):
         self.null_label = bool(null_label)
 
         emb_dim = 4 * base_channels
-        self.time_embed = time_mlp(base_channels)
+        self.time_embed = TimeEmbedding(base_channels, sin_first, freq_shift)
         rows = num_classes + self.null_label if num_classes else 0  # the null label: one more
         self.label_embed = nn.Embedding(rows, emb_dim) if rows else None
         self.down = DownPath(
             in_channels, image_size, base_channels, channel_mult, num_res_blocks,
             attention_resolutions, num_head_channels, dropout, num_groups, resblock_updown,
             emb_dim, cond_dim, cond_shift, context_dim, transformer_depth, scale_shift_norm,
-            num_heads, num_heads_upsample,
+            num_heads, num_heads_upsample, norm_eps, downsample_padding, middle_attention,
+            middle_attention_norm,
         )  # fmt: skip
 
         self.up = UpPath(self.down, self.down.spec)
         ch = self.up.out_channels
-        self.out_norm = GroupNorm(num_groups, ch)
+        self.out_norm = GroupNorm(num_groups, ch, norm_eps)
         self.out_conv = zero_(nn.Conv2d(ch, self.out_channels, 3, padding=1))
         if channels_last:
             self.to(memory_format=torch.channels_last)
@@ -318,30 +344,6 @@ class UNet(nn.Module):
     def sample_shape(self) -> tuple[int, int, int]:
         """Shape of one input: (C, H, W)."""
         return (self.in_channels, self.image_size, self.image_size)
-
-    def _check_conditioning(
-        self, batch: int, y: Tensor | None, cond: Tensor | None, context: Tensor | None
-    ) -> None:
-        for name, value, option, setting in (
-            ("y", y, "num_classes", self.num_classes),
-            ("cond", cond, "cond_dim", self.cond_dim),
-            ("context", context, "context_dim", self.context_dim),
-        ):
-            if setting is None and value is not None:
-                raise ValueError(f"{name} was given but the UNet was built without {option}")
-            if setting is not None and value is None:
-                raise ValueError(f"the UNet was built with {option}={setting}: {name} is required")
-        if y is not None:
-            check_labels(y, batch, self.num_classes, self.null_label, self.training)
-        if cond is not None and cond.shape != (batch, self.cond_dim):
-            raise ValueError(f"expected cond of shape ({batch}, {self.cond_dim}), got {cond.shape}")
-        if context is not None and (
-            context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.context_dim
-        ):
-            raise ValueError(
-                f"expected context of shape ({batch}, L, {self.context_dim}), "
-                f"got {tuple(context.shape)}"
-            )
 
     def forward(
         self,
@@ -377,11 +379,11 @@ class UNet(nn.Module):
         """The first half of :meth:`forward` (same arguments): embeddings and down levels."""
         check_x(x, self.in_channels, self.image_size)
         t = check_t(t, x.shape[0])
-        self._check_conditioning(x.shape[0], y, cond, context)
+        check_conditioning(self, x.shape[0], y, cond, context)
         # The network runs in its weights' dtype (bf16-true) whatever the sampler's state is in.
         dtype = self.down.conv_in.weight.dtype
         x, cond, context = (v if v is None else v.to(dtype) for v in (x, cond, context))
-        emb = self.time_embed(timestep_embedding(t, self.base_channels).to(x.dtype))
+        emb = self.time_embed(t)
         if self.label_embed is not None:
             emb = emb + self.label_embed(y)
         # Every ResBlock projects SiLU(emb) and SiLU(cond): activate once here, not per block.

@@ -13,6 +13,7 @@ from diffusion_apps.nn.layers import (
     AttentionPool2d,
     ResBlock,
     SpatialTransformer,
+    downsample,
 )
 from tests.factories import randomize_
 
@@ -37,6 +38,39 @@ def test_timestep_embedding_closed_form():
     torch.testing.assert_close(emb, expected)
     odd = timestep_embedding(t.float() + 0.5, 7)
     assert odd.shape == (3, 7) and torch.all(odd[:, -1] == 0)
+
+
+def test_timestep_embedding_of_the_original_ddpm():
+    """[sin, cos], ω_i = 10000^(−i/(h − 1)): DDPM's get_timestep_embedding (diffusers'
+    flip_sin_to_cos=False, freq_shift=1)."""
+    t = torch.tensor([0, 3, 999])
+    emb = timestep_embedding(t, 8, sin_first=True, freq_shift=1)
+    freqs = 10000.0 ** (-torch.arange(4) / 3)
+    expected = torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], dim=1)
+    torch.testing.assert_close(emb, expected)
+    with pytest.raises(ValueError, match="freq_shift=4"):
+        timestep_embedding(t, 8, freq_shift=4)
+
+
+def test_asymmetric_downsample_pads_bottom_and_right():
+    torch.manual_seed(0)
+    conv = downsample(4, "asymmetric")
+    x = torch.randn(2, 4, 8, 8)
+    expected = F.conv2d(F.pad(x, (0, 1, 0, 1)), conv.weight, conv.bias, stride=2)
+    torch.testing.assert_close(conv(x), expected)
+    assert conv(x).shape == downsample(4)(x).shape == (2, 4, 4, 4)
+    assert conv.state_dict().keys() == downsample(4).state_dict().keys()
+
+
+def test_attention_block_without_norm():
+    torch.manual_seed(0)
+    block = randomize_(AttentionBlock(16, head_dim=8, norm=False), 0.3)
+    x = torch.randn(2, 16, 3, 3)
+    tok = x.flatten(2).transpose(1, 2)  # (B, HW, C), no group norm
+    q, k, v = block.attn.qkv(tok).split(16, dim=-1)
+    expected = x + block.attn.out(naive_mha(q, k, v, heads=2)).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+    assert not any("norm" in key for key in block.state_dict())
 
 
 @pytest.mark.parametrize("shift", [False, True])

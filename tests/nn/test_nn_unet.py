@@ -128,6 +128,10 @@ def test_scalar_and_float_timesteps():
             dict(num_head_channels=None, num_heads=2, num_heads_upsample=3),
             "num_heads_upsample=3 does not divide 8 channels of the up path's attention",
         ),
+        (dict(norm_eps=0.0), "norm_eps=0.0"),
+        (dict(downsample_padding="same"), "downsample_padding='same'"),
+        (dict(freq_shift=4), r"freq_shift=4 must be below dim // 2 = 4"),
+        (dict(middle_attention=False, middle_attention_norm=False), "middle_attention_norm"),
     ],
 )
 def test_bad_options_raise(kwargs, match):
@@ -164,6 +168,33 @@ def test_head_options_set_the_heads_of_every_attention_block():
     assert heads(default_up.up) == [4] * 6
     ldm = UNet(**{**TINY_NN, **three, "num_head_channels": None, "num_heads": 4, "context_dim": 5})
     assert set(heads(ldm)) == {4} and len(heads(ldm)) == 2 * 11  # self- and cross-attention
+
+
+def test_original_ddpm_options(monkeypatch):
+    """norm_eps reaches every group norm, the downsampling convs pad asymmetrically, the time
+    embedding takes sin_first / freq_shift, the middle block loses its attention or its norm;
+    the state-dict keys change only where a layer goes."""
+    from diffusion_apps.nn import layers
+
+    default = UNet(**TINY_NN)
+    ddpm = dict(norm_eps=1e-6, downsample_padding="asymmetric", sin_first=True, freq_shift=1)
+    model = randomize_(UNet(**TINY_NN, scale_shift_norm=False, **ddpm), 0.2, seed=0).eval()
+    assert model.state_dict().keys() == UNet(**TINY_NN, scale_shift_norm=False).state_dict().keys()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and {m.eps for m in norms} == {1e-6}
+    assert {m.eps for m in default.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-5}
+    resampling = [type(m[0]).__name__ for m in model.down.blocks if not hasattr(m[0], "in_norm")]
+    assert resampling == ["AsymmetricDownsample"]
+    seen = []
+    real = layers.timestep_embedding
+    monkeypatch.setattr(layers, "timestep_embedding", lambda *a: seen.append(a[3:]) or real(*a))
+    model(torch.randn(2, 2, 8, 8), torch.tensor([3, 9]))
+    assert seen == [(True, 1)]
+    bare = UNet(**TINY_NN, middle_attention_norm=False).down.middle
+    assert isinstance(bare[1].norm, torch.nn.Identity)
+    plain = UNet(**TINY_NN, middle_attention=False)
+    assert [type(m).__name__ for m in plain.down.middle] == ["ResBlock", "ResBlock"]
+    assert plain.down.middle[1].in_norm.weight.shape == default.down.middle[2].in_norm.weight.shape
 
 
 def test_fractional_channel_mult_widths():
