@@ -4,11 +4,16 @@ An encoder x (B, C, H, W) → q(z | x) = N(μ, diag σ²) with z of shape (B, c,
 z → x̂, and pix2pix's patch discriminator (its hinge loss, training logic, is in
 methods/autoencoder_kl.py). The encoder is the UNet's :class:`DownPath` without time embedding
 (its ResBlocks, attention and middle block); the decoder mirrors it without skip connections.
+
+With ``norm_eps=1e-6, downsample_padding="asymmetric"`` and one attention head in the middle
+blocks it is CompVis's / diffusers' ``AutoencoderKL`` layer for layer (Stable Diffusion's VAE:
+interop/diffusers.py, tests/interop/test_interop_diffusers.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -51,8 +56,13 @@ class Autoencoder(nn.Module):
         latent_channels: c, channels of z.
         image_size: height and width of the (square) images.
         base_channels, channel_mult, num_res_blocks, attention_resolutions, num_head_channels,
-            dropout, num_groups: as for :class:`~diffusion_apps.nn.UNet`; the middle block
-            always has attention.
+            dropout, num_groups: as for :class:`~diffusion_apps.nn.UNet` (LDM's middle blocks
+            attend with one head: ``num_head_channels`` = the last level's width).
+        norm_eps: ε of every GroupNorm (LDM / Stable Diffusion: 1e-6; PyTorch's default 1e-5).
+        downsample_padding: the strided downsampling conv pads one zero row / column on every
+            side ("symmetric", the UNet's) or only at the bottom and right ("asymmetric", LDM's).
+        middle_attention: the encoder's and decoder's middle blocks have attention (else two
+            ResBlocks each: diffusers' ``mid_block_add_attention=False``).
     """
 
     def __init__(
@@ -67,6 +77,9 @@ class Autoencoder(nn.Module):
         num_head_channels: int = 64,
         dropout: float = 0.0,
         num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        downsample_padding: Literal["symmetric", "asymmetric"] = "symmetric",
+        middle_attention: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(latent_channels, int) or latent_channels < 1:
@@ -76,11 +89,14 @@ class Autoencoder(nn.Module):
         self.encoder = DownPath(
             in_channels, image_size, base_channels, channel_mult, num_res_blocks,
             attention_resolutions, num_head_channels, dropout, num_groups,
-            resblock_updown=False, emb_dim=None,
+            resblock_updown=False, emb_dim=None, norm_eps=norm_eps,
+            downsample_padding=downsample_padding, middle_attention=middle_attention,
         )  # fmt: skip
         ch = self.encoder.out_channels
         self.encoder_out = nn.Sequential(
-            GroupNorm(num_groups, ch), nn.SiLU(), nn.Conv2d(ch, 2 * latent_channels, 3, padding=1)
+            GroupNorm(num_groups, ch, norm_eps),
+            nn.SiLU(),
+            nn.Conv2d(ch, 2 * latent_channels, 3, padding=1),
         )
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
@@ -133,7 +149,9 @@ class Decoder(nn.Module):
                 res *= 2
             self.blocks.append(CondSequential(*layers))
         self.out = nn.Sequential(
-            GroupNorm(spec.num_groups, ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1)
+            GroupNorm(spec.num_groups, ch, spec.norm_eps),
+            nn.SiLU(),
+            nn.Conv2d(ch, out_channels, 3, padding=1),
         )
 
     @property

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffusion_apps.methods.autoencoder_kl import hinge_d_loss
 from diffusion_apps.nn import (
@@ -28,6 +29,30 @@ def test_shapes_for_each_downsampling_factor(mult, f):
     assert ae.decode(q.sample()).shape == x.shape
     with pytest.raises(ValueError, match="expected z of shape"):
         ae.decode(torch.zeros(2, 3, 5, 5))
+
+
+def test_ldm_layout_options_keep_the_keys_and_pad_bottom_right():
+    """norm_eps and downsample_padding="asymmetric" (LDM's, Stable Diffusion's VAE): the same
+    state-dict keys and shapes; every GroupNorm takes the ε; the strided conv sees one zero row
+    and column at the bottom and right only."""
+    options = dict(latent_channels=3, base_channels=8, channel_mult=(1, 2), num_head_channels=16,
+                   num_groups=2)  # fmt: skip
+    plain = Autoencoder(1, **options)
+    ldm = Autoencoder(1, **options, norm_eps=1e-6, downsample_padding="asymmetric")
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(ldm) == shapes(plain)
+    norms = [m for m in ldm.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 24 and all(m.eps == 1e-6 for m in norms)  # 10 encoding, 14 decoding
+    assert all(m.eps == 1e-5 for m in plain.modules() if isinstance(m, torch.nn.GroupNorm))
+    conv = ldm.encoder.blocks[1][0]
+    x = torch.randn(2, 8, 32, 32)
+    expected = F.conv2d(F.pad(x, (0, 1, 0, 1)), conv.weight, conv.bias, stride=2)
+    assert torch.equal(conv(x), expected) and expected.shape == (2, 8, 16, 16)
+    assert ldm.decode(ldm.encode(torch.randn(2, 1, 32, 32)).mode()).shape == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match="downsample_padding='same' must be"):
+        Autoencoder(1, **options, downsample_padding="same")
+    with pytest.raises(ValueError, match="norm_eps=0 must be > 0"):
+        Autoencoder(1, **options, norm_eps=0)
 
 
 def test_kl_is_zero_for_the_standard_normal_and_matches_its_closed_form():
