@@ -11,12 +11,14 @@ The file written is an ordinary checkpoint (the config inside, ``weights_only=Tr
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Literal
 
 
 def import_checkpoint(
-    source: Literal["guided-diffusion"],
+    source: Literal["guided-diffusion", "diffusers", "diffusers-vae"],
     weights: str,
     out: str,
     flags: str = "",
@@ -26,8 +28,12 @@ def import_checkpoint(
 
     Args:
         source: "guided-diffusion": openai/guided-diffusion's diffusion models (a DDPM of ours)
-            and noisy classifiers (a NoisyClassifier of ours), told apart by the file's tensors.
-        weights: the released ``.pt`` file (read with ``weights_only=True``, memory-mapped).
+            and noisy classifiers (a NoisyClassifier of ours), told apart by the file's tensors;
+            "diffusers": a UNet2DModel and its DDPMScheduler (a DDPM of ours); "diffusers-vae":
+            an AutoencoderKL such as Stable Diffusion's VAE (our first stage, AutoencoderKL).
+        weights: the released ``.pt`` file (read with ``weights_only=True``, memory-mapped); for
+            diffusers, the model's folder, a pipeline folder, or a Hub id (downloaded when
+            online).
         out: the checkpoint to write (atomically; an existing file is replaced only by a
             complete new one).
         flags: the official flags, exactly as its README prints them (``MODEL_FLAGS`` and
@@ -102,7 +108,76 @@ def _guided_diffusion(weights: str, flags: str, diffusion: str | None):
     return config, lambda m: _prefixed("classifier", gd.convert_classifier(state, m.classifier))
 
 
-SOURCES = {"guided-diffusion": _guided_diffusion}
+def _diffusers_folder(weights: str, part: str) -> Path:
+    """A local diffusers folder: ``weights`` itself, its ``part/`` when ``weights`` is a pipeline
+    (``model_index.json``), or a Hub id downloaded when online (``huggingface_hub``)."""
+    folder = Path(weights)
+    if not folder.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", weights):
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(weights, allow_patterns=[f"{part}/*", "*.json"]))
+        except Exception as err:  # offline, or no huggingface_hub
+            raise FileNotFoundError(
+                f"{weights} is no folder here and cannot be downloaded ({type(err).__name__}): "
+                f"place its {part}/config.json and {part}/diffusion_pytorch_model.safetensors "
+                f"(and scheduler/scheduler_config.json) in a folder and give that"
+            ) from None
+    if (folder / "model_index.json").is_file():
+        folder = folder / part
+    return folder
+
+
+def _diffusers(weights: str, flags: str, diffusion: str | None):
+    """A diffusers UNet2DModel (a DDPM), from its folder or a pipeline's ``unet/`` and
+    ``scheduler/`` (without one, DDPMScheduler's defaults)."""
+    from diffusion_apps.interop import diffusers_unet
+    from diffusion_apps.interop.diffusers import read_folder
+
+    folder = _diffusers_folder(weights, "unet")
+    network, state = read_folder(folder)
+    scheduler_file = folder.parent / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+    config = {
+        "_class_path": "diffusion_apps.methods.DDPM",
+        "unet": {
+            "class_path": "diffusion_apps.nn.UNet",
+            "init_args": diffusers_unet.unet_options(network),
+        },
+        **diffusers_unet.ddpm_options(scheduler),
+    }
+    return config, lambda m: _prefixed("unet", diffusers_unet.convert_unet(state, m.unet))
+
+
+def _diffusers_vae(weights: str, flags: str, diffusion: str | None):
+    """A diffusers AutoencoderKL (Stable Diffusion's ``vae/``) as our first stage, with its
+    latent ``scaling_factor``."""
+    import torch
+
+    from diffusion_apps.interop import diffusers
+
+    network, state = diffusers.read_folder(_diffusers_folder(weights, "vae"))
+    config = {
+        "_class_path": "diffusion_apps.methods.AutoencoderKL",
+        "autoencoder": {
+            "class_path": "diffusion_apps.nn.Autoencoder",
+            "init_args": diffusers.vae_options(network),
+        },
+        **diffusers.autoencoder_kl_options(network),
+    }
+
+    def convert(module):
+        converted = _prefixed("autoencoder", diffusers.convert_vae(state, module.autoencoder))
+        return converted | {"logvar": torch.zeros(())}  # LDM's loss's s, trained from 0
+
+    return config, convert
+
+
+SOURCES = {
+    "guided-diffusion": _guided_diffusion,
+    "diffusers": _diffusers,
+    "diffusers-vae": _diffusers_vae,
+}
 
 
 def _check_fits(own: dict, converted: dict, weights: str) -> None:
