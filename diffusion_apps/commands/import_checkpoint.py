@@ -18,7 +18,7 @@ from typing import Literal
 
 
 def import_checkpoint(
-    source: Literal["guided-diffusion", "diffusers", "diffusers-vae"],
+    source: Literal["guided-diffusion", "improved-diffusion", "diffusers", "diffusers-vae"],
     weights: str,
     out: str,
     flags: str = "",
@@ -29,6 +29,7 @@ def import_checkpoint(
     Args:
         source: "guided-diffusion": openai/guided-diffusion's diffusion models (a DDPM of ours)
             and noisy classifiers (a NoisyClassifier of ours), told apart by the file's tensors;
+            "improved-diffusion": openai/improved-diffusion's (iDDPM) diffusion models;
             "diffusers": a UNet2DModel and its DDPMScheduler (a DDPM of ours); "diffusers-vae":
             an AutoencoderKL such as Stable Diffusion's VAE (our first stage, AutoencoderKL).
         weights: the released ``.pt`` file (read with ``weights_only=True``, memory-mapped); for
@@ -79,21 +80,36 @@ def _prefixed(prefix: str, state: dict) -> dict:
     return {f"{prefix}.{k}": v for k, v in state.items()}
 
 
-def _guided_diffusion(weights: str, flags: str, diffusion: str | None):
-    """guided-diffusion's diffusion model (a DDPM) or noisy classifier (a NoisyClassifier), told
-    apart by the file's tensors: (our config, the module's state dict from the file)."""
+def _openai(source: str):
+    """openai/guided-diffusion's or improved-diffusion's diffusion model (a DDPM), or
+    guided-diffusion's noisy classifier (a NoisyClassifier), told apart by the file's tensors:
+    (our config, the module's state dict from the file)."""
     from diffusion_apps.interop import guided_diffusion as gd
 
-    state = _official_state(weights)
-    if any(k.startswith("output_blocks.") for k in state):
-        parsed = gd.parse_flags(flags, gd.GUIDED_DEFAULTS)
-        config = {
-            "_class_path": "diffusion_apps.methods.DDPM",
-            "unet": {"class_path": "diffusion_apps.nn.UNet", "init_args": gd.unet_options(parsed)},
-            **gd.ddpm_options(parsed),
-        }
-        legacy = gd.legacy_attention(parsed, "guided-diffusion")
-        return config, lambda m: _prefixed("unet", gd.convert_unet(state, m.unet, legacy))
+    defaults = gd.GUIDED_DEFAULTS if source == "guided-diffusion" else gd.IMPROVED_DEFAULTS
+
+    def read(weights: str, flags: str, diffusion: str | None):
+        state = _official_state(weights)
+        if any(k.startswith("output_blocks.") for k in state):
+            parsed = gd.parse_flags(flags, defaults)
+            unet = gd.unet_options(parsed, source)
+            config = {
+                "_class_path": "diffusion_apps.methods.DDPM",
+                "unet": {"class_path": "diffusion_apps.nn.UNet", "init_args": unet},
+                **gd.ddpm_options(parsed),
+            }
+            legacy = gd.legacy_attention(parsed, source)
+            return config, lambda m: _prefixed("unet", gd.convert_unet(state, m.unet, legacy))
+        if source != "guided-diffusion":
+            raise ValueError(f"{weights} holds no UNetModel of {source} (no output_blocks)")
+        return _classifier(state, weights, flags, diffusion)
+
+    return read
+
+
+def _classifier(state: dict, weights: str, flags: str, diffusion: str | None):
+    from diffusion_apps.interop import guided_diffusion as gd
+
     if diffusion is None:
         raise ValueError(
             f"{weights} is a classifier: give --diffusion, our checkpoint of the diffusion model "
@@ -174,7 +190,8 @@ def _diffusers_vae(weights: str, flags: str, diffusion: str | None):
 
 
 SOURCES = {
-    "guided-diffusion": _guided_diffusion,
+    "guided-diffusion": _openai("guided-diffusion"),
+    "improved-diffusion": _openai("improved-diffusion"),
     "diffusers": _diffusers,
     "diffusers-vae": _diffusers_vae,
 }

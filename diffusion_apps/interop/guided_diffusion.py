@@ -122,6 +122,8 @@ def unet_options(flags: Mapping, source: Source = "guided-diffusion") -> dict:
     )
     if not f["use_scale_shift_norm"]:
         options["scale_shift_norm"] = False
+    if f.get("rescale_timesteps"):  # the official samplers feed the network t·1000/T
+        options["time_scale"] = 1000 / f["diffusion_steps"]
     if f["class_cond"]:
         options |= dict(num_classes=NUM_CLASSES, null_label=False)
     return options
@@ -159,10 +161,6 @@ def ddpm_options(flags: Mapping) -> dict:
     one (β: ``sigma_small False``, β̃: ``sigma_small True``), x̂_0 clipped as the official
     samplers' ``clip_denoised=True``."""
     f = flags
-    if f.get("rescale_timesteps"):
-        raise ValueError(
-            "flags: --rescale_timesteps True (the network fed t·1000/T) is not supported yet"
-        )
     if f["noise_schedule"] not in ("linear", "cosine"):
         raise ValueError(f"flags: --noise_schedule {f['noise_schedule']!r} is not linear or cosine")
     schedule = {"kind": f["noise_schedule"], "num_timesteps": f["diffusion_steps"]}

@@ -47,17 +47,20 @@ def timestep_embedding(
 
 
 class TimeEmbedding(nn.Sequential):
-    """ADM's time embedding: the sinusoids of t (``dim`` wide, :func:`timestep_embedding` with
-    ``sin_first`` and ``freq_shift``), then Linear -> SiLU -> Linear to 4·dim."""
+    """ADM's time embedding: the sinusoids of t·``scale`` (``dim`` wide, :func:`timestep_embedding`
+    with ``sin_first`` and ``freq_shift``), then Linear -> SiLU -> Linear to 4·dim."""
 
-    def __init__(self, dim: int, sin_first: bool = False, freq_shift: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, sin_first: bool = False, freq_shift: float = 0.0, scale: float = 1.0
+    ) -> None:
         if not freq_shift < dim // 2:
             raise ValueError(f"freq_shift={freq_shift} must be below dim // 2 = {dim // 2}")
         super().__init__(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, 4 * dim))
-        self.dim, self.sin_first, self.freq_shift = dim, sin_first, freq_shift
+        self.dim, self.sin_first, self.freq_shift, self.scale = dim, sin_first, freq_shift, scale
 
     def forward(self, t: Tensor) -> Tensor:
         """(B, 4·dim) in the weights' dtype for timesteps t (B,), before any SiLU."""
+        t = t * self.scale if self.scale != 1 else t  # improved-diffusion feeds t·1000/T
         emb = timestep_embedding(t, self.dim, 10000.0, self.sin_first, self.freq_shift)
         return super().forward(emb.to(self[0].weight.dtype))
 

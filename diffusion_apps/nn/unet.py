@@ -266,14 +266,14 @@ class UNet(nn.Module):
         norm_eps: ε of every group norm (the original DDPM's and diffusers': 1e-6).
         sin_first, freq_shift: The sinusoidal time embedding's order and frequency spacing
             (:func:`~diffusion_apps.nn.layers.timestep_embedding`; the original DDPM's: True, 1).
+        time_scale: The network sees t·time_scale (improved-diffusion's ``rescale_timesteps``).
         downsample_padding: How the strided downsampling conv pads: "symmetric" (ADM's) or
             "asymmetric" (bottom and right only: the original DDPM's).
         middle_attention: The middle block has an attention block (else two ResBlocks);
             ``middle_attention_norm``: that block group-normalises its input.
         num_classes: Adds a label embedding to the time embedding.
-        null_label: The label embedding has a row more, label ``num_classes``: the null label
-            for classifier-free guidance. False: exactly ``num_classes`` rows (the official
-            ``label_emb``).
+        null_label: A label-embedding row more, label ``num_classes``: the null label for
+            classifier-free guidance. False: exactly ``num_classes`` rows (official ``label_emb``).
         cond_dim: Width of a conditioning vector applied by AdaGN in every ResBlock.
         cond_shift: Use PDAE's scale-and-shift AdaGN instead of DiffAE's scale-only one.
         context_dim: Width of a context sequence; attention blocks become spatial transformers.
@@ -302,6 +302,7 @@ class UNet(nn.Module):
         norm_eps: float = 1e-5,
         sin_first: bool = False,
         freq_shift: float = 0.0,
+        time_scale: float = 1.0,
         downsample_padding: Literal["symmetric", "asymmetric"] = "symmetric",
         middle_attention: bool = True,
         middle_attention_norm: bool = True,
@@ -316,13 +317,12 @@ class UNet(nn.Module):
         super().__init__()
         check_positive(num_classes=num_classes, out_channels=out_channels)
         self.in_channels, self.image_size = in_channels, image_size
-        self.out_channels = out_channels or in_channels
-        self.base_channels = base_channels
+        self.out_channels, self.base_channels = out_channels or in_channels, base_channels
         self.num_classes, self.cond_dim, self.context_dim = num_classes, cond_dim, context_dim
         self.null_label = bool(null_label)
 
         emb_dim = 4 * base_channels
-        self.time_embed = TimeEmbedding(base_channels, sin_first, freq_shift)
+        self.time_embed = TimeEmbedding(base_channels, sin_first, freq_shift, time_scale)
         rows = num_classes + self.null_label if num_classes else 0  # the null label: one more
         self.label_embed = nn.Embedding(rows, emb_dim) if rows else None
         self.down = DownPath(

@@ -131,3 +131,32 @@ def test_bad_flags_are_named():
         parse_flags("--image_size", GUIDED_DEFAULTS)
     with pytest.raises(ValueError, match="no default channel_mult for image_size 48"):
         unet_options(parse_flags("--image_size 48", GUIDED_DEFAULTS))
+
+
+def test_an_improved_diffusion_model_sees_the_rescaled_timesteps():
+    """iDDPM's CIFAR-10 flags (4,000 cosine steps, learned Σ, 4 heads in the legacy order,
+    narrowed): its sampler feeds the network t·1000/T (``rescale_timesteps``), ours the index t
+    to a UNet that rescales it. The official network is guided-diffusion's UNetModel with
+    iDDPM's options (improved-diffusion is not on PyPI; its UNet is the same code)."""
+    from diffusion_apps.interop.guided_diffusion import IMPROVED_DEFAULTS
+
+    flags = parse_flags(
+        "--image_size 32 --num_channels 32 --num_res_blocks 1 --learn_sigma True "
+        "--dropout 0.3 --diffusion_steps 4000 --noise_schedule cosine", IMPROVED_DEFAULTS,
+    )  # fmt: skip
+    theirs = official_unet.UNetModel(
+        image_size=32, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+        attention_resolutions=(2, 4), dropout=0.3, channel_mult=(1, 2, 2, 2), num_heads=4,
+        use_scale_shift_norm=True,
+    )  # fmt: skip
+    randomize_(theirs).eval()
+    ours = UNet(**unet_options(flags, "improved-diffusion")).eval()
+    assert legacy_attention(flags, "improved-diffusion")
+    ours.load_state_dict(convert_unet(theirs.state_dict(), ours, legacy_attention=True))
+    x, t = (
+        torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)),
+        torch.tensor([1, 3999]),
+    )
+    with torch.no_grad():
+        assert_close_relative(ours(x, t), theirs(x, t * 1000 / 4000))
+        assert not torch.allclose(ours(x, t), theirs(x, t), rtol=1e-3)  # the rescale matters
