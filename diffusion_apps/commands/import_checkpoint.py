@@ -132,7 +132,8 @@ def _diffusers_folder(weights: str, part: str) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(weights, allow_patterns=[f"{part}/*", "*.json"]))
+            wanted = [f"{part}/*", "scheduler/*", "*.json", "diffusion_pytorch_model.*"]
+            folder = Path(snapshot_download(weights, allow_patterns=wanted))
         except Exception as err:  # offline, or no huggingface_hub
             raise FileNotFoundError(
                 f"{weights} is no folder here and cannot be downloaded ({type(err).__name__}): "
