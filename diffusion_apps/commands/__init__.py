@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from diffusion_apps.commands.autoencode import autoencode
 from diffusion_apps.commands.evaluate import evaluate
+from diffusion_apps.commands.export import export
 from diffusion_apps.commands.import_checkpoint import import_checkpoint
 from diffusion_apps.commands.sample import sample
 
@@ -17,6 +18,7 @@ COMMANDS: dict[str, Callable] = {
     "eval": evaluate,
     "autoencode": autoencode,
     "import": import_checkpoint,
+    "export": export,
 }
 
-__all__ = ["COMMANDS", "autoencode", "evaluate", "import_checkpoint", "sample"]
+__all__ = ["COMMANDS", "autoencode", "evaluate", "export", "import_checkpoint", "sample"]
