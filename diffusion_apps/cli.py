@@ -1,12 +1,12 @@
 """Command line: ``python -m diffusion_apps {fit,validate,test,predict,sample,eval,autoencode,
-import}``.
+import,export}``.
 
 fit/validate/test/predict are LightningCLI subcommands; the model and the data are chosen by
 ``class_path`` in the YAML config. The others are ours (:mod:`diffusion_apps.commands`):
 ``sample`` draws images from a checkpoint alone; ``eval`` scores every checkpoint under a run
 directory and writes ``reports/eval.md``; ``autoencode`` draws an autoencoder's
 reconstructions, interpolations, variations or manipulations; ``import`` turns another
-codebase's released checkpoint into one of ours.
+codebase's released checkpoint into one of ours, ``export`` one of ours into a diffusers folder.
 """
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
-"""Converters between our modules and other codebases' checkpoints (guided-diffusion,
-improved-diffusion): pure torch, beside ``nn`` (they build nn modules); the other codebases are
-never imported."""
+"""Converters between our modules and other codebases' checkpoints: guided-diffusion and
+improved-diffusion (``guided_diffusion``), diffusers folders and AutoencoderKL (``diffusers``),
+UNet2DModel and DDPMScheduler, both ways (``diffusers_unet``). Pure torch, beside ``nn``; the
+other codebases are never imported."""
