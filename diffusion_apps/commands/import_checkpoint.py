@@ -70,6 +70,11 @@ def _official_state(weights: str) -> dict:
     """The released file's state dict, memory-mapped (its tensors are read as they are saved)."""
     from diffusion_apps.checkpoint import read_tensors
 
+    if Path(weights).is_dir():
+        raise ValueError(
+            f"{weights} is a folder, but this source's weights are one .pt file (a diffusers "
+            "folder: --source diffusers or diffusers-vae)"
+        )
     state = read_tensors(weights, mmap=True)
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ValueError(f"{weights} holds no state dict (a mapping of names to tensors)")
@@ -128,6 +133,12 @@ def _diffusers_folder(weights: str, part: str) -> Path:
     """A local diffusers folder: ``weights`` itself, its ``part/`` when ``weights`` is a pipeline
     (``model_index.json``), or a Hub id downloaded when online (``huggingface_hub``)."""
     folder = Path(weights)
+    if folder.is_file():
+        raise ValueError(
+            f"{weights} is a file, but diffusers models are folders (config.json beside the "
+            "weights); a guided-diffusion or improved-diffusion .pt: --source guided-diffusion "
+            "or improved-diffusion"
+        )
     if not folder.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", weights):
         try:
             from huggingface_hub import snapshot_download

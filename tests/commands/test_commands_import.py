@@ -115,3 +115,19 @@ def test_weights_that_do_not_fit_the_flags_name_the_tensor(imported, tmp_path):
         main(["import", "--source", "guided-diffusion", "--weights", str(root / "d.pt"),
               "--flags", "--num_chanels 8", "--out", str(tmp_path / "x.ckpt")])  # fmt: skip
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_source_and_a_file_that_do_not_fit_say_so(imported, tmp_path):
+    root, _, _ = imported
+    out = ["--out", str(tmp_path / "x.ckpt")]
+    with pytest.raises(SystemExit, match="error: .* is a file, but diffusers models are folders"):
+        main(["import", "--source", "diffusers", "--weights", str(root / "d.pt"), *out])
+    with pytest.raises(SystemExit, match="error: .* is a folder, but this source's weights are"):
+        main(["import", "--source", "guided-diffusion", "--weights", str(tmp_path), *out])
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")  # needs unpickling
+    with pytest.raises(
+        SystemExit, match="error: cannot read checkpoint .*weights_only=True refuses"
+    ):
+        main(["import", "--source", "guided-diffusion", "--weights", str(tmp_path / "pickled.pt"),
+              "--flags", MODEL_FLAGS, *out])  # fmt: skip
+    assert not (tmp_path / "x.ckpt").exists()
