@@ -105,3 +105,15 @@ def randomize_(module: nn.Module, std: float, seed: int | None = None) -> nn.Mod
         for p in module.parameters():
             p.normal_(0.0, std)
     return module
+
+
+def randomize_norms_around_one_(module: nn.Module, seed: int, std: float = 0.05) -> nn.Module:
+    """Every weight and bias N(0, std²), but group norms' γ N(1, std²): random weights for
+    another codebase's network whose outputs ours must match (its zero-initialised output convs
+    would make them trivially equal), small enough that nothing saturates. In eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            norm_scale = p.dim() == 1 and name.endswith("weight")  # only norms' γ are 1-D
+            p.copy_(std * torch.randn(p.shape, generator=gen) + float(norm_scale))
+    return module.eval()

@@ -11,17 +11,9 @@ from diffusion_apps.checkpoint import load_module
 from diffusion_apps.cli import main
 from diffusion_apps.methods import DDPM, AutoencoderKL, LatentDiffusion
 from diffusion_apps.nn import UNet
+from tests.factories import randomize_norms_around_one_
 
 IMPORT = ["import", "--source"]
-
-
-def randomized(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            norm_scale = p.dim() == 1 and "norm" in name and name.endswith("weight")
-            p.copy_(0.05 * torch.randn(p.shape, generator=gen) + float(norm_scale))
-    return module.eval()
 
 
 def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -40,7 +32,7 @@ def pipeline(tmp_path_factory):
         flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6,
     )  # fmt: skip
     scheduler = DDPMScheduler(num_train_timesteps=200, beta_schedule="linear")
-    DDPMPipeline(randomized(unet, 0), scheduler).save_pretrained(root / "pipeline")
+    DDPMPipeline(randomize_norms_around_one_(unet, 0), scheduler).save_pretrained(root / "pipeline")
     main(
         [
             *IMPORT,
@@ -80,7 +72,7 @@ def test_the_imported_vae_is_diffusers_and_lets_stage_two_train_on_it(tmp_path):
         layers_per_block=1, norm_num_groups=32, sample_size=32,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
     )  # fmt: skip
-    randomized(vae, 2).save_pretrained(tmp_path / "vae")
+    randomize_norms_around_one_(vae, 2).save_pretrained(tmp_path / "vae")
     ckpt = tmp_path / "vae.ckpt"
     main([*IMPORT, "diffusers-vae", "--weights", str(tmp_path / "vae"), "--out", str(ckpt)])
     ours = load_module(ckpt, AutoencoderKL)

@@ -5,27 +5,18 @@ diffusers VAE, and ``eval`` scores each (tiny random-weight diffusers models, 3-
 import json
 
 import pytest
-import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffusion_apps.checkpoint import load_module
 from diffusion_apps.methods import PDAE, ConsistencyDistillation, LatentDiffusion
 from tests.conftest import CONFIGS, run_cli_in
+from tests.factories import randomize_norms_around_one_
 
 QUICK = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
          "--trainer.num_sanity_val_steps", "0",
          "--trainer.enable_progress_bar", "false"]  # fmt: skip
 RGB16 = ["--data.init_args.channels", "3"]
-
-
-def randomized(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            norm_scale = p.dim() == 1 and "norm" in name and name.endswith("weight")
-            p.copy_(0.05 * torch.randn(p.shape, generator=gen) + float(norm_scale))
-    return module.eval()
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +31,13 @@ def imported(tmp_path_factory):
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
     )  # fmt: skip
     scheduler = DDPMScheduler(num_train_timesteps=100)
-    DDPMPipeline(randomized(unet, 0), scheduler).save_pretrained(root / "ddpm")
+    DDPMPipeline(randomize_norms_around_one_(unet, 0), scheduler).save_pretrained(root / "ddpm")
     vae = DiffusersVAE(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
         layers_per_block=1, norm_num_groups=32, sample_size=32,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
     )  # fmt: skip
-    randomized(vae, 1).save_pretrained(root / "vae")
+    randomize_norms_around_one_(vae, 1).save_pretrained(root / "vae")
     tiny, ddpm, first_stage = CONFIGS / "tiny", str(root / "ddpm.ckpt"), str(root / "vae.ckpt")
     run_cli_in(
         root,

@@ -16,6 +16,7 @@ from diffusion_apps.interop.guided_diffusion import (
     parse_flags,
 )
 from diffusion_apps.methods import DDPM, ClassifierGuidedDDPM, NoisyClassifier
+from tests.factories import randomize_norms_around_one_
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -32,24 +33,15 @@ CLASSIFIER_FLAGS = (
 )
 
 
-def randomized(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            norm_scale = p.dim() == 1 and name.endswith("weight")  # GroupNorm γ around 1
-            p.copy_(0.05 * torch.randn(p.shape, generator=gen) + float(norm_scale))
-    return module.eval()
-
-
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     """The official model, classifier and respaced diffusion, and ours imported from them."""
     root = tmp_path_factory.mktemp("guided_sampling")
     flags = parse_flags(MODEL_FLAGS, GUIDED_DEFAULTS)
     names = flags.keys() & set(script_util.create_model.__code__.co_varnames)
-    model = randomized(script_util.create_model(**{k: flags[k] for k in names}), 0)
+    model = randomize_norms_around_one_(script_util.create_model(**{k: flags[k] for k in names}), 0)
     c_flags = parse_flags(CLASSIFIER_FLAGS, CLASSIFIER_DEFAULTS)
-    classifier = randomized(script_util.create_classifier(**c_flags), 1)
+    classifier = randomize_norms_around_one_(script_util.create_classifier(**c_flags), 1)
     torch.save(model.state_dict(), root / "model.pt")
     torch.save(classifier.state_dict(), root / "classifier.pt")
     source = ["import", "--source", "guided-diffusion"]
