@@ -11,7 +11,7 @@ same tensors and options::
     out/scheduler/scheduler_config.json
 
 Only a plain DDPM whose UNet maps onto ``UNet2DModel`` exports; anything else is refused before
-anything is written, naming the option (:func:`~diffusion_apps.interop.diffusers_unet.
+anything is written, naming the option (:func:`~diffusion_apps.interop.diffusers_export.
 diffusers_config`): DiffAE, PDAE, LDM and latent DDIM are other methods, and ``cond_dim``,
 ``context_dim``, ``resblock_updown``, a null label, ... have no UNet2DModel layer.
 """
@@ -50,20 +50,20 @@ def export(ckpt_path: str, out: str, format: Literal["diffusers"] = "diffusers")
     from safetensors.torch import save_file
 
     from diffusion_apps.checkpoint import load_module
-    from diffusion_apps.interop import diffusers_unet
+    from diffusion_apps.interop import diffusers_export
     from diffusion_apps.methods import DDPM
 
     target = Path(out)
     _check_target(target)
     unet_options, ddpm = _options(ckpt_path)  # refused here, before the weights are read
-    unet_config = diffusers_unet.diffusers_config(unet_options)
-    scheduler = diffusers_unet.scheduler_config(ddpm)
+    unet_config = diffusers_export.diffusers_config(unet_options)
+    scheduler = diffusers_export.scheduler_config(ddpm)
     _check_outputs(unet_config, ddpm)
     unet = load_module(ckpt_path, DDPM).unet
-    state = diffusers_unet.diffusers_state_dict(unet.state_dict(), unet)
+    state = diffusers_export.diffusers_state_dict(unet.state_dict(), unet)
     index = {
         "_class_name": "DDPMPipeline",
-        "_diffusers_version": diffusers_unet.DIFFUSERS_VERSION,
+        "_diffusers_version": diffusers_export.DIFFUSERS_VERSION,
         MARKER: "diffusion_apps",
         "_exported_from": str(ckpt_path),
         "scheduler": ["diffusers", "DDPMScheduler"],

@@ -12,7 +12,7 @@ import torch
 from diffusion_apps.checkpoint import SafeCheckpointIO, build_module, load_module
 from diffusion_apps.cli import main
 from diffusion_apps.diffusion import NoiseSchedule
-from diffusion_apps.interop.diffusers_unet import (
+from diffusion_apps.interop.diffusers_export import (
     UnsupportedConfig,
     diffusers_config,
     diffusers_state_dict,
