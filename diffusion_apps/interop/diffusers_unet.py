@@ -1,6 +1,6 @@
 """diffusers ``UNet2DModel`` folders (google/ddpm-cifar10-32, -celebahq-256, -church-256, ...) and
-their ``DDPMScheduler`` configs → our UNet and DDPM, and back (the ``export`` command:
-:func:`diffusers_config`, :func:`diffusers_state_dict`, :func:`scheduler_config`).
+their ``DDPMScheduler`` configs → our UNet and DDPM; the way back, for ``export``, is
+:mod:`diffusion_apps.interop.diffusers_export`.
 
 These are the original DDPM's networks (Ho et al. 2020): the time embedding added before the
 second norm of each ResBlock (``resnet_time_scale_shift="default"``: our
