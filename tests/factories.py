@@ -107,6 +107,15 @@ def randomize_(module: nn.Module, std: float, seed: int | None = None) -> nn.Mod
     return module
 
 
+# Stable Diffusion's VAE layout at a tiny width (f = 2, 4 latent channels, 32 px): the
+# constructor arguments of a diffusers AutoencoderKL.
+TINY_SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+    layers_per_block=1, norm_num_groups=32, sample_size=32,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+)  # fmt: skip
+
+
 def randomize_norms_around_one_(module: nn.Module, seed: int, std: float = 0.05) -> nn.Module:
     """Every weight and bias N(0, std²), but group norms' γ N(1, std²): random weights for
     another codebase's network whose outputs ours must match (its zero-initialised output convs

@@ -185,8 +185,7 @@ class ClassifierGuidedDDPM(Generates, LightningModule):
         the unguided DDPM). Unset sampler settings are the DDPM's."""
         r = request
         scale = 1.0 if r.scale is None else r.scale
-        labels = r.labels.tolist() if isinstance(r.labels, Tensor) else r.labels
-        chosen = self.generation.inputs_for(0, num_samples, labels)["labels"]
+        chosen = self.generation.inputs_for(0, num_samples, r.labels)["labels"]
         sampler = r.sampler or self.ddpm.sampler
         timesteps = self.ddpm.timesteps(r.steps or self.ddpm.sample_steps, r.spacing, sampler)
         eps_fn = self.guided_eps(scale, sampler, timesteps)

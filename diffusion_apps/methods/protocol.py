@@ -116,7 +116,7 @@ class Generation:
         self,
         start: int,
         n: int,
-        labels: Sequence[int] | None = None,
+        labels: Sequence[int] | torch.Tensor | None = None,
         prompts: Sequence[str] | None = None,
     ) -> dict[str, list]:
         """The inputs of samples start, …, start + n − 1: the given ``labels`` or ``prompts``
@@ -125,6 +125,8 @@ class Generation:
         nothing."""
         if prompts is not None:
             return {"prompts": cycle(list(prompts), n, start)}
+        if isinstance(labels, torch.Tensor):
+            labels = labels.tolist()
         if labels is None and "labels" in self.inputs and self.num_classes:
             labels = range(self.num_classes)
         return {} if labels is None else {"labels": cycle(list(labels), n, start)}

@@ -11,6 +11,7 @@ from diffusion_apps.checkpoint import load_module
 from diffusion_apps.cli import main
 from diffusion_apps.interop.guided_diffusion import GUIDED_DEFAULTS, parse_flags
 from diffusion_apps.methods import DDPM, NoisyClassifier
+from tests.factories import randomize_norms_around_one_
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -31,12 +32,9 @@ CLASSIFIER_FLAGS = (
 
 def released(module: torch.nn.Module, path, seed: int = 0):
     """``module`` with random weights, saved as a release: ``torch.save(state_dict)``."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen) + (1.0 if p.dim() == 1 else 0.0))
+    randomize_norms_around_one_(module, seed, std=0.1)
     torch.save(module.state_dict(), path)
-    return module.eval()
+    return module
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from diffusion_apps.checkpoint import load_module
 from diffusion_apps.cli import main
 from diffusion_apps.methods import DDPM, AutoencoderKL, LatentDiffusion
 from diffusion_apps.nn import UNet
-from tests.factories import randomize_norms_around_one_
+from tests.factories import TINY_SD_VAE, randomize_norms_around_one_
 
 IMPORT = ["import", "--source"]
 
@@ -67,11 +67,7 @@ def test_sample_takes_the_imported_ddpm(pipeline, tmp_path):
 
 
 def test_the_imported_vae_is_diffusers_and_lets_stage_two_train_on_it(tmp_path):
-    vae = DiffusersVAE(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-        layers_per_block=1, norm_num_groups=32, sample_size=32,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    )  # fmt: skip
+    vae = DiffusersVAE(**TINY_SD_VAE)
     randomize_norms_around_one_(vae, 2).save_pretrained(tmp_path / "vae")
     ckpt = tmp_path / "vae.ckpt"
     main([*IMPORT, "diffusers-vae", "--weights", str(tmp_path / "vae"), "--out", str(ckpt)])

@@ -11,7 +11,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusion_apps.checkpoint import load_module
 from diffusion_apps.methods import PDAE, ConsistencyDistillation, LatentDiffusion
 from tests.conftest import CONFIGS, run_cli_in
-from tests.factories import randomize_norms_around_one_
+from tests.factories import TINY_SD_VAE, randomize_norms_around_one_
 
 QUICK = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
          "--trainer.num_sanity_val_steps", "0",
@@ -32,11 +32,7 @@ def imported(tmp_path_factory):
     )  # fmt: skip
     scheduler = DDPMScheduler(num_train_timesteps=100)
     DDPMPipeline(randomize_norms_around_one_(unet, 0), scheduler).save_pretrained(root / "ddpm")
-    vae = DiffusersVAE(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-        layers_per_block=1, norm_num_groups=32, sample_size=32,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    )  # fmt: skip
+    vae = DiffusersVAE(**TINY_SD_VAE)
     randomize_norms_around_one_(vae, 1).save_pretrained(root / "vae")
     tiny, ddpm, first_stage = CONFIGS / "tiny", str(root / "ddpm.ckpt"), str(root / "vae.ckpt")
     run_cli_in(

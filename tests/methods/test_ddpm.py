@@ -114,8 +114,10 @@ def test_sample_draws_the_data_distribution(sampler, steps, spacing):
 
 
 def test_sample_is_clamped_to_the_data_range():
-    model = make("eps")
-    x = model.sample(8, steps=5, x_T=10 * torch.randn(8, 1, 8, 8))
+    """Without clip_x0 the draw leaves [−1, 1] from a far-out x_T; sample() clamps it."""
+    model, x_T = make("eps", clip_x0=False), 10 * torch.randn(8, 1, 8, 8)
+    assert model.draw(8, steps=5, x_T=x_T).abs().max() > 1  # the clamp has work to do
+    x = model.sample(8, steps=5, x_T=x_T)
     assert x.min() >= -1 and x.max() <= 1
 
 

@@ -71,6 +71,7 @@ def test_inputs_cycle_over_samples_whatever_the_batches():
     assert LABELLED.inputs_for(2, 4) == {"labels": [2, 0, 1, 2]}  # default: classes in turn
     assert LABELLED.inputs_for(1, 2, prompts=["a", "b", "c"]) == {"prompts": ["b", "c"]}
     assert Generation(("ddim",), "ddim", 1).inputs_for(0, 5) == {}
+    assert LABELLED.inputs_for(1, 3, labels=torch.tensor([2, 0])) == {"labels": [0, 2, 0]}
 
 
 def test_cycle_goes_round_from_any_start():
