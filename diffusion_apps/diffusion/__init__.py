@@ -8,6 +8,12 @@ from diffusion_apps.diffusion.guidance import (
     mean_shift_guidance,
 )
 from diffusion_apps.diffusion.interpolation import slerp
+from diffusion_apps.diffusion.objective import (
+    Prediction,
+    convert_prediction,
+    loss_terms,
+    regression_target,
+)
 from diffusion_apps.diffusion.samplers import (
     EpsFn,
     Variance,
@@ -16,6 +22,7 @@ from diffusion_apps.diffusion.samplers import (
     ddim_sample,
     ddpm_sample,
 )
+from diffusion_apps.diffusion.sampling import SAMPLERS, Sampler, run_sampler
 from diffusion_apps.diffusion.schedule import NoiseSchedule, ScheduleKind
 from diffusion_apps.diffusion.solvers import dpm_solver_pp_2m
 from diffusion_apps.diffusion.timesteps import Spacing, timestep_subsequence
@@ -29,27 +36,34 @@ from diffusion_apps.diffusion.variance import (
 )
 
 __all__ = [
-    "EpsFn",
-    "GradFn",
-    "NoiseSchedule",
-    "ScheduleKind",
-    "Spacing",
-    "Variance",
     "classifier_free_guidance",
-    "clip_denoised",
     "classifier_log_prob_grad",
+    "clip_denoised",
+    "convert_prediction",
     "ddim_invert",
     "ddim_sample",
     "ddpm_sample",
     "discretized_gaussian_log_likelihood",
     "dpm_solver_pp_2m",
     "eps_shift_guidance",
+    "EpsFn",
+    "GradFn",
     "join_output",
     "learned_log_variance",
+    "loss_terms",
     "mean_shift_guidance",
+    "NoiseSchedule",
     "normal_kl",
+    "Prediction",
+    "regression_target",
+    "run_sampler",
+    "Sampler",
+    "SAMPLERS",
+    "ScheduleKind",
     "slerp",
+    "Spacing",
     "split_output",
     "timestep_subsequence",
+    "Variance",
     "vlb_terms",
 ]

@@ -10,29 +10,23 @@ import torch
 from torch import Tensor
 
 from diffusion_apps.diffusion import (
-    EpsFn,
     NoiseSchedule,
+    Prediction,
+    Sampler,
     Spacing,
     Variance,
-    clip_denoised,
-    ddim_sample,
-    ddpm_sample,
-    dpm_solver_pp_2m,
+    convert_prediction,
     join_output,
+    loss_terms,
+    regression_target,
     split_output,
-    timestep_subsequence,
-    vlb_terms,
 )
-from diffusion_apps.distributed import predict_indices
 from diffusion_apps.methods.base import DiffusionMethod
-from diffusion_apps.methods.protocol import Generation, SampleRequest
+from diffusion_apps.methods.ddpm_sampling import DDPMSampling
 from diffusion_apps.nn import UNet
 
-Prediction = Literal["eps", "x0", "v"]
-Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
 
-
-class DDPM(DiffusionMethod):
+class DDPM(DDPMSampling, DiffusionMethod):
     """Denoising diffusion probabilistic model with an ε (or x0, v) parametrised UNet.
 
     Training minimises L_simple (Ho et al. eq. 14) with t ~ U{0, …, T−1}, ε ~ N(0, I):
@@ -136,48 +130,29 @@ class DDPM(DiffusionMethod):
 
     def target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """The regression target of the chosen parametrisation."""
-        if self.prediction == "eps":
-            return noise
-        if self.prediction == "x0":
-            return x0
-        return self.schedule.velocity(x0, t, noise)
-
-    def _converted(self, x_t: Tensor, t: Tensor, out: Tensor, to: Literal["eps", "x0"]) -> Tensor:
-        """The network's parametrisation f_θ (``prediction``) converted to ε or x̂_0."""
-        s = self.schedule
-        if self.prediction == to:
-            return out
-        if self.prediction == "v":
-            return (s.eps_from_v if to == "eps" else s.x0_from_v)(x_t, t, out)
-        return (s.predict_eps if to == "eps" else s.predict_x0)(x_t, t, out)
+        return regression_target(self.schedule, self.prediction, x0, t, noise)
 
     def model_output(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
         """The samplers' model function: ε̂(x_t, t), and with ``variance="learned"`` [ε̂, v]
         (2C channels) for the ancestral sampler's Σ_θ (the other samplers read ε̂ only)."""
         f, v = split_output(self.unet(x_t, t, **cond).float(), x_t)
         return join_output(
-            self._converted(x_t, t, f, "eps"), v if self.variance == "learned" else None
+            convert_prediction(self.schedule, self.prediction, x_t, t, f, "eps"),
+            v if self.variance == "learned" else None,
         )
 
     def eps(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
         """ε̂(x_t, t) (B, C, …): the network's first half converted to ε, whatever the variance."""
         f, _ = split_output(self.unet(x_t, t, **cond).float(), x_t)
-        return self._converted(x_t, t, f, "eps")
+        return convert_prediction(self.schedule, self.prediction, x_t, t, f, "eps")
 
     def loss_terms(self, x0: Tensor, t: Tensor, noise: Tensor, **cond) -> dict[str, Tensor]:
-        """Per-sample loss terms (B,) at the given t and ε, in fp32: ``"simple"``, the mean over
-        the dimensions of (target − f_θ)² (|·| with ``loss="l1"``), and with
-        ``variance="learned"`` ``"vb"``, L_t in bits per dimension from the detached f_θ and v
-        (:func:`~diffusion_apps.diffusion.vlb_terms`; guided-diffusion's ``terms["vb"]``)."""
+        """Per-sample loss terms (B,) at the given t and ε: ``"simple"`` and, with
+        ``variance="learned"``, ``"vb"`` (:func:`~diffusion_apps.diffusion.loss_terms`)."""
         x_t = self.schedule.q_sample(x0, t, noise)
-        f, v = split_output(self.unet(x_t, t, **cond).float(), x_t)
-        error = (f - self.target(x0, t, noise).float()).flatten(1)
-        terms = {"simple": (error.square() if self.loss == "mse" else error.abs()).mean(1)}
-        if self.variance == "learned":
-            x_t, x0 = x_t.float(), x0.float()
-            x0_hat = self._converted(x_t, t, f.detach(), "x0")  # the mean's stop-gradient
-            terms["vb"] = vlb_terms(self.schedule, x0, x_t, t, x0_hat, v)
-        return terms
+        f, v = split_output(self.unet(x_t, t, **cond), x_t)
+        v = v if self.variance == "learned" else None
+        return loss_terms(self.schedule, self.prediction, f, v, x0, x_t, t, noise, self.loss)
 
     def diffusion_loss(
         self, x0: Tensor, generator: torch.Generator | None = None, **cond
@@ -237,95 +212,3 @@ class DDPM(DiffusionMethod):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self.log("test/loss", self._heldout_loss(batch, batch_idx), sync_dist=True)
-
-    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """One sample per item of the batch, item i of the predict set drawn on its own
-        (:meth:`predict_item`): under DDP, where the items are dealt out to the ranks, each
-        item's image is the one a single process draws, and no two ranks draw the same. One
-        image per sampler run: ``sample`` batches (and writes files)."""
-        indices = predict_indices(self.trainer, batch_idx, dataloader_idx)
-        return torch.cat([self.predict_item(i) for i in indices])
-
-    def predict_item(self, index: int) -> Tensor:
-        """Item ``index`` of ``predict``: one sample (1, C, H, W) from a generator seeded
-        ``index``."""
-        return self.sample(1, generator=torch.Generator(self.device).manual_seed(index))
-
-    def timesteps(
-        self, steps: int, spacing: Spacing | None = None, sampler: Sampler | None = None
-    ) -> Tensor:
-        """The subsequence of min(steps, T) of the T training steps, spaced by ``spacing``;
-        default: ``logsnr`` for ``dpmpp_2m`` (on uniform steps its last step overshoots: worse
-        than DDIM), else ``timestep_spacing``."""
-        T = self.schedule.num_timesteps
-        spacing = spacing or ("logsnr" if sampler == "dpmpp_2m" else self.timestep_spacing)
-        return timestep_subsequence(T, min(steps, T), spacing, self.schedule.alphas_cumprod)
-
-    def sampling_eps(self, eps_fn: EpsFn | None = None) -> EpsFn:
-        """``eps_fn`` (default :meth:`model_output`) as the samplers take it: with ``clip_x0``, its
-        x̂_0 clamped to [−1, 1] and ε re-derived (:func:`~diffusion_apps.diffusion.clip_denoised`).
-        Classifier guidance and PDAE's shift wrap this, so the clamp comes before the shift and
-        is not repeated after it, as in guided-diffusion."""
-        eps_fn = eps_fn or self.model_output
-        return clip_denoised(eps_fn, self.schedule) if self.clip_x0 else eps_fn
-
-    @property
-    def generation(self) -> Generation:
-        """Unconditional samples of the three samplers (:mod:`~diffusion_apps.methods.protocol`)."""
-        return Generation(
-            typing.get_args(Sampler), self.sampler, self.sample_steps, inputs=("x_T",)
-        )
-
-    def nfe(self, sampler: str, steps: int) -> int:
-        """Network evaluations per sample: one per step, at most T. DPM-Solver++(2M) too: its
-        second order is multistep, reusing the previous step's x̂_0."""
-        return min(steps, self.schedule.num_timesteps)
-
-    def generate(self, num_samples: int, request: SampleRequest) -> Tensor:
-        """:meth:`draw` of the request, clamped to [−1, 1]."""
-        r = request
-        x0 = self.draw(num_samples, r.sampler, r.steps, r.eta, r.generator, r.progress,
-                       x_T=r.x_T, spacing=r.spacing)  # fmt: skip
-        return x0.clamp(-1, 1)
-
-    @torch.no_grad()
-    def draw(
-        self,
-        num_samples: int,
-        sampler: Sampler | None = None,
-        steps: int | None = None,
-        eta: float | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        x_T: Tensor | None = None,
-        eps_fn: EpsFn | None = None,
-        spacing: Spacing | None = None,
-        **cond,
-    ) -> Tensor:
-        """x̂_0 (N, *sample_shape) by DDPM ancestral, DDIM or DPM-Solver++(2M) sampling, not
-        clamped.
-
-        Unset arguments fall back to the module's configured sampler, steps, η and timestep
-        spacing (``logsnr`` for DPM-Solver++: :meth:`timesteps`). ``eps_fn`` replaces
-        :meth:`sampling_eps` and receives ``cond``: a guidance wrapper built on
-        :meth:`sampling_eps`, which holds the ``clip_x0`` clamp.
-        """
-        sampler = sampler or self.sampler
-        if sampler not in typing.get_args(Sampler):
-            raise ValueError(f"sampler must be one of {typing.get_args(Sampler)}, got {sampler!r}")
-        eta = self.eta if eta is None else eta
-        eps_fn = eps_fn or self.sampling_eps()
-        timesteps = self.timesteps(steps or self.sample_steps, spacing, sampler)
-        if x_T is None:
-            x_T = torch.randn(
-                (num_samples, *self.sample_shape), generator=generator, device=self.device
-            )
-        common = dict(timesteps=timesteps, generator=generator, progress=progress)
-        if sampler == "ddpm":
-            x0 = ddpm_sample(eps_fn, self.schedule, x_T, variance=self.variance, **common, **cond)
-        elif sampler == "ddim":
-            x0 = ddim_sample(eps_fn, self.schedule, x_T, eta=eta, **common, **cond)
-        else:
-            del common["generator"]  # deterministic
-            x0 = dpm_solver_pp_2m(eps_fn, self.schedule, x_T, **common, **cond)
-        return x0

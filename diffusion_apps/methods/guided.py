@@ -15,12 +15,13 @@ from torch import Tensor
 
 from diffusion_apps.diffusion import (
     EpsFn,
+    Sampler,
     classifier_log_prob_grad,
     eps_shift_guidance,
     mean_shift_guidance,
 )
 from diffusion_apps.methods.base import DiffusionMethod
-from diffusion_apps.methods.ddpm import DDPM, Sampler
+from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.methods.protocol import Generates, Generation, SampleRequest
 from diffusion_apps.nn import EncoderUNet
 

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from diffusion_apps.diffusion import NoiseSchedule
+from diffusion_apps.diffusion import NoiseSchedule, Sampler
 from diffusion_apps.distributed import pooled_mean_std
-from diffusion_apps.methods.ddpm import DDPM, Sampler
+from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.methods.protocol import Generation, SampleRequest, has_stochastic_code
 from diffusion_apps.nn import SkipMLP
 

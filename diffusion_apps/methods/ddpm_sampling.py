@@ -1,0 +1,109 @@
+"""The sampling half of :class:`~diffusion_apps.methods.ddpm.DDPM`: timesteps, the clamp, the
+generation declaration, and ancestral, DDIM or DPM-Solver++(2M) draws of its ε̂."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from diffusion_apps.diffusion import (
+    SAMPLERS,
+    EpsFn,
+    Sampler,
+    Spacing,
+    clip_denoised,
+    run_sampler,
+    timestep_subsequence,
+)
+from diffusion_apps.distributed import predict_indices
+from diffusion_apps.methods.protocol import Generation, SampleRequest
+
+
+class DDPMSampling:
+    """Sampling of a DDPM-like module: it has ``schedule``, ``model_output`` (ε̂, or [ε̂, v]),
+    ``sample_shape`` and the configured ``sampler``, ``sample_steps``, ``eta``,
+    ``timestep_spacing``, ``variance`` and ``clip_x0`` (see :class:`DDPM`'s arguments)."""
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """One sample per item of the batch, item i of the predict set drawn on its own
+        (:meth:`predict_item`): under DDP, where the items are dealt out to the ranks, each
+        item's image is the one a single process draws, and no two ranks draw the same. One
+        image per sampler run: ``sample`` batches (and writes files)."""
+        indices = predict_indices(self.trainer, batch_idx, dataloader_idx)
+        return torch.cat([self.predict_item(i) for i in indices])
+
+    def predict_item(self, index: int) -> Tensor:
+        """Item ``index`` of ``predict``: one sample (1, C, H, W) from a generator seeded
+        ``index``."""
+        return self.sample(1, generator=torch.Generator(self.device).manual_seed(index))
+
+    def timesteps(
+        self, steps: int, spacing: Spacing | None = None, sampler: Sampler | None = None
+    ) -> Tensor:
+        """The subsequence of min(steps, T) of the T training steps, spaced by ``spacing``;
+        default: ``logsnr`` for ``dpmpp_2m`` (on uniform steps its last step overshoots: worse
+        than DDIM), else ``timestep_spacing``."""
+        T = self.schedule.num_timesteps
+        spacing = spacing or ("logsnr" if sampler == "dpmpp_2m" else self.timestep_spacing)
+        return timestep_subsequence(T, min(steps, T), spacing, self.schedule.alphas_cumprod)
+
+    def sampling_eps(self, eps_fn: EpsFn | None = None) -> EpsFn:
+        """``eps_fn`` (default :meth:`model_output`) as the samplers take it: with ``clip_x0``, its
+        x̂_0 clamped to [−1, 1] and ε re-derived (:func:`~diffusion_apps.diffusion.clip_denoised`).
+        Classifier guidance and PDAE's shift wrap this, so the clamp comes before the shift and
+        is not repeated after it, as in guided-diffusion."""
+        eps_fn = eps_fn or self.model_output
+        return clip_denoised(eps_fn, self.schedule) if self.clip_x0 else eps_fn
+
+    @property
+    def generation(self) -> Generation:
+        """Unconditional samples of the three samplers (:mod:`~diffusion_apps.methods.protocol`)."""
+        return Generation(SAMPLERS, self.sampler, self.sample_steps, inputs=("x_T",))
+
+    def nfe(self, sampler: str, steps: int) -> int:
+        """Network evaluations per sample: one per step, at most T. DPM-Solver++(2M) too: its
+        second order is multistep, reusing the previous step's x̂_0."""
+        return min(steps, self.schedule.num_timesteps)
+
+    def generate(self, num_samples: int, request: SampleRequest) -> Tensor:
+        """:meth:`draw` of the request, clamped to [−1, 1]."""
+        r = request
+        x0 = self.draw(num_samples, r.sampler, r.steps, r.eta, r.generator, r.progress,
+                       x_T=r.x_T, spacing=r.spacing)  # fmt: skip
+        return x0.clamp(-1, 1)
+
+    @torch.no_grad()
+    def draw(
+        self,
+        num_samples: int,
+        sampler: Sampler | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        x_T: Tensor | None = None,
+        eps_fn: EpsFn | None = None,
+        spacing: Spacing | None = None,
+        **cond,
+    ) -> Tensor:
+        """x̂_0 (N, *sample_shape) by DDPM ancestral, DDIM or DPM-Solver++(2M) sampling, not
+        clamped.
+
+        Unset arguments fall back to the module's configured sampler, steps, η and timestep
+        spacing (``logsnr`` for DPM-Solver++: :meth:`timesteps`). ``eps_fn`` replaces
+        :meth:`sampling_eps` and receives ``cond``: a guidance wrapper built on
+        :meth:`sampling_eps`, which holds the ``clip_x0`` clamp.
+        """
+        sampler = sampler or self.sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        timesteps = self.timesteps(steps or self.sample_steps, spacing, sampler)
+        if x_T is None:
+            x_T = torch.randn(
+                (num_samples, *self.sample_shape), generator=generator, device=self.device
+            )
+        return run_sampler(
+            sampler, eps_fn or self.sampling_eps(), self.schedule, x_T, timesteps,
+            eta=self.eta if eta is None else eta, variance=self.variance,
+            generator=generator, progress=progress, **cond,
+        )  # fmt: skip
