@@ -4,9 +4,14 @@ that wrote them."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import math
 import os
 import pickle
+import re
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import TypeVar
@@ -14,10 +19,18 @@ from typing import TypeVar
 import torch
 from lightning import LightningModule
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.overrides import TorchFunctionMode
 
 M = TypeVar("M", bound=LightningModule)
 PARTS_KEY = "part_configs"  # {path: hyper_parameters} of the parts a module loaded by path
 _parts: ContextVar[dict[str, dict] | None] = ContextVar("parts", default=None)
+# What a checkpoint's config may name: our classes, and the instantiator Lightning records.
+TRUSTED_ROOTS = ("diffusion_apps",)
+TRUSTED_PATHS = frozenset({"lightning.pytorch.cli.instantiate_module"})
+TRUST_ENV = "DIFFUSION_APPS_TRUSTED_MODULES"  # comma-separated roots of the user's own methods
+DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+# Parameters and buffers a checkpoint's config may build, over the tensors its file holds.
+SIZE_FACTOR, SIZE_SLACK = 2, 10_000_000
 
 
 class CheckpointError(ValueError):
@@ -75,8 +88,15 @@ def read_tensors(path: str | Path, mmap: bool = False):
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
         raise CheckpointError(
             f"cannot read checkpoint {path}: truncated, corrupt, or it holds objects that "
-            f"weights_only=True refuses ({type(err).__name__}: {str(err).splitlines()[0]})"
+            f"weights_only=True refuses ({first_line(err)})"
         ) from None
+
+
+def first_line(err: BaseException) -> str:
+    """``"Type: first line of the message"``, or the type alone for an empty message (torch's
+    EOFError on a 0-byte file)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -123,10 +143,119 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def import_class(class_path: str) -> type:
-    """The class named by a dotted path, e.g. ``"diffusion_apps.methods.DDPM"``."""
+def trusted(path: str) -> bool:
+    """Whether a checkpoint may name ``path``: under ``diffusion_apps`` or a root listed in
+    ``$DIFFUSION_APPS_TRUSTED_MODULES``, or Lightning's instantiator."""
+    extra = tuple(r.strip() for r in os.environ.get(TRUST_ENV, "").split(",") if r.strip())
+    return path in TRUSTED_PATHS or path.split(".")[0] in TRUSTED_ROOTS + extra
+
+
+def untrusted_error(path: str, where: str) -> CheckpointError:
+    return CheckpointError(
+        f"{where} names {path!r}, which is not a class of diffusion_apps: refused before "
+        f"importing anything (a checkpoint's config could run any installed module's code). "
+        f"If you trust this file and {path.split('.')[0]!r} holds your own method, set "
+        f"{TRUST_ENV}={path.split('.')[0]}"
+    )
+
+
+def check_class_paths(config, where: str) -> None:
+    """Refuse a saved config that names code outside the trusted roots (:func:`trusted`), before
+    anything is imported: every ``class_path`` / ``_class_path`` / ``_instantiator`` value, and
+    any other dotted name of an importable module (jsonargparse imports a string given for a
+    class-typed argument)."""
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                named = key in ("class_path", "_class_path", "_instantiator")
+                if named and isinstance(value, str) and not trusted(value):
+                    raise untrusted_error(value, where)
+                stack.append(value)
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, str) and DOTTED.fullmatch(item) and not trusted(item):
+            root = item.split(".")[0]
+            if importlib.util.find_spec(root) is not None:  # finding a module runs nothing
+                raise untrusted_error(item, where)
+
+
+def import_class(class_path: str, where: str = "the checkpoint") -> type:
+    """The class named by a dotted path, e.g. ``"diffusion_apps.methods.DDPM"``; a path outside
+    the trusted roots (:func:`trusted`) is refused before its module is imported."""
+    if not trusted(class_path):
+        raise untrusted_error(class_path, where)
     module_name, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module_name), name)
+
+
+FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn})
+
+
+def _requested(args: tuple) -> int:
+    """Elements a factory call (``torch.empty(2, 3)`` or ``torch.empty((2, 3))``) asks for."""
+    size = args[0] if args and isinstance(args[0], tuple | list | torch.Size) else args
+    return math.prod(int(n) for n in size if isinstance(n, int))
+
+
+class _FactoryLimit(TorchFunctionMode):
+    """Refuses a tensor factory call larger than ``limit`` elements before it allocates."""
+
+    def __init__(self, limit: int, refuse) -> None:
+        super().__init__()
+        self.limit, self.refuse = limit, refuse
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in FACTORIES and _requested(args) > self.limit:
+            self.refuse(_requested(args), "a tensor", tuple(args))
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def size_limit(state: dict, where: str) -> Iterator[None]:
+    """Refuse, while a module is built from a checkpoint's config, a model far larger than the
+    file's weights: more parameter and buffer elements in all than ``SIZE_FACTOR`` × the file's
+    tensors + ``SIZE_SLACK`` (schedule tables, frozen helpers), or one tensor factory call above
+    that, which stops before the allocation."""
+    from torch.nn.modules import module as nn_module
+
+    stored = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    limit, built = SIZE_FACTOR * stored + SIZE_SLACK, 0
+
+    def refuse(asked: int, name: str, shape: tuple) -> None:
+        raise CheckpointError(
+            f"{where}: its config asks for {asked:,} or more parameter elements (at {name}, "
+            f"{shape}), but the file holds {stored:,} weights: refused before allocating"
+        )
+
+    def count(module, name, tensor):
+        nonlocal built
+        built += 0 if tensor is None else tensor.numel()
+        if built > limit:
+            refuse(built, f"a {type(module).__name__}'s {name}", tuple(tensor.shape))
+
+    hooks = [
+        nn_module.register_module_parameter_registration_hook(count),
+        nn_module.register_module_buffer_registration_hook(count),
+    ]
+    try:
+        with _FactoryLimit(limit, refuse):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def check_finite(state: dict, where: str) -> None:
+    """Refuse weights holding NaN or ±Inf (they sample black images), naming the first tensor."""
+    for key, value in state.items():
+        floating = isinstance(value, torch.Tensor) and value.is_floating_point()
+        if floating and not torch.isfinite(value).all():
+            bad = (~torch.isfinite(value)).sum().item()
+            raise CheckpointError(
+                f"{where}: weight {key!r} {tuple(value.shape)} holds {bad} NaN/Inf values"
+            )
 
 
 def _build(hparams: dict, expected: type[M], what: str, parts: dict | None) -> M:
@@ -136,8 +265,9 @@ def _build(hparams: dict, expected: type[M], what: str, parts: dict | None) -> M
 
     from diffusion_apps.lightning_internals import given_hyperparameters
 
+    check_class_paths(hparams, what)
     hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
-    cls = import_class(hparams["_class_path"])
+    cls = import_class(hparams["_class_path"], what)
     if not issubclass(cls, expected):
         raise CheckpointError(
             f"{what} holds a {cls.__name__} checkpoint, but a {expected.__name__} is expected"
@@ -146,6 +276,13 @@ def _build(hparams: dict, expected: type[M], what: str, parts: dict | None) -> M
     try:  # the module saves this config as its hyper-parameters, as under the CLI
         with given_hyperparameters(hparams):
             return instantiate_module(cls, hparams)
+    except ValueError as err:  # jsonargparse wraps a CheckpointError raised while building
+        cause = err
+        while cause is not None and not isinstance(cause, CheckpointError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
     finally:
         _parts.reset(token)
 
@@ -176,7 +313,9 @@ def load_module(path: str | Path, expected: type[M] = LightningModule) -> M:
         raise CheckpointError(
             f"{path} holds no model config: it was not written by `python -m diffusion_apps fit`"
         )
-    module = _build(hparams, expected, str(path), dict(ckpt.get(PARTS_KEY) or {}))
+    check_finite(ckpt["state_dict"], str(path))
+    with size_limit(ckpt["state_dict"], str(path)):
+        module = _build(hparams, expected, str(path), dict(ckpt.get(PARTS_KEY) or {}))
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:

@@ -69,11 +69,14 @@ def toy_config(in_tmp, monkeypatch):
     return path
 
 
-def test_fit_sample_and_eval_take_a_new_method_unchanged(toy_config, in_tmp):
+def test_fit_sample_and_eval_take_a_new_method_unchanged(toy_config, in_tmp, monkeypatch):
     main(["fit", "--config", str(toy_config)])
     ckpt = in_tmp / "runs/toy/version_0/checkpoints/last.ckpt"
     assert ckpt.is_file()
 
+    with pytest.raises(SystemExit, match="DIFFUSION_APPS_TRUSTED_MODULES=toy_methods"):
+        main(["sample", "--ckpt_path", str(ckpt), "--num_samples", "3", "--out_dir", "drawn"])
+    monkeypatch.setenv("DIFFUSION_APPS_TRUSTED_MODULES", "toy_methods")  # the user's own code
     main(["sample", "--ckpt_path", str(ckpt), "--num_samples", "3", "--out_dir", "drawn"])
     assert sorted(p.name for p in (in_tmp / "drawn").glob("*.png")) == [
         "000000.png", "000001.png", "000002.png", "grid.png",

@@ -86,14 +86,15 @@ def checkpoint_data(ckpt: dict, module):
     embedded digits at the module's sample shape)."""
     from lightning.pytorch.cli import instantiate_module
 
-    from diffusion_apps.checkpoint import import_class
+    from diffusion_apps.checkpoint import check_class_paths, import_class
     from diffusion_apps.data import ImageDataModule
 
     hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    check_class_paths(hparams, "the checkpoint's data config")
     class_path = hparams.pop("_class_path", None)
     hparams.pop("_instantiator", None)
     if class_path is not None:
-        data = instantiate_module(import_class(class_path), hparams)
+        data = instantiate_module(import_class(class_path, "the checkpoint's data config"), hparams)
     else:
         c, s, _ = module.sample_shape
         data = ImageDataModule(dataset="digits", image_size=s, channels=c)
