@@ -11,6 +11,21 @@ from diffusion_apps.data import sources
 from diffusion_apps.data.sampler import ResumableSampler
 
 Source = Literal["digits", "mnist", "fashion_mnist", "cifar10", "celeba", "folder"]
+# how a worker's UnreadableImage ends the message torch re-raises it with
+_WRAPPED = f"{sources.UnreadableImage.__module__}.{sources.UnreadableImage.__qualname__}: "
+
+
+class ImageLoader(DataLoader):
+    """A DataLoader whose unreadable image, found in a worker process, still stops the run with
+    its own one-line message: torch re-raises a worker's error with the worker's traceback as
+    its message, which ends with the original one."""
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except sources.UnreadableImage as err:
+            message = str(err).splitlines()[-1].removeprefix(_WRAPPED)
+            raise sources.UnreadableImage(message) from None
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -36,6 +51,11 @@ class ImageDataModule(L.LightningDataModule):
         download: let torchvision download missing files.
         pin_memory: pin batches in page-locked memory for fast host-to-GPU copies; by default
             (None) exactly when the trainer runs on a CUDA device.
+        bad_images: for "folder", what a file that cannot be read faithfully (corrupt or
+            truncated data, float pixels that are NaN or outside [0, 1] and [0, 255]) does:
+            "stop" with an error naming it, or "skip" it with a warning naming it (files found
+            by the check in ``setup`` are left out and counted; one that breaks later is
+            replaced by the next file).
     """
 
     def __init__(
@@ -51,6 +71,7 @@ class ImageDataModule(L.LightningDataModule):
         random_flip: bool = False,
         download: bool = True,
         pin_memory: bool | None = None,
+        bad_images: Literal["stop", "skip"] = "stop",
     ):
         super().__init__()
         checks = [
@@ -60,6 +81,7 @@ class ImageDataModule(L.LightningDataModule):
             ("batch_size", batch_size, batch_size >= 1),
             ("num_workers", num_workers, num_workers >= 0),
             ("val_fraction", val_fraction, 0.0 < val_fraction < 1.0),
+            ("bad_images", bad_images, bad_images in ("stop", "skip")),
         ]
         for option, value, ok in checks:
             if not ok:
@@ -69,6 +91,7 @@ class ImageDataModule(L.LightningDataModule):
         self.image_size, self.channels = image_size, channels
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.val_fraction, self.seed, self.random_flip = val_fraction, seed, random_flip
+        self.skip_bad = bad_images == "skip"
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.class_names: list[str] | None = None  # set for a labelled "folder"
@@ -109,9 +132,11 @@ class ImageDataModule(L.LightningDataModule):
             return
         if self.dataset == "folder":
             files, labels, names = self._scan_folder()
-            sources.verify_images(files)
-            train, val = sources.split_indices(len(files), self.val_fraction, self.seed)
-            bases = [[(files[i], labels[i]) for i in ix.tolist()] for ix in (train, val)]
+            keep = sources.verify_images(files, self.skip_bad)
+            train, val = sources.split_indices(len(keep), self.val_fraction, self.seed)
+            bases = [
+                [(files[keep[i]], labels[keep[i]]) for i in ix.tolist()] for ix in (train, val)
+            ]
             labelled = names is not None
         else:
             bases = [
@@ -122,7 +147,9 @@ class ImageDataModule(L.LightningDataModule):
         # MNIST-like 28x28 sources get 2 px of background at 32, like the embedded digits.
         pad = 2 if self.dataset in ("mnist", "fashion_mnist") and size == 32 else 0
         self.train_set, self.val_set = (
-            sources.PILImageDataset(base, sources.pil_transform(size, ch, pad), ch, labelled)
+            sources.PILImageDataset(
+                base, sources.pil_transform(size, pad), ch, labelled, self.skip_bad
+            )
             for base in bases
         )
 
@@ -134,7 +161,7 @@ class ImageDataModule(L.LightningDataModule):
         return device is not None and device.type == "cuda"
 
     def _loader(self, dataset: Dataset, sampler: ResumableSampler | None = None) -> DataLoader:
-        return DataLoader(
+        return ImageLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

@@ -7,6 +7,8 @@ imported inside functions because CLI start-up time matters.
 
 import functools
 import importlib.util
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -96,44 +98,118 @@ def embedded_digits(image_size: int, channels: int, val_fraction: float, seed: i
     )
 
 
-def pil_transform(image_size: int, channels: int, pad: int = 0) -> Callable:
-    """PIL image -> float tensor (channels, image_size, image_size) in [-1, 1].
+def pil_transform(image_size: int, pad: int = 0) -> Callable:
+    """PIL image -> float tensor (C, image_size, image_size) in [-1, 1], C the image's bands.
 
     Resize the shorter side then center-crop (or only pad by ``pad`` px, for 28 -> 32 MNIST).
     """
     from torchvision import transforms as T
 
     steps = [T.Pad(pad)] if pad else [T.Resize(image_size), T.CenterCrop(image_size)]
-    steps += [T.ToTensor(), T.Normalize([0.5] * channels, [0.5] * channels)]
+    steps += [T.ToTensor(), T.Normalize([0.5], [0.5])]  # broadcast over any number of bands
     return T.Compose(steps)
 
 
+def convert_image(image, mode: str):
+    """``image`` in the 8-bit PIL ``mode`` ("L" or "RGB"), or as mode "F" in [0, 1] when its
+    pixels are 16-bit, 32-bit integer or float (single-band in PIL), which keeps their precision.
+
+    PIL's own ``convert`` clips such pixels instead of scaling them: a 16-bit image turns white,
+    a float one in [0, 1] black. Integer pixels are read on the 16-bit scale 0..65535 (16-bit
+    PNG, TIFF, PGM); float pixels in [0, 1] as they are, in [0, 255] divided by 255.
+
+    Raises:
+        ValueError: NaN or infinite pixels, or values outside those ranges: no faithful colour.
+    """
+    from PIL import Image
+
+    if image.mode != "F" and not image.mode.startswith("I"):
+        return image.convert(mode)
+    pixels = np.asarray(image, dtype=np.float64)  # (H, W)
+    if not np.isfinite(pixels).all():
+        raise ValueError("float pixels include NaN or infinity, which have no colour")
+    lo, hi = pixels.min(), pixels.max()
+    if image.mode == "F":
+        if lo < 0 or hi > 255:
+            raise ValueError(f"float pixels span [{lo:g}, {hi:g}], neither [0, 1] nor [0, 255]")
+        scale = 1.0 if hi <= 1 else 255.0
+    else:
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"integer pixels span [{lo:g}, {hi:g}], outside 16-bit [0, 65535]")
+        scale = 65535.0
+    return Image.fromarray((pixels / scale).astype(np.float32))  # float32 -> mode "F"
+
+
+class UnreadableImage(ValueError):
+    """An image file that cannot be read faithfully; the one-line message names it."""
+
+
+def _named(path: Path, err: BaseException) -> str:
+    return f"{path} ({type(err).__name__}: {err})"
+
+
+def cannot_read(path: Path, err: BaseException) -> UnreadableImage:
+    """The error for ``path``, with why (``err``)."""
+    return UnreadableImage(f"dataset='folder': cannot read image file {_named(path, err)}")
+
+
 class PILImageDataset(Dataset):
-    """Wraps a dataset of (PIL image or file path, target): converts to "L"/"RGB", transforms.
+    """Wraps a dataset of (PIL image or file path, target): converts (:func:`convert_image`),
+    transforms.
 
     Args:
         base: yields (PIL image or Path, target); target is ignored when ``labelled`` is False.
         transform: from :func:`pil_transform`.
         channels: 1 -> PIL mode "L", 3 -> "RGB".
         labelled: whether targets are class indices; otherwise every label is -1.
+        skip_bad: a file that cannot be read (changed since :func:`verify_images` passed it) is
+            replaced by the next one that can, with a warning naming it; otherwise
+            :class:`UnreadableImage` names it.
     """
 
-    def __init__(self, base: Dataset, transform: Callable, channels: int, labelled: bool):
+    def __init__(
+        self,
+        base: Dataset,
+        transform: Callable,
+        channels: int,
+        labelled: bool,
+        skip_bad: bool = False,
+    ):
         self.base, self.transform, self.labelled = base, transform, labelled
+        self.channels, self.skip_bad = channels, skip_bad
         self.mode = "L" if channels == 1 else "RGB"
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= i < len(self):  # ends `for item in dataset`, despite the wrap below
+            raise IndexError(i)
+        for j in range(i, i + len(self)):
+            image, target = self.base[j % len(self)]
+            try:
+                x = self._tensor(image)
+            except UnreadableImage as err:
+                if not self.skip_bad:
+                    raise
+                warnings.warn(f"{err}; skipped, the next image in its place", stacklevel=2)
+                continue
+            label = int(target) if self.labelled else -1
+            return x, torch.tensor(label, dtype=torch.int64)
+        raise UnreadableImage(f"dataset='folder': none of the {len(self)} images can be read")
+
+    def _tensor(self, image) -> torch.Tensor:
         from PIL import Image
 
-        image, target = self.base[i]
-        image = Image.open(image) if isinstance(image, Path) else image
-        with image:  # closes the file of lazily opened images
-            x = self.transform(image.convert(self.mode))
-        label = int(target) if self.labelled else -1
-        return x, torch.tensor(label, dtype=torch.int64)
+        if not isinstance(image, Path):
+            x = self.transform(convert_image(image, self.mode))
+        else:
+            try:
+                with Image.open(image) as opened:  # closes the file of lazily opened images
+                    x = self.transform(convert_image(opened, self.mode))
+            except Exception as err:  # truncated or corrupt data, pixels without a colour
+                raise cannot_read(image, err) from err
+        return x.expand(self.channels, -1, -1)  # (C, H, W); a mode "F" image has one channel
 
 
 def torchvision_split(name: str, root: str, train: bool, download: bool) -> Dataset:
@@ -156,11 +232,18 @@ def torchvision_split(name: str, root: str, train: bool, download: bool) -> Data
         ) from err
 
 
+def _listing(items: Sequence, most: int = 5) -> str:
+    shown = ", ".join(str(item) for item in items[:most])
+    return shown if len(items) <= most else f"{shown}, ... ({len(items)} in all)"
+
+
 def scan_folder(root: str) -> tuple[list[Path], list[int], list[str] | None]:
     """Image files under ``root`` (recursive, extension case-insensitive, skipping hidden paths).
 
     Labels come from first-level sub-folders when every image sits in one (class names sorted
-    to indices); otherwise all labels are -1 and class names are None.
+    to indices); otherwise all labels are -1 and class names are None. Images at the top of
+    ``root`` beside two or more such sub-folders are refused: a stray file would otherwise
+    silently drop the labels of a class tree.
 
     Returns:
         files (sorted), labels, class_names.
@@ -179,27 +262,64 @@ def scan_folder(root: str) -> tuple[list[Path], list[int], list[str] | None]:
         patterns = ", ".join(f"*{e}" for e in IMAGE_EXTENSIONS)
         raise FileNotFoundError(f"dataset='folder': no images ({patterns}) found under {base}")
     parts = [p.relative_to(base).parts for p in files]
-    if all(len(q) > 1 for q in parts):
-        class_names = sorted({q[0] for q in parts})
+    top = [p for p, q in zip(files, parts, strict=True) if len(q) == 1]
+    class_names = sorted({q[0] for q in parts if len(q) > 1})
+    if not top:
         index = {c: i for i, c in enumerate(class_names)}
         return files, [index[q[0]] for q in parts], class_names
+    if len(class_names) >= 2:
+        n, it = len(top), "it" if len(top) == 1 else "them"
+        raise ValueError(
+            f"dataset='folder': {n} image file{'s' * (n > 1)} at the top of {base} beside the "
+            f"class folders {_listing(class_names)}: {_listing(top)}; move {it} into a class "
+            f"folder for a labelled set, or move every image to the top of {base} for an "
+            "unlabelled one"
+        )
     return files, [-1] * len(files), None
 
 
-def _image_error(path: Path) -> str | None:
+def _ends_like_jpeg(path: Path) -> bool:
+    with path.open("rb") as file:
+        file.seek(-2, os.SEEK_END)
+        return file.read() == b"\xff\xd9"  # EOI, the marker after the last scan
+
+
+def _image_error(path: Path) -> BaseException | None:
+    """Why ``path`` cannot be read faithfully, or None. Decodes only what cheaper checks of the
+    file's structure would miss: a PNG's chunk checksums run to its end, so a cut one fails
+    ``verify``; a JPEG is decoded (at 1/8 scale, which still reads all its data) only when it
+    lacks its end marker; other formats are decoded, and their pixel values checked."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            image.verify()  # header + checksums, no decoding: cheap
+            if image.format == "PNG":
+                image.verify()
+            elif image.format != "JPEG" or not _ends_like_jpeg(path):
+                if image.format == "JPEG":  # (1, 1) asks for the smallest scale, 1/8
+                    image.draft(image.mode, (1, 1))
+                convert_image(image, "L")
     except Exception as err:
-        return f"{type(err).__name__}: {err}"
+        return err
     return None
 
 
-def verify_images(files: Sequence[Path]) -> None:
-    """Raise ValueError naming the first file PIL cannot read, before training starts."""
+def verify_images(files: Sequence[Path], skip: bool = False) -> list[int]:
+    """Indices of the ``files`` that PIL can read faithfully, checked before training starts.
+
+    Raises :class:`UnreadableImage` naming the first file that cannot be read, or with ``skip``
+    leaves such files out, with one warning that counts and names them (and raises only when
+    none is left).
+    """
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for path, error in zip(files, pool.map(_image_error, files), strict=True):
-            if error is not None:
-                raise ValueError(f"dataset='folder': cannot read image file {path} ({error})")
+        errors = list(pool.map(_image_error, files))
+    bad = [(path, err) for path, err in zip(files, errors, strict=True) if err is not None]
+    if bad and (not skip or len(bad) == len(files)):
+        raise cannot_read(*bad[0])
+    if bad:
+        warnings.warn(
+            f"dataset='folder': skipped {len(bad)} of {len(files)} image files that cannot be "
+            f"read: {_listing([_named(*b) for b in bad])}",
+            stacklevel=2,
+        )
+    return [i for i, err in enumerate(errors) if err is None]
