@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from typing import Literal
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 
+from diffusion_apps import stop
 from diffusion_apps.distributed import gather
 from diffusion_apps.lightning_internals import last_saved_step, save_last_checkpoint
 
@@ -38,6 +40,7 @@ class EMA(WeightAveraging):
         # copied from the live model at every update instead of averaged.
         super().__init__(use_buffers=False, multi_avg_fn=self._update)
         self.decay, self.warmup, self.update_every_n_steps = decay, warmup, update_every_n_steps
+        self._validating = False  # the EMA weights are in the model (swapped in for validation)
 
     def decay_at(self, num_updates: int) -> float:
         """d_n for the n-th update."""
@@ -53,6 +56,23 @@ class EMA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        super().on_validation_epoch_start(trainer, pl_module)
+        self._validating = True
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        self._validating = False
+
+    def restore_training_weights(self, trainer, pl_module) -> None:
+        """Put the training weights back in the model when a validation stopped with the EMA
+        weights in it (a stop inside its sampling); else nothing. Before ``last`` is written."""
+        if self._validating:
+            self.on_validation_epoch_end(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.restore_training_weights(trainer, pl_module)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -185,25 +205,89 @@ class RandomState(Callback):
 
 
 class Checkpoint(ModelCheckpoint):
-    """ModelCheckpoint that also writes ``last`` at the final step, and on SIGTERM.
+    """ModelCheckpoint that also writes ``last`` at the final step and when the run is stopped,
+    and replaces a checkpoint of the same name instead of writing ``-v1`` beside it.
 
     Lightning's writes ``last`` only with a periodic save, so a run that ends by ``max_steps``
     or ``max_time`` between two of them leaves a stale ``last``, and ``--ckpt_path last``
-    would go back in time. On SIGTERM (a preempted job), Lightning trains on to the end of the
-    epoch and exits without saving; here the run stops after the current step, with ``last``
-    written. Written at the final ``on_train_batch_end``, before the EMA callback copies the
-    averaged weights into the model at the end of training.
+    would go back in time. Written at the final ``on_train_batch_end``, before the EMA callback
+    copies the averaged weights into the model at the end of training.
+
+    Stopped (SIGTERM, Ctrl-C: :mod:`diffusion_apps.stop`; Lightning trains on to the end of the
+    epoch on SIGTERM and saves nothing on Ctrl-C): after a training step, every rank stops
+    there, ``last`` written, by raising :class:`~diffusion_apps.stop.StopRequested`; inside a
+    validation (its sampling loops stop within a step), ``last`` is written in ``on_exception``
+    with the training weights (the EMA callback's swapped back). Not written inside a training
+    step's update (a second Ctrl-C: the weights may be half updated), nor inside a validation
+    on several ranks (the others wait in a collective). :attr:`stopped` says what was written,
+    for the CLI's message.
+
+    Args:
+        enable_version_counter: ModelCheckpoint's, off here: a rerun into the same version
+            (``make demo`` twice) replaces ``last.ckpt`` and a same-step ``epoch=…`` file
+            (written whole, then renamed) instead of piling up ``last-v1.ckpt``,
+            ``…-v1.ckpt`` copies beside them, while ``sample`` would read the first run's.
+        **kwargs: ModelCheckpoint's other arguments.
     """
 
+    def __init__(self, enable_version_counter: bool = False, **kwargs) -> None:
+        super().__init__(enable_version_counter=enable_version_counter, **kwargs)
+        self.stopped: str | None = None  # "at step 37: saved runs/…/last.ckpt", after a stop
+        self._training = self._updating = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._training = True
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._updating = True  # until the batch ends: the weights are being changed
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._updating = False
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        signalled = trainer.received_sigterm
-        if trainer.strategy.reduce_boolean_decision(signalled, all=False):  # any rank
+        signum = stop.requested() or (signal.SIGTERM if trainer.received_sigterm else None)
+        signalled = trainer.strategy.reduce_boolean_decision(signum is not None, all=False)
+        if signalled:  # any rank
             trainer.should_stop = True
         last_epoch = trainer.max_epochs not in (None, -1) and (
             trainer.current_epoch + 1 >= trainer.max_epochs
             and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         )
         final = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step or last_epoch
-        if final and self.save_last and last_saved_step(self) != trainer.global_step:
+        saved = trainer.fast_dev_run or last_saved_step(self) == trainer.global_step
+        if final and self.save_last and not saved:
             save_last_checkpoint(self, trainer)
+        if signalled:
+            raise stop.StopRequested(signum or signal.SIGTERM)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not trainer.fast_dev_run:  # Lightning's writes `last` here even then (2.6)
+            super().on_train_end(trainer, pl_module)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, *args) -> None:
+        stop.check()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        for callback in trainer.callbacks:  # the training weights, before anything is saved
+            if isinstance(callback, EMA):
+                callback.restore_training_weights(trainer, pl_module)
+        super().on_exception(trainer, pl_module, exception)
+        if isinstance(exception, stop.StopRequested | KeyboardInterrupt) or stop.requested():
+            self.stopped = self._save_on_stop(trainer)
+
+    def _save_on_stop(self, trainer) -> str:
+        """Write ``last`` where the run stopped, if it can; what was written."""
+        step = trainer.global_step
+        if not self._training:
+            return "before training started: nothing new to save"
+        newest = self.last_model_path or self.best_model_path
+        newest = f"the newest checkpoint is {newest}" if newest else "no checkpoint written"
+        if self._updating:
+            return f"inside the update of step {step + 1}: not saved, {newest}"
+        if trainer.fast_dev_run or not self.save_last:
+            return f"at step {step}: not saved (fast_dev_run or save_last off), {newest}"
+        if last_saved_step(self) != step:
+            if trainer.world_size > 1:
+                return f"at step {step}, inside validation on {trainer.world_size} ranks: {newest}"
+            save_last_checkpoint(self, trainer)
+        return f"at step {step}: saved {self.last_model_path}"

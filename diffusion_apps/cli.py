@@ -28,15 +28,60 @@ class DiffusionCLI(KeepConfiguredModel, LightningCLI):
     """LightningCLI whose subclass-mode model and data come from the YAML ``class_path``."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
-        super().__init__(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            run=run,
-        )
+        from diffusion_apps import stop
+
+        self._command = list(sys.argv[1:] if args is None else args)
+        self._lock = None  # the run folder's, while fit runs
+        with stop.on_signals():  # SIGTERM, Ctrl-C: stop at the next step, `last` written
+            try:
+                super().__init__(
+                    LightningModule,
+                    LightningDataModule,
+                    subclass_mode_model=True,
+                    subclass_mode_data=True,
+                    save_config_kwargs={"overwrite": True},
+                    args=args,
+                    run=run,
+                )
+            except (SystemExit, KeyboardInterrupt):  # Lightning exits 1 on a KeyboardInterrupt
+                signum = stop.requested()
+                if signum is None:
+                    raise
+                trainer = getattr(self, "trainer", None)
+                if trainer is None or trainer.is_global_zero:
+                    print(self._stopped(signum), file=sys.stderr, flush=True)
+                raise SystemExit(128 + signum) from None
+            finally:
+                if self._lock is not None:
+                    self._lock.release()
+
+    def _stopped(self, signum: int) -> str:
+        """The line a stopped run ends with: what was saved, and the command that resumes."""
+        import os
+        import shlex
+
+        from diffusion_apps.callbacks import Checkpoint
+        from diffusion_apps.stop import signal_name
+
+        name, subcommand = signal_name(signum), getattr(self, "subcommand", None)
+        if subcommand != "fit":
+            return f"stopped by {name}" + (f" during {subcommand}" if subcommand else "")
+        callbacks = getattr(getattr(self, "trainer", None), "callbacks", [])
+        what = "with nothing saved (no diffusion_apps.callbacks.Checkpoint)"
+        for checkpoint in (c for c in callbacks if isinstance(c, Checkpoint)):
+            what = checkpoint.stopped or "before training started: nothing new to save"
+            break
+        kept, args = [], iter(self._command)  # the command, its --ckpt_path replaced by `last`
+        for arg in args:
+            if arg == "--ckpt_path":
+                next(args, None)
+            elif not arg.startswith("--ckpt_path="):
+                kept.append(arg)
+        python = os.path.relpath(sys.executable)
+        python = sys.executable if python.startswith("..") else python
+        python = "torchrun …" if "TORCHELASTIC_RUN_ID" in os.environ else shlex.quote(python)
+        command = shlex.join(["-m", "diffusion_apps", *kept, "--ckpt_path", "last"])
+        return f"stopped by {name} {what}; resume with: {python} {command}"
 
     def add_arguments_to_parser(self, parser) -> None:
         from diffusion_apps.callbacks import FiniteLoss, RandomState
@@ -63,6 +108,8 @@ class DiffusionCLI(KeepConfiguredModel, LightningCLI):
         self._last = None  # the checkpoint `--ckpt_path last` stands for, when found
         if self.subcommand == "fit" and self.config.fit.ckpt_path == "last":
             self._last = continue_last_version(self.config.fit.trainer.logger)
+            if self._last is not None:  # Lightning's `last` would be the newest last*.ckpt
+                self.config.fit.ckpt_path = str(self._last.absolute())
 
     def _check_ckpt_path(self) -> None:
         """A checkpoint to resume from or evaluate must fit the model, or stop here, before
@@ -76,32 +123,71 @@ class DiffusionCLI(KeepConfiguredModel, LightningCLI):
             return
         check_resumable(path, self.model)
 
-    before_fit = before_validate = before_test = before_predict = _check_ckpt_path
+    before_validate = before_test = before_predict = _check_ckpt_path
+
+    def before_fit(self) -> None:
+        """The checkpoint check; then one run at a time in a version folder
+        (:mod:`diffusion_apps.run_lock`), taken by rank 0 before anything is written there."""
+        from diffusion_apps.run_lock import lock_run
+
+        self._check_ckpt_path()  # a run refused here leaves no version folder
+        if self.trainer.is_global_zero and self.trainer.log_dir is not None:  # fast_dev_run: None
+            self._lock = lock_run(self.trainer.log_dir)
 
 
 def continue_last_version(logger) -> Path | None:
-    """With ``--ckpt_path last``, log to the version directory whose ``checkpoints/last.ckpt``
-    is newest, so the resumed run finds that checkpoint and goes on in the same TensorBoard run;
-    returns that checkpoint.
+    """With ``--ckpt_path last``, the checkpoint to resume: the newest whole one of the version
+    directory (the logger's ``version``, else the version whose newest checkpoint is newest, to
+    which the logger is then set, so the resumed run goes on in the same TensorBoard run).
 
     Lightning would open a new version directory, find no checkpoint there and train from
-    scratch. Nothing changes when no checkpoint exists yet (a first run) or the logger's
-    ``version`` is set, nor for a logger without ``save_dir``/``name``/``version``.
+    scratch. Newest by time of writing: ``last.ckpt``, unless a run killed while writing it
+    left it one save behind an ``epoch=…`` file (said on stderr), from which Lightning's
+    ``last`` would train the steps again and write an ``epoch=…-v1`` copy beside it.
+    Unreadable files are skipped (said on stderr); none readable is a CheckpointError. None
+    when no checkpoint exists yet (a first run), or for a logger without
+    ``save_dir``/``name``/``version``.
     """
+    from diffusion_apps.checkpoint import CheckpointError, read_tensors
+
     args = getattr(logger, "init_args", None)
     if args is None or not {"save_dir", "name", "version"} <= set(vars(args)):
         return None
     runs = Path(args.save_dir) / (args.name or "")
     version = args.version
     if version is not None:
-        last = runs / (f"version_{version}" if isinstance(version, int) else version)
-        last = last / "checkpoints/last.ckpt"
-        return last if last.is_file() else None
-    lasts = sorted(runs.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not lasts:
+        folders = [runs / (f"version_{version}" if isinstance(version, int) else version)]
+    else:
+        folders = list(runs.glob("version_*"))
+    ckpts = [p for folder in folders for p in (folder / "checkpoints").glob("*.ckpt")]
+    if not ckpts:
         return None
-    args.version = lasts[-1].parents[1].name
-    return lasts[-1]
+    newest = max(ckpts, key=lambda p: p.stat().st_mtime_ns)
+    if version is None:
+        args.version = newest.parents[1].name
+
+    def step_of(path: Path) -> int | None:  # None: not a whole Lightning checkpoint
+        try:
+            ckpt = read_tensors(path, mmap=True)  # the tensors stay on disk
+        except CheckpointError as err:
+            print(f"--ckpt_path last: skipped {err}", file=sys.stderr)
+            return None
+        return ckpt.get("global_step") if isinstance(ckpt, dict) and "state_dict" in ckpt else None
+
+    ckpts = sorted(newest.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for path in ckpts:
+        step = step_of(path)
+        if step is None:
+            continue
+        last = path.with_name("last.ckpt")
+        if path != last:
+            behind = f"{last.name} (step {step_of(last)})" if last.is_file() else "no last.ckpt"
+            print(
+                f"--ckpt_path last: {path} (step {step}) is newer than {behind}: resuming from it",
+                file=sys.stderr,
+            )
+        return path
+    raise CheckpointError(f"--ckpt_path last: no readable checkpoint in {newest.parent}")
 
 
 def run_command(name: str, args: Sequence[str]) -> None:

@@ -4,7 +4,7 @@ no other module of the package touches a Lightning private name.
 Each test below fails if Lightning changes the private name an adapter relies on, or what it
 does. End to end elsewhere: a resume from another method's checkpoint is refused
 (tests/test_bad_input.py::test_resume_from_another_method), ``last`` is written at the final
-step (tests/test_resume.py) and on SIGTERM (tests/test_faults.py), and the LDM autoencoder
+step (tests/test_resume.py) and on SIGTERM (tests/test_stopping.py), and the LDM autoencoder
 trains under DDP (tests/test_ddp.py).
 """
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from diffusion_apps import stop
 from diffusion_apps.diffusion.schedule import NoiseSchedule, per_sample
 from diffusion_apps.diffusion.timesteps import subsequence_tables
 from diffusion_apps.diffusion.variance import join_output, log_variance_bounds, split_output
@@ -80,7 +81,8 @@ def _run(
     The loop gets them as Python floats: a step is the network call plus two elementwise passes
     (a third for the noise), and nothing in it synchronises host and device. A 2C-channel output
     [ε̂, v] is read for its ε̂; with ``log_var_bounds`` (S, 2), rows (log β̃', log β'), σ is then
-    only a flag (> 0: add noise) and the noise's scale is Σ_θ^½ from v, elementwise.
+    only a flag (> 0: add noise) and the noise's scale is Σ_θ^½ from v, elementwise. A stop
+    requested by a signal raises :class:`~diffusion_apps.stop.StopRequested` before a step.
     """
     alpha_bar, c_x0, c_x, c_eps, sigma = table.unbind(1)
     c_u = c_eps - c_x0 * ((1 - alpha_bar) / alpha_bar).sqrt()
@@ -89,6 +91,7 @@ def _run(
     bounds = [None] * len(rows) if log_var_bounds is None else log_var_bounds.tolist()
     t_all = torch.tensor(list(ts), dtype=torch.long, device=x.device)
     for i, (c_u_t, c_x_t, sigma_t) in enumerate(tqdm(rows, disable=not progress)):
+        stop.check()  # SIGTERM/Ctrl-C: stop within a step (a validation grid takes minutes)
         eps, v = split_output(eps_fn(x, t_all[i].expand(x.shape[0]), **cond), x)
         x_next = eps.mul(c_u_t).add_(x, alpha=c_x_t)
         if sigma_t > 0:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from diffusion_apps import stop
 from diffusion_apps.diffusion.samplers import EpsFn, clip_denoised
 from diffusion_apps.diffusion.schedule import NoiseSchedule
 from diffusion_apps.diffusion.timesteps import subsequence_tables
@@ -68,6 +69,7 @@ def dpm_solver_pp_2m(
 
     x, x0_prev, h_prev = x_T, None, None
     for i, (a_s, s_s, sigma_ratio, a_t, h_i) in enumerate(tqdm(rows[:-1], disable=not progress)):
+        stop.check()  # SIGTERM/Ctrl-C: stop within a step
         x0 = data_prediction(x, i, a_s, s_s)
         d = x0
         if x0_prev is not None:  # second order: extrapolate x_θ along λ

@@ -7,6 +7,7 @@ loop the ``sample`` command draws with too. The floor row scores real val agains
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -14,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from diffusion_apps import stop
 from diffusion_apps.distributed import first_images, max_over_ranks, rank_batches
 from diffusion_apps.evaluation.report import Row
 from diffusion_apps.methods.protocol import Generation, generation_of
@@ -83,19 +85,34 @@ def sample_batches(
     generator seeded ``seed``, asked for the ``inputs`` of samples start … start + n − 1
     (``labels``/``prompts`` cycled, or the method's default classes:
     :meth:`~diffusion_apps.methods.protocol.Generation.inputs_for`), the network under
-    ``precision``'s autocast; images (n, C, H, W) in [−1, 1], fp32; seconds of sampling."""
+    ``precision``'s autocast; images (n, C, H, W) in [−1, 1], fp32; seconds of sampling.
+
+    SIGTERM or Ctrl-C stops it within a sampler step (:mod:`diffusion_apps.stop`): a
+    :class:`~diffusion_apps.stop.StopRequested` (exit code 128 + the signal) that says how many
+    samples were drawn (and handed on) before it; outside a run that handles it (``fit``), the
+    line is printed here."""
     generation, device = generation_of(module), module.device
-    for start, n, seed in batches:
-        generator = torch.Generator(device).manual_seed(seed)
-        inputs = generation.inputs_for(start, n, labels, prompts)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        tic = time.perf_counter()
-        with autocast(device, precision):
-            x = module.sample(n, generator=generator, **inputs, **settings).float()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        yield start, x, inputs, time.perf_counter() - tic
+    total, drawn = sum(n for _, n, _ in batches), 0
+    with stop.on_signals() as outermost:
+        try:
+            for start, n, seed in batches:
+                stop.check()
+                generator = torch.Generator(device).manual_seed(seed)
+                inputs = generation.inputs_for(start, n, labels, prompts)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                tic = time.perf_counter()
+                with autocast(device, precision):
+                    x = module.sample(n, generator=generator, **inputs, **settings).float()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                yield start, x, inputs, time.perf_counter() - tic
+                drawn += n  # the caller is done with them: it asks for the next batch
+        except stop.StopRequested as stopped:
+            stopped.done = stopped.done or f"{drawn} of {total} samples drawn, the rest not"
+            if outermost:
+                print(stopped, file=sys.stderr, flush=True)
+            raise
 
 
 def generation_rows(module, name, step, settings, metric, args, rank, world) -> tuple[list, list]:
