@@ -136,11 +136,27 @@ def check_resumable(path: str | Path, module: LightningModule) -> None:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"``: CUDA when available (under torchrun the GPU of ``LOCAL_RANK``), else the CPU;
-    otherwise ``torch.device(device)``."""
+    otherwise ``torch.device(device)``, which must exist here (a ValueError says why not)."""
     if device == "auto":
         cuda = torch.cuda.is_available()
         return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N"
+        ) from None
+    available = {
+        "cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()
+    }.get(resolved.type, False)  # fmt: skip
+    if resolved.type == "cuda" and available and resolved.index is not None:
+        available = resolved.index < torch.cuda.device_count()
+    if not available:
+        raise ValueError(
+            f"--device {device!r}: no such device on this machine (CUDA available: "
+            f"{torch.cuda.is_available()}, {torch.cuda.device_count()} GPUs); use auto or cpu"
+        )
+    return resolved
 
 
 def trusted(path: str) -> bool:

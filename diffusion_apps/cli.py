@@ -11,6 +11,8 @@ codebase's released checkpoint into one of ours, ``export`` one of ours into a d
 
 from __future__ import annotations
 
+import errno
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -190,32 +192,141 @@ def continue_last_version(logger) -> Path | None:
     raise CheckpointError(f"--ckpt_path last: no readable checkpoint in {newest.parent}")
 
 
+# A full or read-only disk, a quota, a file where a folder should be: the machine, not a bug.
+ENVIRONMENT_ERRORS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+    errno.ENOTDIR, errno.EISDIR,
+})  # fmt: skip
+
+
+LIGHTNING_COMMANDS = {
+    "fit": "train a model from a config (--config configs/ddpm.yaml)",
+    "validate": "the validation loop of a config and checkpoint",
+    "test": "the test loop of a config and checkpoint",
+    "predict": "one sample per predict item (prefer sample)",
+}
+ALL_COMMANDS = (*LIGHTNING_COMMANDS, *COMMANDS)
+MAX_CONFIG_VALUES = 1_000_000  # a config's values once YAML aliases are expanded
+NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", re.IGNORECASE)
+
+
+def overview() -> str:
+    """``python -m diffusion_apps --help``: every command, ours and Lightning's."""
+    ours = {name: (fn.__doc__ or "").strip().splitlines()[0] for name, fn in COMMANDS.items()}
+    ours = {name: text.replace("``", "") for name, text in ours.items()}
+    lines = [f"usage: python -m diffusion_apps {{{','.join(ALL_COMMANDS)}}} ...", ""]
+    lines += [f"  {name:<11} {text}" for name, text in {**LIGHTNING_COMMANDS, **ours}.items()]
+    lines += ["", "python -m diffusion_apps <command> --help lists a command's options."]
+    return "\n".join(lines)
+
+
+def negative_values_joined(args: Sequence[str]) -> list[str]:
+    """``--opt -1e-3`` as ``--opt=-1e-3``: argparse reads a value that starts with ``-`` as an
+    option ("expected one argument"), and a negative number cannot be an option's name."""
+    out: list[str] = []
+    for arg in args:
+        if NUMBER.fullmatch(arg) and out and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def config_files(args: Sequence[str]) -> list[Path]:
+    """The files given to ``--config`` (``--config X`` or ``--config=X``)."""
+    files = [b for a, b in zip(args, args[1:], strict=False) if a == "--config"]
+    files += [a.partition("=")[2] for a in args if a.startswith("--config=")]
+    return [Path(f) for f in files if Path(f).is_file()]
+
+
+def check_config_file(path: Path) -> None:
+    """A ValueError for a config file that is empty, not a mapping, or expands through YAML
+    aliases to more than :data:`MAX_CONFIG_VALUES` values (a "billion laughs"), counted on the
+    composed node graph, which shares an aliased node instead of copying it."""
+    import yaml
+
+    try:
+        root = yaml.compose(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"config {path} is not valid YAML: {err}") from None
+    if root is None:
+        raise ValueError(f"config {path} is empty")
+    if not isinstance(root, yaml.MappingNode):
+        raise ValueError(f"config {path} must be a mapping of options (fit: trainer:, model: …)")
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:  # the values of ``node`` once expanded, each shared node once
+        if id(node) not in sizes:
+            children = node.value if isinstance(node.value, list) else []
+            flat = [n for c in children for n in (c if isinstance(c, tuple) else (c,))]
+            sizes[id(node)] = 1 + sum(size(c) for c in flat)
+        return sizes[id(node)]
+
+    if size(root) > MAX_CONFIG_VALUES:
+        raise ValueError(
+            f"config {path} expands to {size(root):,} values through YAML aliases (at most "
+            f"{MAX_CONFIG_VALUES:,} are read)"
+        )
+
+
+def short_parse_error(message: str) -> str:
+    """jsonargparse's error without its scaffolding (the union's subtypes, "Expected a
+    NoneType", the value echoed back): the path to the bad option and what is wrong with it."""
+    noise = ("Does not validate against any of the Union", "Subtypes:", "Errors:", "Given value")
+    lines = (line.strip().lstrip("- ").rstrip(":") for line in message.splitlines())
+    kept = [ln for ln in lines if ln and not ln.startswith(noise) and "NoneType" not in ln]
+    return "; ".join(kept) or message
+
+
 def run_command(name: str, args: Sequence[str]) -> None:
     """One of :data:`~diffusion_apps.commands.COMMANDS`: a jsonargparse CLI of its typed
     function."""
     from jsonargparse import auto_cli
 
-    auto_cli(COMMANDS[name], args=list(args), as_positional=False)
+    prog = f"python -m diffusion_apps {name}"
+    auto_cli(COMMANDS[name], args=list(args), as_positional=False, prog=prog, exit_on_error=False)
 
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point; ``args`` replaces ``sys.argv[1:]`` (tests call ``main([...])`` in-process)."""
-    given, args = args, list(sys.argv[1:] if args is None else args)
+    given, args = args, negative_values_joined(sys.argv[1:] if args is None else args)
+    if given is None:
+        sys.argv[1:] = args
+    if not args or args[0] in ("-h", "--help"):
+        print(overview())
+        return
+    if args[0] not in (*LIGHTNING_COMMANDS, *COMMANDS) and not args[0].startswith("-"):
+        sys.exit(f"error: unknown command {args[0]!r}: choose from {', '.join(ALL_COMMANDS)}")
+    from argparse import ArgumentError
+
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from diffusion_apps.callbacks import NonFiniteLossError
-    from diffusion_apps.checkpoint import CheckpointError
+    from diffusion_apps.checkpoint import CheckpointError, first_line
 
     try:
-        if args and args[0] in COMMANDS:
+        for path in config_files(args):
+            check_config_file(path)
+        if args[0] in COMMANDS:
             run_command(args[0], args[1:])
         else:
             DiffusionCLI(args=None if given is None else args)  # None: Lightning reads argv
     except (NonFiniteLossError, CheckpointError) as err:  # the message says it all
         sys.exit(f"error: {err}")
+    except ArgumentError as err:  # jsonargparse's, raised (exit_on_error=False), not printed
+        command = f"python -m diffusion_apps {args[0]} --help"
+        sys.exit(f"error: {short_parse_error(str(err))} ({command} lists the options)")
+    except MisconfigurationException as err:  # Lightning's checks of the trainer's options
+        sys.exit(f"error: trainer: {first_line(err).partition(': ')[2] or err}")
     except (ValueError, FileNotFoundError) as err:
         check = failed_check(err)
         if check is None:
             raise
         sys.exit(f"error: {check}")
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRORS:
+            raise
+        sys.exit(f"error: {err.strerror}: {err.filename or 'the output'}")
 
 
 def failed_check(err: BaseException) -> BaseException | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from torch import Tensor
@@ -22,11 +23,28 @@ def grid(images: Tensor, nrow: int | None = None) -> Tensor:
     return make_grid(to_unit(images), nrow=nrow, padding=1)
 
 
-def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Save ``grid(images, nrow)`` as a PNG, creating its folder."""
+def save_png(image: Tensor, path: str | Path) -> Path:
+    """Write one image (C, H, W) in [0, 1] as a PNG, whole or not at all: it is written beside
+    ``path`` and renamed over it, so a full disk or a kill leaves no partial PNG. An OSError
+    becomes a ValueError naming the file."""
     from torchvision.utils import save_image
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid(images, nrow), path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        save_image(image, partial, format="png")
+        os.replace(partial, path)
+    except OSError as err:
+        raise ValueError(
+            f"cannot write {path} ({type(err).__name__}: {err.strerror or err})"
+        ) from None
+    finally:
+        partial.unlink(missing_ok=True)
     return path
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Save ``grid(images, nrow)`` as a PNG (:func:`save_png`), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_png(grid(images, nrow), path)

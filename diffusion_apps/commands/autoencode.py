@@ -54,7 +54,7 @@ def autoencode(
     from torch.utils.data import DataLoader
 
     from diffusion_apps.checkpoint import load_module, read_checkpoint, resolve_device
-    from diffusion_apps.commands.common import checkpoint_data
+    from diffusion_apps.commands.common import checkpoint_data, writable_folder
     from diffusion_apps.images import save_grid
     from diffusion_apps.methods.protocol import autoencoding_of
 
@@ -63,6 +63,7 @@ def autoencode(
         raise ValueError(f"num_images must be >= {least} for {mode}, got {num_images}")
     dev = resolve_device(device)
     module = load_module(ckpt_path).to(dev)
+    out = writable_folder(out_dir or Path(ckpt_path).parent.parent / "autoencode")
     modes = getattr(autoencoding_of(module), "modes", ())
     if not modes:
         raise SystemExit(
@@ -106,7 +107,6 @@ def autoencode(
         scales = [0.0, 0.3, 1.0, 2.0, 3.0] if scales is None else scales
         grid = module.manipulate(x, probe, attribute, scales, **paired)
         grid, nrow = torch.cat([x[:, None], grid], dim=1), len(scales) + 1
-    out = Path(out_dir or Path(ckpt_path).parent.parent / "autoencode")
     path = out / f"{mode}.png"
     save_grid(grid.flatten(0, 1) if grid.dim() == 5 else grid, path, nrow=nrow)
     print(f"wrote {path}")

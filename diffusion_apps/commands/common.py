@@ -100,3 +100,43 @@ def checkpoint_data(ckpt: dict, module):
         data = ImageDataModule(dataset="digits", image_size=s, channels=c)
     data.setup("validate")
     return data
+
+
+def writable_folder(path: str | Path, flag: str = "--out_dir") -> Path:
+    """``path`` as a folder this process can write to, created if missing; else a ValueError
+    naming it, before any work starts (a file in its place, a read-only or missing parent)."""
+    import os
+
+    from diffusion_apps.checkpoint import first_line
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write to {flag} {path} ({first_line(err)})") from None
+    return path
+
+
+def check_disk_room(folder: Path, needed: int, what: str) -> None:
+    """Say how much ``what`` will write to ``folder`` at most, and refuse it when the disk holds
+    less free space."""
+    import shutil
+
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # before it is made
+    free = shutil.disk_usage(existing).free
+    print(f"{what}: at most {_size(needed)} to {folder} ({_size(free)} free)")
+    if needed > free:
+        raise ValueError(f"{what} need up to {_size(needed)}, but {folder} has {_size(free)} free")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -69,6 +69,7 @@ def evaluate(
         checkpoint_paths,
         device_and_precision,
         parse_samplers,
+        writable_folder,
     )
     from diffusion_apps.distributed import process_group
     from diffusion_apps.evaluation import FeatureStats
@@ -98,7 +99,7 @@ def evaluate(
             f"{world} processes: lower --batch_size"
         )
     dev, precision = device_and_precision(device, precision)
-    out = Path(out_dir)
+    out = writable_folder(out_dir) if rank == 0 else Path(out_dir)
     args = dict(space=space, num_samples=num_samples, seed=seed, batch_size=batch_size,
                 precision=precision)  # fmt: skip
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
 from diffusion_apps.diffusion import Spacing
 
 GRID_MAX = 256  # images in grid.png
-LATENT_STAGE = (
-    ": it is an autoencoder, which decodes given codes; train its latent stage "
-    "(configs/diffae_latent.yaml, configs/pdae_latent.yaml) and sample from that checkpoint"
-)
 
 
 def sample(
@@ -50,7 +47,9 @@ def sample(
         seed: seed of the generators that draw x_T and the sampler noise, one per batch, so the
             images are the same whatever the number of processes.
         batch_size: images per forward pass.
-        out_dir: where to write; default ``<run dir>/samples/<ckpt>_<sampler><steps>_seed<seed>``.
+        out_dir: where to write; default ``<run dir>/samples/<ckpt>_<sampler><steps>…``, every
+            setting in its name (η, spacing, precision, N, seed, guidance). Numbered PNGs of an
+            earlier, larger run there are removed first (said), so the folder holds one set.
         device: "auto" (CUDA when available), "cpu", "cuda", …
         precision: "bf16" runs the network under bfloat16 autocast (the sampler stays fp32);
             "auto": bf16 where the device runs it natively (a CPU with AVX512-BF16 or AMX, a
@@ -66,16 +65,19 @@ def sample(
     Returns:
         The output folder, holding ``000000.png``… and ``grid.png`` (the first 256 images).
     """
-    from torchvision.utils import save_image
     from tqdm.auto import tqdm
 
     from diffusion_apps.checkpoint import load_module
-    from diffusion_apps.commands.common import device_and_precision
+    from diffusion_apps.commands.common import (
+        check_disk_room,
+        device_and_precision,
+        writable_folder,
+    )
     from diffusion_apps.distributed import first_images, process_group, rank_batches
     from diffusion_apps.evaluation.protocol import sample_batches
-    from diffusion_apps.images import save_grid, to_unit
+    from diffusion_apps.images import save_grid, save_png, to_unit
     from diffusion_apps.methods import ClassifierGuidedDDPM
-    from diffusion_apps.methods.protocol import SampleRequest, generation_of, has_stochastic_code
+    from diffusion_apps.methods.protocol import SampleRequest, generation_of, sample_instead
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(
@@ -88,9 +90,10 @@ def sample(
         module = ClassifierGuidedDDPM.from_checkpoints(ckpt_path, classifier_path).to(dev)
     generation = generation_of(module)
     if generation is None:
-        raise SystemExit(
+        instead = sample_instead(module)
+        raise ValueError(
             f"sample: {ckpt_path} holds a {type(module).__name__}, which does not generate from "
-            "nothing" + (LATENT_STAGE if has_stochastic_code(module) else "")
+            "nothing" + (f": {instead}" if instead else "")
         )
     conditions = {"labels": labels, "prompts": prompts}
     if any(v is not None and name not in generation.inputs for name, v in conditions.items()):
@@ -102,26 +105,39 @@ def sample(
     generation.check(asked, f"sample: {ckpt_path}")
     sampler, steps = sampler or generation.sampler, steps or generation.steps
     tag = "_guided" if classifier_path else ""
-    tag += "" if scale is None else f"_s{scale:g}"
+    tag += "".join(f"_{k}{v:g}" for k, v in {"eta": eta, "s": scale}.items() if v is not None)
     tag += "".join(f"_{len(v)}{name}" for name, v in conditions.items() if v)
+    tag += f"_{spacing}" if spacing else ""
     ckpt = Path(ckpt_path)
-    out = Path(
-        out_dir or ckpt.parent.parent / "samples" / f"{ckpt.stem}_{sampler}{steps}_seed{seed}{tag}"
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    name = f"{ckpt.stem}_{sampler}{steps}{tag}_{precision}_n{num_samples}_seed{seed}"
+    out = Path(out_dir or ckpt.parent.parent / "samples" / name)
+    size = math.prod(getattr(module, "sample_shape", ())) + 1024  # a PNG at most, header too
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    writable_folder(out)
+    try:
+        check_disk_room(out, num_samples * size, f"{num_samples} PNG samples")
+    except ValueError:
+        for folder in made:
+            folder.rmdir()
+        raise
+    stale = [p for p in out.glob("[0-9]" * 6 + ".png") if int(p.stem) >= num_samples]
+    if stale and process_group()[0] == 0:  # the others are overwritten by this run
+        for path in stale:
+            path.unlink()
+        print(f"removed {len(stale)} samples of an earlier, larger run from {out}")
 
     rank, world = process_group()
     settings = dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing, scale=scale)
     shown = []  # (start, images) of the grid's batches
     mine = rank_batches(num_samples, batch_size, seed, rank, world)
-    bar = tqdm(total=len(mine), desc=f"{sampler}-{steps}", unit="batch", disable=rank != 0)
-    for start, batch, _, _ in sample_batches(module, mine, precision, labels, prompts, **settings):
-        for i, img in enumerate(to_unit(batch)):
-            save_image(img, out / f"{start + i:06d}.png")
-        if start < GRID_MAX:
-            shown.append((start, batch[: GRID_MAX - start].cpu()))
-        bar.update()
-    bar.close()
+    batches = sample_batches(module, mine, precision, labels, prompts, **settings)
+    with tqdm(total=len(mine), desc=f"{sampler}-{steps}", unit="batch", disable=rank != 0) as bar:
+        for start, batch, _, _ in batches:
+            for i, img in enumerate(to_unit(batch)):
+                save_png(img, out / f"{start + i:06d}.png")
+            if start < GRID_MAX:
+                shown.append((start, batch[: GRID_MAX - start].cpu()))
+            bar.update()
     grid = first_images(shown, world)
     if rank == 0:
         save_grid(grid, out / "grid.png")

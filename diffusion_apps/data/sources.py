@@ -225,9 +225,10 @@ def torchvision_split(name: str, root: str, train: bool, download: bool) -> Data
         return cls(root, download=download, **kwargs)
     except Exception as err:  # missing files, failed download (offline), corrupt archive
         how = "download failed" if download else "download=False"
-        raise RuntimeError(
+        raise FileNotFoundError(  # the CLI prints our FileNotFoundError as one line
             f"dataset={name!r}: could not load torchvision {cls.__name__} under root={root!r} "
-            f"({how}: {err}). Fix: run once with download=True and internet access, or place "
+            f"({how}: {' '.join(str(err).split())}). Fix: run once with download=True and "
+            "internet access, or place "
             f"the {cls.__name__} files where torchvision expects them under {root!r}."
         ) from err
 

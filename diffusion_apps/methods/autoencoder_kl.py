@@ -55,6 +55,11 @@ class AutoencoderKL(DiffusionMethod):
         lr, adam_betas: of both Adam optimisers (LDM: β = (0.5, 0.9)).
     """
 
+    sample_instead = (
+        "it is latent diffusion's first stage: train configs/ldm.yaml on it "
+        "(model.init_args.first_stage) and sample that checkpoint"
+    )
+
     autoencoding = Autoencoding()  # reconstruct(x) only: no stochastic code
 
     def __init__(

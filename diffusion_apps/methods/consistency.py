@@ -235,6 +235,7 @@ class ConsistencyDistillation(DiffusionMethod):
         """Unconditional samples of multistep consistency sampling, one network call a step."""
         return Generation(
             ("consistency",), "consistency", self.sample_steps, options=(),
+            max_steps=len(self.timesteps) - 1,
             note="Consistency rows: the student's EMA weights, in fp32 whatever the network "
             "precision (x̂_0 = x̄ − σ ε̂ would multiply bf16 rounding by σ); NFE = consistency steps.",
         )  # fmt: skip

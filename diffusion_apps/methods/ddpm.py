@@ -101,8 +101,14 @@ class DDPM(DDPMSampling, DiffusionMethod):
             raise ValueError(
                 f"variance must be one of {typing.get_args(Variance)}, got {variance!r}"
             )
-        if vlb_weight < 0:
-            raise ValueError(f"vlb_weight must be >= 0, got {vlb_weight}")
+        T = self.schedule.num_timesteps
+        for name, value, allowed, ok in [
+            ("vlb_weight", vlb_weight, ">= 0", vlb_weight >= 0),
+            ("sample_steps", sample_steps, f"in [1, {T}] (T)", 1 <= sample_steps <= T),
+            ("eta", eta, "in [0, 1]", 0 <= eta <= 1),
+        ]:
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {value}")
         channels, out = (getattr(unet, name, None) for name in ("in_channels", "out_channels"))
         if variance == "learned" and (channels is None or out != 2 * channels):
             raise ValueError(

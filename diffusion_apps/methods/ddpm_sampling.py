@@ -40,12 +40,14 @@ class DDPMSampling:
     def timesteps(
         self, steps: int, spacing: Spacing | None = None, sampler: Sampler | None = None
     ) -> Tensor:
-        """The subsequence of min(steps, T) of the T training steps, spaced by ``spacing``;
+        """The subsequence of ``steps`` ≤ T of the T training steps, spaced by ``spacing``;
         default: ``logsnr`` for ``dpmpp_2m`` (on uniform steps its last step overshoots: worse
         than DDIM), else ``timestep_spacing``."""
         T = self.schedule.num_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be in [1, {T}] (T), got {steps}")
         spacing = spacing or ("logsnr" if sampler == "dpmpp_2m" else self.timestep_spacing)
-        return timestep_subsequence(T, min(steps, T), spacing, self.schedule.alphas_cumprod)
+        return timestep_subsequence(T, steps, spacing, self.schedule.alphas_cumprod)
 
     def sampling_eps(self, eps_fn: EpsFn | None = None) -> EpsFn:
         """``eps_fn`` (default :meth:`model_output`) as the samplers take it: with ``clip_x0``, its
@@ -58,12 +60,15 @@ class DDPMSampling:
     @property
     def generation(self) -> Generation:
         """Unconditional samples of the three samplers (:mod:`~diffusion_apps.methods.protocol`)."""
-        return Generation(SAMPLERS, self.sampler, self.sample_steps, inputs=("x_T",))
+        return Generation(
+            SAMPLERS, self.sampler, self.sample_steps, inputs=("x_T",),
+            max_steps=self.schedule.num_timesteps,
+        )  # fmt: skip
 
     def nfe(self, sampler: str, steps: int) -> int:
-        """Network evaluations per sample: one per step, at most T. DPM-Solver++(2M) too: its
+        """Network evaluations per sample: one per step (steps ≤ T). DPM-Solver++(2M) too: its
         second order is multistep, reusing the previous step's x̂_0."""
-        return min(steps, self.schedule.num_timesteps)
+        return steps
 
     def generate(self, num_samples: int, request: SampleRequest) -> Tensor:
         """:meth:`draw` of the request, clamped to [−1, 1]."""

@@ -41,6 +41,10 @@ class DiffusionAutoencoder:
     """
 
     generation = None  # x_0 needs a z: LatentDDIM generates
+    sample_instead = (
+        "it is an autoencoder, which decodes given codes: train its latent stage "
+        "(configs/diffae_latent.yaml, configs/pdae_latent.yaml) and sample that checkpoint"
+    )
     autoencoding = Autoencoding(True, ("reconstruct", "interpolate", "variations", "manipulate"))
 
     def code_eps(self, decoding: bool = False) -> EpsFn:

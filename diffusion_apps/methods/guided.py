@@ -52,6 +52,11 @@ class NoisyClassifier(DiffusionMethod):
         warmup_steps, adam_betas, compile: see :class:`DiffusionMethod`.
     """
 
+    sample_instead = (
+        "it is a noisy classifier, which guides a DDPM: sample --ckpt_path <that DDPM's "
+        "checkpoint> --classifier_path <this one>"
+    )
+
     def __init__(
         self,
         classifier: EncoderUNet,
@@ -137,8 +142,17 @@ class ClassifierGuidedDDPM(Generates, LightningModule):
 
     def __init__(self, ddpm: DDPM, classifier: NoisyClassifier) -> None:
         super().__init__()
-        if not torch.allclose(ddpm.schedule.alphas_cumprod, classifier.schedule.alphas_cumprod):
-            raise ValueError("the classifier was trained on another noise schedule than the DDPM's")
+        ours, theirs = ddpm.schedule.alphas_cumprod, classifier.schedule.alphas_cumprod
+        if len(ours) != len(theirs) or not torch.allclose(ours, theirs):
+            raise ValueError(
+                f"the classifier was trained on another noise schedule (T = {len(theirs)}) than "
+                f"the DDPM's (T = {len(ours)})"
+            )
+        shape = (classifier.classifier.in_channels, *[classifier.classifier.image_size] * 2)
+        if tuple(ddpm.sample_shape) != shape:
+            raise ValueError(
+                f"the classifier takes {shape} images, the DDPM draws {tuple(ddpm.sample_shape)}"
+            )
         self.ddpm = ddpm.requires_grad_(False).eval()
         self.classifier = classifier.requires_grad_(False).eval()
 
@@ -146,7 +160,12 @@ class ClassifierGuidedDDPM(Generates, LightningModule):
     def from_checkpoints(cls, ddpm_path: str, classifier_path: str) -> ClassifierGuidedDDPM:
         from diffusion_apps.checkpoint import load_module
 
-        return cls(load_module(ddpm_path, DDPM), load_module(classifier_path, NoisyClassifier))
+        ddpm = load_module(ddpm_path, DDPM)
+        classifier = load_module(classifier_path, NoisyClassifier)
+        try:
+            return cls(ddpm, classifier)
+        except ValueError as err:
+            raise ValueError(f"{classifier_path} cannot guide {ddpm_path}: {err}") from None
 
     def guided_eps(self, scale: float, sampler: Sampler, timesteps: Tensor) -> EpsFn:
         """The DDPM's :meth:`~DDPM.sampling_eps` (x̂_0 clamped with ``clip_x0``) wrapped by
@@ -168,11 +187,16 @@ class ClassifierGuidedDDPM(Generates, LightningModule):
         )
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.ddpm.sample_shape
+
+    @property
     def generation(self) -> Generation:
         """The DDPM's samplers, each sample asked for a class label, the gradient scale s."""
         return Generation(
             self.ddpm.generation.samplers, self.ddpm.sampler, self.ddpm.sample_steps,
             inputs=("labels", "x_T"), num_classes=self.classifier.num_classes,
+            max_steps=self.ddpm.schedule.num_timesteps,
             scale="classifier-guidance gradient scale s",
         )  # fmt: skip
 

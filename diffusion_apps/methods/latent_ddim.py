@@ -133,10 +133,10 @@ class LatentDDIM(DDPM):
         return replace(super().generation, inputs=())
 
     def nfe(self, sampler: str, steps: int) -> int:
-        """Network evaluations per sample: ``steps`` of the latent net (a cheap MLP; at most T)
+        """Network evaluations per sample: ``steps`` of the latent net (a cheap MLP; steps ≤ T)
         plus the decoder's DDIM steps (the UNet)."""
         decode = len(self.autoencoder.timesteps(self.decode_steps or self.autoencoder.sample_steps))
-        return min(steps, self.schedule.num_timesteps) + decode
+        return steps + decode
 
     @torch.no_grad()
     def sample_latents(self, num_samples: int, *args, **kwargs) -> Tensor:

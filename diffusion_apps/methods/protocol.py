@@ -66,6 +66,7 @@ class Generation:
             that takes labels draws the classes 0, 1, …, K−1 in turn (:meth:`inputs_for`).
         options: the sampler settings it takes besides ``sampler`` and ``steps``.
         num_classes: K, for ``labels``.
+        max_steps: the most ``steps`` it can take (a DDPM: its T); None: no bound.
         scale: what ``scale=`` means (e.g. "classifier-free guidance w"); None: no scale.
         note: a line for eval's report on how the method's rows were drawn.
     """
@@ -76,6 +77,7 @@ class Generation:
     inputs: tuple[Input, ...] = ()
     options: tuple[Option, ...] = ("eta", "spacing")
     num_classes: int | None = None
+    max_steps: int | None = None
     scale: str | None = None
     note: str | None = None
 
@@ -86,8 +88,15 @@ class Generation:
             raise ValueError(
                 f"{owner} samples with {', '.join(map(repr, self.samplers))}, not {r.sampler!r}"
             )
-        if r.steps is not None and r.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {r.steps}")
+        top = self.max_steps
+        if r.steps is not None and not 1 <= r.steps <= (top or r.steps):
+            bound = f"in [1, {top}] (its T)" if top else ">= 1"
+            raise ValueError(f"{owner}: steps must be {bound}, got {r.steps}")
+        if r.eta is not None and "eta" in self.options and not 0 <= r.eta <= 1:
+            raise ValueError(
+                f"{owner}: eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior "
+                f"variance), got {r.eta}"
+            )
         for name in ("labels", "prompts", "x_T"):
             if getattr(r, name) is not None and name not in self.inputs:
                 takes = " or ".join(self.inputs) if self.inputs else "nothing but the number"
@@ -181,6 +190,11 @@ class Autoencoding:
 def generation_of(module: Any) -> Generation | None:
     """The module's :class:`Generation`, None when it does not generate from nothing."""
     return getattr(module, "generation", None)
+
+
+def sample_instead(module: Any) -> str:
+    """A module that does not generate: its ``sample_instead`` line, what to sample instead."""
+    return getattr(module, "sample_instead", "")
 
 
 def autoencoding_of(module: Any) -> Autoencoding | None:

@@ -29,7 +29,7 @@ def test_torchvision_without_files_fails_clearly(tmp_path, name):
     dm = ImageDataModule(name, root=str(tmp_path), download=False)
     assert dm.num_classes == (None if name == "celeba" else 10)
     dm.prepare_data()  # download=False: nothing to do, no network
-    with pytest.raises(RuntimeError, match=rf"dataset='{name}'.*{tmp_path}.*download=True"):
+    with pytest.raises(FileNotFoundError, match=rf"dataset='{name}'.*{tmp_path}.*download=True"):
         dm.setup()
 
 
