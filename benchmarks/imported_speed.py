@@ -1,7 +1,9 @@
 """Our UNet built from an imported layout against the code it came from, on the same
 architecture, weights and batch, side by side: training images/s (forward, L_simple, backward)
 and sampling ms per step (one ε̂ call), fp32 for both and our default precision for ours (bf16
-autocast where the CPU or GPU runs it natively, else fp32). ``--source guided-diffusion``: the
+autocast where the CPU or GPU runs it natively, else fp32), and ours in fp32 with the UNet's
+``channels_last`` option (NHWC weights and activations; the configs leave it off, as it loses
+under bf16 on the CPU: README, Performance). ``--source guided-diffusion``: the
 official UNetModel of ``--flags``; ``--source diffusers``: google/ddpm-cifar10-32's UNet2DModel.
 
     python benchmarks/imported_speed.py --source guided-diffusion --flags "<MODEL_FLAGS>"
@@ -14,6 +16,7 @@ both. Writes ``<out>/<source>.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -128,7 +131,12 @@ def main() -> None:
 
         return step
 
-    runs = {f"{args.source} fp32": (theirs, False), "ours fp32": (ours, False)}
+    nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)  # UNet(channels_last=True)
+    runs = {
+        f"{args.source} fp32": (theirs, False),
+        "ours fp32": (ours, False),
+        "ours fp32, channels_last": (nhwc, False),
+    }
     if default == "bf16":
         runs["ours bf16 (default)"] = (ours, True)
     results = {name: {"train": [], "sample": []} for name in runs}

@@ -34,6 +34,7 @@ class DiffusionCLI(KeepConfiguredModel, LightningCLI):
 
         self._command = list(sys.argv[1:] if args is None else args)
         self._lock = None  # the run folder's, while fit runs
+        self._new_run_dir: Path | None = None  # made by this run: removed if it fails unsaved
         with stop.on_signals():  # SIGTERM, Ctrl-C: stop at the next step, `last` written
             try:
                 super().__init__(
@@ -42,9 +43,13 @@ class DiffusionCLI(KeepConfiguredModel, LightningCLI):
                     subclass_mode_model=True,
                     subclass_mode_data=True,
                     save_config_kwargs={"overwrite": True},
+                    parser_kwargs={"exit_on_error": False},  # main() prints its error short
                     args=args,
                     run=run,
                 )
+            except Exception:
+                self._remove_new_run_dir()
+                raise
             except (SystemExit, KeyboardInterrupt):  # Lightning exits 1 on a KeyboardInterrupt
                 signum = stop.requested()
                 if signum is None:
@@ -56,6 +61,15 @@ class DiffusionCLI(KeepConfiguredModel, LightningCLI):
             finally:
                 if self._lock is not None:
                     self._lock.release()
+
+    def _remove_new_run_dir(self) -> None:
+        """After an error, the version folder this run made, unless a checkpoint was written
+        in it: a failed run leaves nothing (the next run would otherwise be version_1)."""
+        import shutil
+
+        folder = self._new_run_dir
+        if folder is not None and folder.is_dir() and not any(folder.rglob("*.ckpt")):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _stopped(self, signum: int) -> str:
         """The line a stopped run ends with: what was saved, and the command that resumes."""
@@ -133,8 +147,11 @@ class DiffusionCLI(KeepConfiguredModel, LightningCLI):
         from diffusion_apps.run_lock import lock_run
 
         self._check_ckpt_path()  # a run refused here leaves no version folder
-        if self.trainer.is_global_zero and self.trainer.log_dir is not None:  # fast_dev_run: None
-            self._lock = lock_run(self.trainer.log_dir)
+        log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank must ask
+        if self.trainer.is_global_zero and log_dir is not None:  # fast_dev_run: None
+            if not Path(log_dir).exists():
+                self._new_run_dir = Path(log_dir)
+            self._lock = lock_run(log_dir)
 
 
 def continue_last_version(logger) -> Path | None:
@@ -272,7 +289,7 @@ def check_config_file(path: Path) -> None:
 def short_parse_error(message: str) -> str:
     """jsonargparse's error without its scaffolding (the union's subtypes, "Expected a
     NoneType", the value echoed back): the path to the bad option and what is wrong with it."""
-    noise = ("Does not validate against any of the Union", "Subtypes:", "Errors:", "Given value")
+    noise = ("Does not validate against any of the Union", "Subtypes", "Errors", "Given value")
     lines = (line.strip().lstrip("- ").rstrip(":") for line in message.splitlines())
     kept = [ln for ln in lines if ln and not ln.startswith(noise) and "NoneType" not in ln]
     return "; ".join(kept) or message
@@ -314,7 +331,8 @@ def main(args: Sequence[str] | None = None) -> None:
     except (NonFiniteLossError, CheckpointError) as err:  # the message says it all
         sys.exit(f"error: {err}")
     except ArgumentError as err:  # jsonargparse's, raised (exit_on_error=False), not printed
-        command = f"python -m diffusion_apps {args[0]} --help"
+        command = "python -m diffusion_apps" + (f" {args[0]}" if args[0] in ALL_COMMANDS else "")
+        command += " --help"
         sys.exit(f"error: {short_parse_error(str(err))} ({command} lists the options)")
     except MisconfigurationException as err:  # Lightning's checks of the trainer's options
         sys.exit(f"error: trainer: {first_line(err).partition(': ')[2] or err}")

@@ -63,6 +63,12 @@ def run_cli_in(root: Path, *commands: list[str]) -> Path:
     return root
 
 
+def fit_tiny(root: Path, *names: str, steps: int = 2) -> Path:
+    """Fit ``configs/tiny/<name>.yaml`` for ``steps`` steps each, in order, in ``root``."""
+    config = [["fit", "--config", str(CONFIGS / "tiny" / f"{n}.yaml")] for n in names]
+    return run_cli_in(root, *[[*c, "--trainer.max_steps", str(steps)] for c in config])
+
+
 def fit_resuming(root, config, name: str, steps: int, *extra: str) -> dict:
     """``fit --ckpt_path last``: the first run of ``name`` starts from scratch, later ones
     resume; returns the ``last.ckpt`` written."""

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from diffusion_apps.cli import main
-from tests.conftest import CONFIGS, run_cli_in, tiny_configs, tiny_parts
+from tests.conftest import CONFIGS, fit_tiny, tiny_configs, tiny_parts
 
 TINY = str(CONFIGS / "tiny/ddpm.yaml")
 DDPM_CKPT = "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"
@@ -27,12 +27,7 @@ def fails(args: list[str], named: str) -> str:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A tiny DDPM and a tiny DiffAE, two steps each."""
-    steps = ["--trainer.max_steps", "2"]
-    return run_cli_in(
-        tmp_path_factory.mktemp("runs"),
-        ["fit", "--config", TINY, *steps],
-        ["fit", "--config", str(CONFIGS / "tiny/diffae.yaml"), *steps],
-    )
+    return fit_tiny(tmp_path_factory.mktemp("runs"), "ddpm", "diffae")
 
 
 def resume(runs, ckpt, *extra: str, named: str, monkeypatch) -> None:

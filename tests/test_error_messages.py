@@ -16,7 +16,7 @@ from diffusion_apps.cli import main
 from diffusion_apps.diffusion import NoiseSchedule
 from diffusion_apps.methods import DDPM, ClassifierGuidedDDPM
 from diffusion_apps.methods.protocol import Generation, SampleRequest
-from tests.conftest import CONFIGS, REPO, run_cli_in
+from tests.conftest import CONFIGS, REPO, fit_tiny
 from tests.factories import tiny_unet
 from tests.test_bad_input import fails
 
@@ -28,12 +28,7 @@ CLASSIFIER_CKPT = "runs/tiny_guided_classifier/version_0/checkpoints/last.ckpt"
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The tiny DDPM (T = 100, 16px) and the tiny noisy classifier trained for it."""
-    steps = ["--trainer.max_steps", "2"]
-    return run_cli_in(
-        tmp_path_factory.mktemp("runs"),
-        ["fit", "--config", TINY, *steps],
-        ["fit", "--config", str(CONFIGS / "tiny/guided_classifier.yaml"), *steps],
-    )
+    return fit_tiny(tmp_path_factory.mktemp("runs"), "ddpm", "guided_classifier")
 
 
 @pytest.fixture
@@ -79,9 +74,9 @@ def test_an_output_folder_that_is_a_file_is_named(in_runs):
 
 
 def test_an_unwritable_output_folder_is_named_before_sampling(in_runs):
-    target = Path("/sys/kernel/diffusion_apps_out")  # sysfs: read-only, for root too
-    if os.access("/sys/kernel", os.W_OK) and not target.parent.is_dir():
-        pytest.skip("no read-only /sys here")
+    target = Path("/sys/kernel/diffusion_apps_out")  # sysfs makes no folders, for root neither
+    if not target.parent.is_dir():
+        pytest.skip("no sysfs here")
     fails(sample("--out_dir", str(target)), f"cannot write to --out_dir {target}")
 
 
@@ -246,3 +241,26 @@ def test_a_bad_option_value_is_one_short_line(in_runs):
 def test_sampling_a_classifier_says_how_to_use_it(in_runs):
     fails(["sample", "--ckpt_path", CLASSIFIER_CKPT],
           "NoisyClassifier, which does not generate .*--classifier_path")  # fmt: skip
+
+
+def test_an_unknown_option_in_fit_is_one_short_line(in_tmp):
+    message = fails(["fit", "--config", TINY, "--model.init_args.warmup_stepz", "3"],
+                    "Option 'warmup_stepz' is not accepted")  # fmt: skip
+    assert len(message.splitlines()) == 1 and "Subtypes" not in message, message
+
+
+def test_a_run_that_fails_before_saving_leaves_no_version_folder(in_tmp):
+    """The data fails at setup, after the logger has named the version folder."""
+    Path("images").mkdir()
+    Path("images/broken.png").write_bytes(b"not a png")
+    data = ["--data.init_args.dataset", "folder", "--data.init_args.root", "images"]
+    fails(["fit", "--config", TINY, *data], "broken.png")
+    assert not Path("runs/tiny_ddpm/version_0").exists()
+
+
+def test_fit_into_an_unwritable_folder_is_one_line(in_tmp):
+    target = "/sys/kernel/diffusion_apps_runs"  # sysfs makes no folders, for root neither
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("no sysfs here")
+    fails(["fit", "--config", TINY, "--trainer.logger.init_args.save_dir", target],
+          f"Operation not permitted: {target}")  # fmt: skip
