@@ -209,10 +209,10 @@ def import_class(class_path: str, where: str = "the checkpoint") -> type:
 FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn})
 
 
-def _requested(args: tuple) -> int:
-    """Elements a factory call (``torch.empty(2, 3)`` or ``torch.empty((2, 3))``) asks for."""
+def _requested(args: tuple) -> tuple[int, ...]:
+    """The shape a factory call (``torch.empty(2, 3)`` or ``torch.empty((2, 3))``) asks for."""
     size = args[0] if args and isinstance(args[0], tuple | list | torch.Size) else args
-    return math.prod(int(n) for n in size if isinstance(n, int))
+    return tuple(int(n) for n in size if isinstance(n, int))
 
 
 class _FactoryLimit(TorchFunctionMode):
@@ -223,8 +223,9 @@ class _FactoryLimit(TorchFunctionMode):
         self.limit, self.refuse = limit, refuse
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in FACTORIES and _requested(args) > self.limit:
-            self.refuse(_requested(args), "a tensor", tuple(args))
+        shape = _requested(args) if func in FACTORIES else ()
+        if math.prod(shape) > self.limit:
+            self.refuse(math.prod(shape), "a new tensor", shape)
         return func(*args, **(kwargs or {}))
 
 
