@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_apps.interop.diffusers_unet import (
+    FIXED_KEYS,
     PREDICTIONS,
     RESNET,
     SCHEDULER_DEFAULTS,
@@ -176,9 +177,7 @@ def their_key(key: str, model: nn.Module) -> str | tuple[str, str, str]:
     from diffusion_apps.nn.layers import Upsample
 
     n = model.down.num_res_blocks
-    fixed = {"down.conv_in": "conv_in", "time_embed.0": "time_embedding.linear_1",
-             "time_embed.2": "time_embedding.linear_2", "label_embed": "class_embedding",
-             "out_norm": "conv_norm_out", "out_conv": "conv_out"}  # fmt: skip
+    fixed = {ours: theirs for theirs, ours in FIXED_KEYS.items()}
     head, _, param = key.rpartition(".")
     if head in fixed:
         return f"{fixed[head]}.{param}"

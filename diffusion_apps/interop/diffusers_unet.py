@@ -230,6 +230,12 @@ def _layer(prefix: str, rest: str, key: str) -> str:
     return f"{prefix}.{RESNET[name]}.{param}"
 
 
+# UNet2DModel's modules outside the blocks → ours (the export maps them back).
+FIXED_KEYS = {"conv_in": "down.conv_in", "time_embedding.linear_1": "time_embed.0",
+              "time_embedding.linear_2": "time_embed.2", "class_embedding": "label_embed",
+              "conv_norm_out": "out_norm", "conv_out": "out_conv"}  # fmt: skip
+
+
 def our_key(key: str, layers_per_block: int, model: nn.Module) -> str | tuple[str, int]:
     """A UNet2DModel key → ours; for a q/k/v projection, (our qkv key, its row block 0/1/2).
 
@@ -237,12 +243,9 @@ def our_key(key: str, layers_per_block: int, model: nn.Module) -> str | tuple[st
         KeyError: ``key`` is no UNet2DModel key we map.
     """
     n = layers_per_block
-    fixed = {"conv_in": "down.conv_in", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "class_embedding": "label_embed",
-             "conv_norm_out": "out_norm", "conv_out": "out_conv"}  # fmt: skip
     head, _, param = key.rpartition(".")
-    if head in fixed:
-        return f"{fixed[head]}.{param}"
+    if head in FIXED_KEYS:
+        return f"{FIXED_KEYS[head]}.{param}"
     if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", key):
         return f"down.blocks.{int(m[1]) * (n + 1) + n}.0.{m[2]}"
     if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", key):

@@ -78,26 +78,20 @@ def test_bounds_are_the_respaced_fixed_variances():
     assert single[0] == single[1]
 
 
+def draw(model, variance: str, x_T, timesteps, seed: int):
+    """Ancestral samples of ``model`` from ``x_T`` with ``variance``, noise seeded ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return ddpm_sample(
+        model, SCHEDULE, x_T, timesteps=timesteps, variance=variance, generator=generator
+    )
+
+
 @pytest.mark.parametrize(("v", "fixed"), [(1.0, "beta"), (-1.0, "beta_tilde")])
 def test_learned_sampling_with_v_at_a_bound_is_the_fixed_variance(v, fixed):
     """The last step adds no noise, so the t_0 clipping never shows: the samples are equal."""
     x_T = randn(64, 2, seed=1)
-    learned = ddpm_sample(
-        constant_v(v),
-        SCHEDULE,
-        x_T,
-        timesteps=TIMESTEPS,
-        variance="learned",
-        generator=torch.Generator().manual_seed(2),
-    )
-    expected = ddpm_sample(
-        eps_model,
-        SCHEDULE,
-        x_T,
-        timesteps=TIMESTEPS,
-        variance=fixed,
-        generator=torch.Generator().manual_seed(2),
-    )
+    learned = draw(constant_v(v), "learned", x_T, TIMESTEPS, seed=2)
+    expected = draw(eps_model, fixed, x_T, TIMESTEPS, seed=2)
     torch.testing.assert_close(learned, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -112,17 +106,9 @@ def test_the_noise_scale_is_elementwise():
     coordinate with its fixed-variance run."""
     v_fn = lambda x_t, t: torch.stack([-torch.ones_like(x_t[:, 0]), torch.ones_like(x_t[:, 1])], 1)  # noqa: E731
     x_T, ts = randn(32, 2, seed=3), TIMESTEPS[:3]
-    draw = lambda model, variance: ddpm_sample(
-        model,
-        SCHEDULE,
-        x_T,
-        timesteps=ts,
-        variance=variance,
-        generator=torch.Generator().manual_seed(4),
-    )  # noqa: E731
-    mixed = draw(with_v(v_fn), "learned")
-    torch.testing.assert_close(mixed[:, 0], draw(eps_model, "beta_tilde")[:, 0])
-    torch.testing.assert_close(mixed[:, 1], draw(eps_model, "beta")[:, 1])
+    mixed = draw(with_v(v_fn), "learned", x_T, ts, seed=4)
+    torch.testing.assert_close(mixed[:, 0], draw(eps_model, "beta_tilde", x_T, ts, seed=4)[:, 0])
+    torch.testing.assert_close(mixed[:, 1], draw(eps_model, "beta", x_T, ts, seed=4)[:, 1])
 
 
 @pytest.mark.parametrize(("v", "fixed"), [(1.0, "beta"), (-1.0, "beta_tilde")])
