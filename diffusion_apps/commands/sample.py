@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
+import contextlib
 from pathlib import Path
 from typing import Literal
 
 from diffusion_apps.diffusion import Spacing
 
 GRID_MAX = 256  # images in grid.png
+NPZ = "samples.npz"
 
 
 def sample(
@@ -27,6 +28,8 @@ def sample(
     labels: list[int] | None = None,
     prompts: list[str] | None = None,
     scale: float | None = None,
+    png: bool = True,
+    npz: bool = True,
 ) -> Path:
     """Write ``num_samples`` images drawn from the model in ``ckpt_path``.
 
@@ -59,11 +62,17 @@ def sample(
         prompts: a caption-conditioned LDM: captions ("thick slanted seven"), cycled likewise.
         scale: classifier guidance: the gradient scale s (default 1; 0: unguided). LDM: the
             classifier-free guidance scale w (default: the checkpoint's ``guidance_scale``).
+        png: write one PNG per sample (``grid.png`` is written either way).
+        npz: write every sample to ``samples.npz`` in the ADM evaluator's layout (``arr_0`` uint8
+            N x H x W x C, the PNGs' pixels; ``arr_1`` the labels asked for, when the model takes
+            labels), streamed through memory maps (:class:`~diffusion_apps.npz.NpzWriter`).
 
-    Under ``torchrun`` the processes take the batches in turn and write their own files.
+    Under ``torchrun`` the processes take the batches in turn and write their own files (their
+    own parts of ``samples.npz``).
 
     Returns:
-        The output folder, holding ``000000.png``… and ``grid.png`` (the first 256 images).
+        The output folder, holding ``000000.png``…, ``samples.npz`` and ``grid.png`` (the first
+        256 images).
     """
     from tqdm.auto import tqdm
 
@@ -78,6 +87,7 @@ def sample(
     from diffusion_apps.images import save_grid, save_png, to_unit
     from diffusion_apps.methods import ClassifierGuidedDDPM
     from diffusion_apps.methods.protocol import SampleRequest, generation_of, sample_instead
+    from diffusion_apps.npz import NpzWriter
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(
@@ -111,12 +121,13 @@ def sample(
     ckpt = Path(ckpt_path)
     name = f"{ckpt.stem}_{sampler}{steps}{tag}_{precision}_n{num_samples}_seed{seed}"
     out = Path(out_dir or ckpt.parent.parent / "samples" / name)
-    size = math.prod(getattr(module, "sample_shape", ())) + 1024  # a PNG at most, header too
+    settings = dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing, scale=scale)
     made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     writable_folder(out)
     try:
-        check_disk_room(out, num_samples * size, f"{num_samples} PNG samples")
-    except ValueError:
+        shape, labelled = probe(module, generation.inputs_for(0, 1, labels, prompts), settings)
+        check_disk_room(out, *disk_need(num_samples, shape, png, npz, labelled))
+    except BaseException:  # a refusal, or the probe failed: leave no folder behind
         for folder in made:
             folder.rmdir()
         raise
@@ -127,19 +138,52 @@ def sample(
         print(f"removed {len(stale)} samples of an earlier, larger run from {out}")
 
     rank, world = process_group()
-    settings = dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing, scale=scale)
     shown = []  # (start, images) of the grid's batches
     mine = rank_batches(num_samples, batch_size, seed, rank, world)
     batches = sample_batches(module, mine, precision, labels, prompts, **settings)
-    with tqdm(total=len(mine), desc=f"{sampler}-{steps}", unit="batch", disable=rank != 0) as bar:
-        for start, batch, _, _ in batches:
-            for i, img in enumerate(to_unit(batch)):
-                save_png(img, out / f"{start + i:06d}.png")
+    with contextlib.ExitStack() as files:
+        bar = files.enter_context(
+            tqdm(total=len(mine), desc=f"{sampler}-{steps}", unit="batch", disable=rank != 0)
+        )
+        arrays = NpzWriter(out / NPZ, num_samples, shape, labelled, rank, world) if npz else None
+        writer = files.enter_context(arrays) if arrays else None
+        for start, batch, inputs, _ in batches:
+            if png:
+                for i, img in enumerate(to_unit(batch)):
+                    save_png(img, out / f"{start + i:06d}.png")
+            if writer:
+                writer.write(start, batch, inputs.get("labels"))
             if start < GRID_MAX:
                 shown.append((start, batch[: GRID_MAX - start].cpu()))
             bar.update()
     grid = first_images(shown, world)
     if rank == 0:
         save_grid(grid, out / "grid.png")
-        print(f"wrote {num_samples} samples and grid.png to {out}")
+        kinds = [what for what, wanted in (("PNGs", png), (NPZ, npz)) if wanted]
+        print(f"wrote {num_samples} samples ({', '.join(kinds) or 'grid only'}) to {out}")
     return out
+
+
+def probe(module, inputs: dict, settings: dict) -> tuple[tuple[int, ...], bool]:
+    """The shape (C, H, W) of the model's images, and whether they are drawn for labels: one
+    image drawn in one step, before any file is written."""
+    import torch
+
+    generator = torch.Generator(module.device).manual_seed(0)
+    one = module.sample(1, generator=generator, **inputs, **(settings | {"steps": 1}))
+    return tuple(one.shape[1:]), "labels" in inputs
+
+
+def disk_need(
+    num_samples: int, shape: tuple[int, ...], png: bool, npz: bool, labelled: bool
+) -> tuple[int, str]:
+    """The most bytes ``sample`` writes, and what: RGB PNGs (3 bytes a pixel, a filter byte a row,
+    a header), and ``samples.npz`` twice over (its memory maps, then the packed copy)."""
+    c, h, w = shape
+    pngs = num_samples * (h * (3 * w + 1) + 1024) if png else 0
+    arrays = 2 * (num_samples * (c * h * w + 8 * labelled) + 4096) if npz else 0
+    if png:
+        what = f"{NPZ} and {num_samples} PNG samples" if npz else f"{num_samples} PNG samples"
+    else:
+        what = f"{NPZ} of {num_samples} samples" if npz else "grid.png"
+    return pngs + arrays, what
