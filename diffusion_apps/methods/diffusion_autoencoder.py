@@ -6,12 +6,23 @@ given z; decoding runs DDIM (η = 0) with the method's z-conditioned ε (:meth:`
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from diffusion_apps.diffusion import EpsFn, ddim_invert, slerp
 from diffusion_apps.methods.probe import LinearProbe, encode_all
 from diffusion_apps.methods.protocol import Autoencoding
+
+
+class Codes(NamedTuple):
+    """A diffusion autoencoder's two codes of B images: what ``autoencode --mode encode``
+    writes, and what decodes them again."""
+
+    z: Tensor  # (B, D): the semantic code
+    x_T: Tensor  # (B, C, H, W): the stochastic code, DDIM-inverted
+
 
 LATENT_HINT = (
     "a diffusion autoencoder decodes given codes: call decode(z, x_T); for unconditional "
@@ -28,6 +39,7 @@ class DiffusionAutoencoder:
         ``encode``             x_0 → z
         ``encode_stochastic``  (x_0, z) → x_T by DDIM inversion (``encode_steps`` steps)
         ``decode``             (z, x_T) → x_0 by DDIM (``sample_steps`` steps)
+        ``codes``              x_0 → :class:`Codes` (z, x_T): encode once, edit many times
         ``reconstruct``        decode(encode(x_0), x_T), x_T inferred or random
         ``interpolate``        lerp on z, slerp on x_T, decoded
         ``stochastic_variations``  z fixed, x_T random
@@ -35,7 +47,8 @@ class DiffusionAutoencoder:
         ``fit_probe``          a linear classifier on normalised z (attribute directions)
         ``manipulate``         decode(z', x_T), z' = denorm(norm(z) + s·√d·w/‖w‖)
 
-    The modes that infer x_T take ``steps`` (default: ``sample_steps``) and ``encode_steps``
+    ``interpolate``, ``stochastic_variations`` and ``manipulate`` take images or their
+    :class:`Codes`. The modes that infer x_T take ``steps`` (default: ``sample_steps``) and ``encode_steps``
     (default: ``steps`` when given, else ``encode_steps``): one ``steps`` sets the inversion
     and the decoding alike, so x_T is decoded from the noise level it was inverted to.
     """
@@ -108,51 +121,65 @@ class DiffusionAutoencoder:
         return self.decode(z, x_T, steps)
 
     @torch.no_grad()
+    def codes(self, x0: Tensor, encode_steps: int | None = None) -> Codes:
+        """Both codes of images x0: z = Enc(x0), x_T = encode_stochastic(x0, z)."""
+        z = self.encode(x0)
+        return Codes(z, self.encode_stochastic(x0, z, encode_steps))
+
+    def as_codes(self, x: Tensor | Codes, encode_steps: int | None = None) -> Codes:
+        """``x`` itself when it is :class:`Codes`, else the codes of the images ``x``."""
+        return x if isinstance(x, Codes) else self.codes(x, encode_steps)
+
+    @torch.no_grad()
     def interpolate(
         self,
-        x_a: Tensor,
-        x_b: Tensor,
+        a: Tensor | Codes,
+        b: Tensor | Codes,
         num: int = 7,
         steps: int | None = None,
         encode_steps: int | None = None,
     ) -> Tensor:
-        """Decoded interpolations (B, num, C, H, W) from x_a (w = 0) to x_b (w = 1):
-        z by lerp, x_T (inferred) by slerp, as DiffAE does."""
+        """Decoded interpolations (B, num, C, H, W) from a (w = 0) to b (w = 1), images or their
+        codes: z by lerp, x_T (inferred) by slerp, as DiffAE does."""
 
-        def frame(z_a: Tensor, z_b: Tensor, x_T: Tensor, w: float) -> Tensor:
-            return self.decode(torch.lerp(z_a, z_b, w), x_T, steps)
+        def frame(a: Codes, b: Codes, x_T: Tensor, w: float) -> Tensor:
+            return self.decode(torch.lerp(a.z, b.z, w), x_T, steps)
 
-        return self.interpolation_frames(x_a, x_b, num, frame, encode_steps or steps)
+        return self.interpolation_frames(a, b, num, frame, encode_steps or steps)
 
     def interpolation_frames(
-        self, x_a: Tensor, x_b: Tensor, num: int, frame, encode_steps: int | None = None
+        self,
+        a: Tensor | Codes,
+        b: Tensor | Codes,
+        num: int,
+        frame,
+        encode_steps: int | None = None,
     ) -> Tensor:
-        """(B, num, C, H, W): ``frame(z_a, z_b, x_T, w)`` for ``num`` weights w from 0 to 1, x_T
-        the slerp of the two images' x_T inferred over ``encode_steps``."""
+        """(B, num, C, H, W): ``frame(codes_a, codes_b, x_T, w)`` for ``num`` weights w from 0
+        to 1, x_T = slerp(x_T^a, x_T^b, w), images inverted over ``encode_steps``."""
         if num < 2:
             raise ValueError(f"num must be >= 2, got {num}")
-        z_a, z_b = self.encode(x_a), self.encode(x_b)
-        t_a = self.encode_stochastic(x_a, z_a, encode_steps)
-        t_b = self.encode_stochastic(x_b, z_b, encode_steps)
-        frames = [
-            frame(z_a, z_b, slerp(t_a, t_b, w), w) for w in torch.linspace(0, 1, num).tolist()
-        ]
-        return torch.stack(frames, dim=1)
+        a, b = self.as_codes(a, encode_steps), self.as_codes(b, encode_steps)
+        if a.z.shape != b.z.shape:
+            raise ValueError(f"codes a {tuple(a.z.shape)} and b {tuple(b.z.shape)} differ")
+        weights = torch.linspace(0, 1, num).tolist()
+        return torch.stack([frame(a, b, slerp(a.x_T, b.x_T, w), w) for w in weights], dim=1)
 
     @torch.no_grad()
     def stochastic_variations(
         self,
-        x0: Tensor,
+        x0: Tensor | Codes,
         num: int = 4,
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """(B, num, C, H, W): each image's z decoded from ``num`` random x_T — what the
-        stochastic code holds (pose, stroke) varies, the semantics stay."""
-        z = self.encode(x0)
+        """(B, num, C, H, W): each image's z (or the codes' z) decoded from ``num`` random x_T —
+        what the stochastic code holds (pose, stroke) varies, the semantics stay."""
+        z = x0.z if isinstance(x0, Codes) else self.encode(x0)
+        like = x0.x_T if isinstance(x0, Codes) else x0
         frames = []
         for _ in range(num):
-            x_T = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_T = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
             frames.append(self.decode(z, x_T, steps))
         return torch.stack(frames, dim=1)
 
@@ -175,20 +202,19 @@ class DiffusionAutoencoder:
     @torch.no_grad()
     def manipulate(
         self,
-        x0: Tensor,
+        x0: Tensor | Codes,
         probe: LinearProbe,
         attribute: int,
         scales: list[float] | tuple[float, ...] = (0.3,),
         steps: int | None = None,
         encode_steps: int | None = None,
     ) -> Tensor:
-        """(B, S, C, H, W): each image decoded from its inferred x_T with z moved along
+        """(B, S, C, H, W): each image (or code pair) decoded from its x_T with z moved along
         ``attribute``'s direction by each of the S ``scales`` (DiffAE Sec. 4.2),
             z' = denorm(norm(z) + s·√d · w/‖w‖),
         w the probe's weights for the attribute, norm/denorm its training-set statistics.
         Scale 0 is the reconstruction; the paper uses s = 0.3 on CelebA-HQ."""
-        z = self.encode(x0)
-        x_T = self.encode_stochastic(x0, z, encode_steps or steps)
+        z, x_T = self.as_codes(x0, encode_steps or steps)
         frames = [self.decode(probe.shift(z, attribute, s), x_T, steps) for s in scales]
         return torch.stack(frames, dim=1)
 

@@ -16,7 +16,7 @@ from diffusion_apps.checkpoint import load_part
 from diffusion_apps.diffusion import EpsFn, NoiseSchedule, eps_shift_guidance
 from diffusion_apps.diffusion.schedule import per_sample
 from diffusion_apps.methods.ddpm import DDPM
-from diffusion_apps.methods.diffusion_autoencoder import DiffusionAutoencoder
+from diffusion_apps.methods.diffusion_autoencoder import Codes, DiffusionAutoencoder
 from diffusion_apps.methods.protocol import Autoencoding
 from diffusion_apps.nn import EncoderUNet, GradientEstimator, UNet
 
@@ -152,21 +152,22 @@ class PDAE(DiffusionAutoencoder, DDPM):
     @torch.no_grad()
     def interpolate_trajectory(
         self,
-        x_a: Tensor,
-        x_b: Tensor,
+        a: Tensor | Codes,
+        b: Tensor | Codes,
         num: int = 7,
         steps: int | None = None,
         encode_steps: int | None = None,
     ) -> Tensor:
-        """(B, num, C, H, W) from x_a (w = 0) to x_b (w = 1): x_T by slerp, and at every step
-        G = (1 − w)·G_ψ(·, z_a) + w·G_ψ(·, z_b) instead of a lerp of the codes (PDAE Sec. 4)."""
+        """(B, num, C, H, W) from a (w = 0) to b (w = 1), images or their codes: x_T by slerp,
+        and at every step G = (1 − w)·G_ψ(·, z_a) + w·G_ψ(·, z_b) instead of a lerp of the codes
+        (PDAE Sec. 4)."""
 
-        def frame(z_a: Tensor, z_b: Tensor, x_T: Tensor, w: float) -> Tensor:
+        def frame(a: Codes, b: Codes, x_T: Tensor, w: float) -> Tensor:
             eps = self.code_eps(mix=w, decoding=True)
-            x0 = self.draw(len(x_T), "ddim", steps, 0.0, x_T=x_T, eps_fn=eps, z=z_a, z_b=z_b)
+            x0 = self.draw(len(x_T), "ddim", steps, 0.0, x_T=x_T, eps_fn=eps, z=a.z, z_b=b.z)
             return x0.clamp(-1, 1)
 
-        return self.interpolation_frames(x_a, x_b, num, frame, encode_steps or steps)
+        return self.interpolation_frames(a, b, num, frame, encode_steps or steps)
 
     def log_validation_images(self, x0: Tensor) -> None:
         """:class:`DiffusionAutoencoder`'s pictures, and trajectory-interpolation strips."""
