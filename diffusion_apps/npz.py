@@ -3,7 +3,7 @@
 ``arr_0``: uint8 (N, H, W, C), C 1 or 3; ``arr_1`` (optional): int64 (N,) class labels; what
 ``np.load(path)["arr_0"]`` reads in guided-diffusion's ``evaluator.py``. :func:`iter_npz` reads
 one in batches straight from its zip member; :class:`NpzWriter` writes one through ``.npy``
-memory maps beside it, from one process or every rank of a ``torchrun`` launch.
+files preallocated beside it, from one process or every rank of a ``torchrun`` launch.
 """
 
 from __future__ import annotations
@@ -37,18 +37,20 @@ class NpzInfo(NamedTuple):
     has_labels: bool
 
 
+def _header(fp: IO[bytes]) -> tuple[tuple, bool, np.dtype]:
+    """(shape, Fortran order, dtype) of the ``.npy`` array in ``fp``, left at its data."""
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fp)
+    return np.lib.format.read_array_header_2_0(fp)
+
+
 def _member(archive: zipfile.ZipFile, name: str, path: Path) -> tuple[IO[bytes], tuple, np.dtype]:
     """The open member ``name``.npy of ``archive``, positioned at its data, with its shape and
     dtype; a ValueError naming ``path`` for a Fortran-ordered or unreadable header."""
     fp = archive.open(f"{name}.npy")
     try:
-        version = np.lib.format.read_magic(fp)
-        read = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = read(fp)
+        shape, fortran, dtype = _header(fp)
     except ValueError as err:
         fp.close()
         raise ValueError(f"{path}: {name} is not a readable .npy array ({err})") from None
@@ -156,11 +158,13 @@ class NpzWriter:
     """Write ``num`` images of ``shape`` (C, H, W) (and their labels, with ``labels``) to the npz
     ``path``, batch by batch, in constant memory.
 
-    The arrays are preallocated as ``.npy`` memory maps beside ``path``; :meth:`write` puts a
-    batch at its sample indices; leaving the ``with`` block packs them into ``path`` (a
-    ZIP_STORED zip64 archive, written aside and renamed over it) and removes them. Under
+    The arrays are preallocated as ``.npy`` files beside ``path`` (``open_memmap``);
+    :meth:`write` puts a batch at its sample indices by a positioned file write (a memory map's
+    written pages would count in the process's resident memory, growing with N); leaving the
+    ``with`` block packs them into ``path`` (a ZIP_STORED zip64 archive, written aside and renamed
+    over it) and removes them. Under
     ``torchrun`` every rank makes one with the same arguments and its ``rank``, ``world``: rank
-    0 creates the maps, the others open them, each writes its own batches, rank 0 packs, and
+    0 creates the files, the others open them, each writes its own batches, rank 0 packs, and
     every rank leaves once ``path`` is complete. An exception in the block leaves no ``path``
     (an earlier one is removed on entry) and no temporary files.
     """
@@ -181,7 +185,7 @@ class NpzWriter:
         self.shapes = {IMAGES: ((num, height, width, channels), np.uint8)}
         if labels:
             self.shapes[LABELS] = ((num,), np.int64)
-        self.arrays: dict[str, np.memmap] = {}
+        self.files: dict[str, tuple[IO[bytes], int]] = {}  # name: (file, data offset)
 
     def _temporary(self, name: str) -> Path:
         return self.path.with_name(f".{self.path.name}.{name}")
@@ -195,12 +199,19 @@ class NpzWriter:
             self.path.unlink(missing_ok=True)
             for name, (shape, dtype) in self.shapes.items():
                 npy = self._temporary(f"{name}.npy")
-                self.arrays[name] = np.lib.format.open_memmap(npy, "w+", dtype, shape)
+                np.lib.format.open_memmap(npy, "w+", dtype, shape)  # header, sparse data; unmapped
         self._barrier()
-        if self.rank != 0:
-            for name in self.shapes:
-                self.arrays[name] = np.lib.format.open_memmap(self._temporary(f"{name}.npy"))
+        for name in self.shapes:
+            fp = open(self._temporary(f"{name}.npy"), "r+b")  # noqa: SIM115 (closed on exit)
+            _header(fp)
+            self.files[name] = fp, fp.tell()
         return self
+
+    def _put(self, name: str, start: int, values: np.ndarray) -> None:
+        fp, offset = self.files[name]
+        values = np.ascontiguousarray(values)
+        fp.seek(offset + start * (values.nbytes // len(values)))
+        fp.write(values.data)
 
     def write(self, start: int, images: Tensor, labels: Sequence[int] | Tensor | None = None):
         """Put images (B, C, H, W) in [−1, 1] (and their B labels) at samples start … start+B−1."""
@@ -214,14 +225,14 @@ class NpzWriter:
         if (labels is None) != (LABELS not in self.shapes):
             takes = "takes labels" if LABELS in self.shapes else "was made without labels"
             raise ValueError(f"{self.path}: this writer {takes}")
-        self.arrays[IMAGES][start:stop] = pixels
+        self._put(IMAGES, start, pixels)
         if labels is not None:
-            self.arrays[LABELS][start:stop] = np.asarray(labels, dtype=np.int64)
+            self._put(LABELS, start, np.asarray(labels, dtype=np.int64))
 
     def __exit__(self, kind, error, trace) -> None:
-        for array in self.arrays.values():
-            array.flush()
-        self.arrays.clear()  # unmapped: the maps are the files' only readers
+        for fp, _ in self.files.values():
+            fp.close()
+        self.files.clear()
         try:
             if kind is None:
                 self._barrier()  # every rank's batches are in the files
