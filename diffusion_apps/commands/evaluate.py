@@ -1,15 +1,19 @@
 """``python -m diffusion_apps eval``: every checkpoint scored by its method's protocol, one report.
 
 Generation (a module that declares a ``generation``): for each sampler setting, N samples from
-the checkpoint's EMA weights, scored against the cached features of the real training split
-(:mod:`diffusion_apps.evaluation.protocol`). Autoencoding (one that declares an
-``autoencoding``): the val split reconstructed, scored by MSE/PSNR/SSIM (LPIPS when its weights
-are local), and a linear probe of its codes (:mod:`diffusion_apps.evaluation.autoencoding`). The
-report's first row is always the floor: real val against real train.
+the checkpoint's EMA weights, scored against the cached features of the real training split of
+the checkpoint's own data (:mod:`diffusion_apps.evaluation.protocol`,
+:mod:`diffusion_apps.evaluation.reference`), or of ``--reference DIR|file.npz``. Autoencoding
+(one that declares an ``autoencoding``): the val split reconstructed, scored by MSE/PSNR/SSIM
+(LPIPS when its weights are local), and a linear probe of its codes
+(:mod:`diffusion_apps.evaluation.autoencoding`). ``--samples DIR|file.npz`` scores images made
+elsewhere. Each reference's rows follow its floor row: that data's real val against its real
+train.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -32,15 +36,18 @@ def evaluate(
     device: str = "auto",
     precision: Literal["auto", "32", "bf16"] = "auto",
     feature_extractor_weights_path: str | None = None,
+    reference: str | None = None,
+    samples: str | None = None,
 ) -> Path:
-    """Evaluate checkpoints and write ``<out_dir>/eval.md``, ``eval.json`` and sample grids.
+    """Evaluate checkpoints (or samples) and write ``<out_dir>/eval.md``, ``eval.json`` and grids.
 
     Each checkpoint is rebuilt from the config inside it (``weights_only=True``) with its EMA
     weights, and scored by what its method declares: generation metrics for each sampler setting
-    (a ``generation``), reconstruction metrics on the val split (an ``autoencoding``). Under
-    ``torchrun`` (or an initialised process group) the ranks take the sample batches in turn,
-    each batch with its own seed drawn from ``seed`` (the same samples as one process draws);
-    rank 0 writes the report.
+    (a ``generation``), reconstruction metrics on the val split (an ``autoencoding``), against
+    the train split of the checkpoint's own data module, beside that data's floor row (its val
+    split against its train split). Under ``torchrun`` (or an initialised process group) the
+    ranks take the sample batches in turn, each batch with its own seed drawn from ``seed`` (the
+    same samples as one process draws); rank 0 writes the report.
 
     Args:
         run_dir: searched recursively for ``*.ckpt`` (one per run version, ``last.ckpt`` first).
@@ -49,8 +56,8 @@ def evaluate(
         num_samples: N, samples per checkpoint and sampler setting.
         samplers: ``"sampler:steps[:spacing]"`` settings, comma-separated or as a list (spacing:
             default "logsnr" for dpmpp_2m, else the checkpoint's).
-        space: feature space: "digits" (the offline digit classifier; ``fd_digits``) or
-            "inception" (FID, KID, IS, P&R).
+        space: feature space: "digits" (the offline digit classifier; ``fd_digits``, meant for
+            grayscale digits) or "inception" (FID, KID, IS, P&R).
         out_dir: where the report and the grids go.
         seed: seed of the batch seeds (:func:`~diffusion_apps.distributed.rank_batches`).
         batch_size: samples per forward pass.
@@ -59,6 +66,11 @@ def evaluate(
             "auto": bf16 where the device runs it natively (a CPU with AVX512-BF16 or AMX, a
             bf16 GPU), else fp32. The choice is printed and written in the report.
         feature_extractor_weights_path: local Inception weights for ``space="inception"`` offline.
+        reference: a folder of images (read at the samples' size and channels) or an npz
+            (``arr_0``: uint8 N x H x W x C, as stored) to score against instead of each
+            checkpoint's data; it has no floor row.
+        samples: a folder or npz of images made elsewhere, scored against ``reference`` (then
+            ``run_dir`` is not searched; checkpoints named by ``ckpt_paths`` still are).
 
     Returns:
         The path of ``eval.md``.
@@ -79,7 +91,15 @@ def evaluate(
         check_samplers,
         floor_row,
         generation_rows,
-        set_reference,
+        plain_metrics,
+    )
+    from diffusion_apps.evaluation.reference import (
+        data_reference,
+        describe,
+        image_set,
+        reference_of,
+        samples_set,
+        score,
     )
     from diffusion_apps.evaluation.report import Row, eval_header, slug, write_report
     from diffusion_apps.images import save_grid
@@ -90,8 +110,15 @@ def evaluate(
             f"eval: num_samples must be >= {MIN_SAMPLES} and batch_size >= 1, "
             f"got {num_samples}, {batch_size}"
         )
+    if samples is not None and reference is None:
+        raise ValueError(
+            f"eval --samples {samples}: give --reference DIR|file.npz, the real images to score "
+            "them against"
+        )
     settings = parse_samplers(samplers)
-    paths = checkpoint_paths(run_dir, ckpt_paths, "eval")
+    if isinstance(ckpt_paths, list):  # jsonargparse reads "a,b" as ["a,b"]
+        ckpt_paths = ",".join(ckpt_paths)
+    paths = [] if samples and not ckpt_paths else checkpoint_paths(run_dir, ckpt_paths, "eval")
     rank, world = process_group()
     if -(-num_samples // batch_size) < world:  # every rank needs a batch of samples
         raise ValueError(
@@ -102,12 +129,55 @@ def evaluate(
     out = writable_folder(out_dir) if rank == 0 else Path(out_dir)
     args = dict(space=space, num_samples=num_samples, seed=seed, batch_size=batch_size,
                 precision=precision)  # fmt: skip
-
+    given = samples_set(samples, "--samples") if samples is not None else None
     # Rank 0 fills the on-disk caches first (the digit classifier may need training).
-    floor = floor_row(space, feature_extractor_weights_path) if rank == 0 else None
-    if world > 1:
-        torch.distributed.barrier()
-    rows: list[Row] = [floor or floor_row(space, feature_extractor_weights_path)]
+    weights = feature_extractor_weights_path
+    metric = rank_zero_first(lambda: FeatureStats(space, feature_extractor_weights_path=weights),
+                             rank, world).to(dev)  # fmt: skip
+    references, groups, notes = {}, {}, []  # source -> Reference; Reference.key -> rows
+
+    def use_reference(source, make):
+        """The Reference of ``source`` (made once by ``make``, its floor row first in its
+        group), set as ``metric``'s."""
+        if source not in references:
+            references[source] = ref = rank_zero_first(make, rank, world)
+            if ref.key not in groups:
+                held_out = ref.held_out is not None
+                groups[ref.key] = [floor_row(ref, metric)] if held_out else []
+                warning = ref.digits_warning(space)
+                notes.extend([] if warning is None else [f"Warning: {warning}."])
+                if warning is not None and rank == 0:
+                    print(f"eval: warning: {warning}", file=sys.stderr)
+        references[source].use(metric)
+        return references[source]
+
+    def user_reference(channels: int, size: int):
+        real = image_set(reference, "--reference", size, channels)
+        if real.channels != channels:
+            raise ValueError(
+                f"--reference {reference}: {real.channels} channel(s), but the samples have "
+                f"{channels}; give a reference of {channels} channel(s)"
+            )
+        return reference_of(metric, real, progress=rank == 0)
+
+    def checkpoint_reference(name, ckpt, module, data):
+        if reference is not None:
+            c, s, _ = module.sample_shape
+            return use_reference((c, s), lambda: user_reference(c, s))
+        hparams = ckpt.get("datamodule_hyper_parameters")
+        if not hparams and rank == 0:
+            print(f"eval: {name} names no data; scored against {describe(data)}; give "
+                  "--reference for its own")  # fmt: skip
+        source = repr(sorted((hparams or {}).items())), module.sample_shape
+        return use_reference(source, lambda: data_reference(metric, data, progress=rank == 0))
+
+    if given is not None:
+        c, s = given.channels, min(given.size)
+        ref = use_reference((c, s), lambda: user_reference(c, s))
+        metrics = plain_metrics(score(metric, given))
+        groups[ref.key].append(
+            Row(str(samples), "samples", None, "–", None, given.num, metrics, None, ref.line())
+        )
     loaded = []
     for path in paths:
         try:
@@ -115,17 +185,18 @@ def evaluate(
         except CheckpointError as err:
             print(f"eval: skipped {path}: {err}", file=sys.stderr)
     check_samplers(settings, [g for *_, m in loaded if (g := generation_of(m)) is not None])
-    metric, notes = None, []
     for path, ckpt, module in loaded:
         name = str(path) if ckpt_paths else os.path.relpath(path, run_dir)
         method, step = type(module).__name__, int(ckpt.get("global_step", 0))
         generation, autoencoding = generation_of(module), autoencoding_of(module)
+        if not (generation or autoencoding):
+            if rank == 0:
+                print(f"eval: {path}: {method} declares neither a generation nor an "
+                      "autoencoding; skipped")  # fmt: skip
+            continue
+        data = checkpoint_data(ckpt, module)
+        ref = checkpoint_reference(name, ckpt, module, data)
         new: list[Row] = []
-        if metric is None and (generation or autoencoding):
-            metric = FeatureStats(
-                space, feature_extractor_weights_path=feature_extractor_weights_path
-            )
-            set_reference(metric, space, feature_extractor_weights_path)
         if generation is not None:
             drawn, grids = generation_rows(module, name, step, settings, metric, args, rank, world)
             new += drawn
@@ -133,15 +204,11 @@ def evaluate(
             for stem, grid in grids if rank == 0 else ():
                 save_grid(grid, out / "grids" / f"{slug(name)}_{slug(stem)}.png")
         if autoencoding is not None:
-            data = checkpoint_data(ckpt, module)
-            metric = metric.to(module.device)
             new += reconstruction_rows(module, data, name, step, rank, world, seed, metric)
             new += [row for row in [probe_row(module, data, name, step)] if row is not None]
-        if not new and rank == 0:
-            print(f"eval: {path}: {method} declares neither a generation nor an autoencoding; "
-                  "skipped")  # fmt: skip
-        rows += new
-    if len(rows) == 1:
+        groups[ref.key] += [dataclasses.replace(row, reference=ref.line()) for row in new]
+    rows = [row for group in groups.values() for row in group]
+    if not any(row.method != "FLOOR" for row in rows):
         sys.exit(f"eval: none of the {len(paths)} checkpoint(s) could be evaluated")
     md = out / "eval.md"
     if rank == 0:
@@ -149,3 +216,12 @@ def evaluate(
         md, js = write_report(rows, header, out)
         print(f"wrote {md}, {js} and sample grids under {out / 'grids'}")
     return md
+
+
+def rank_zero_first(make, rank: int, world: int):
+    """``make()`` on rank 0, then (after a barrier) on the other ranks: rank 0 fills the on-disk
+    caches that they then read."""
+    value = make() if rank == 0 else None
+    if world > 1:
+        torch.distributed.barrier()
+    return value if rank == 0 else make()

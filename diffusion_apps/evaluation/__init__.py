@@ -12,10 +12,9 @@ from diffusion_apps.evaluation.metrics import (
     kernel_distance,
     mean_cov,
     precision_recall,
-    real_floor,
-    reference_features,
 )
 from diffusion_apps.evaluation.reconstruction import ReconstructionMetrics
+from diffusion_apps.evaluation.reference import real_floor, reference_features
 
 __all__ = [
     "DigitClassifier",

@@ -15,11 +15,11 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from diffusion_apps.distributed import rank_share
-from diffusion_apps.evaluation.protocol import GRID_SIZE, MIN_SAMPLES, set_reference
+from diffusion_apps.evaluation.protocol import GRID_SIZE, MIN_SAMPLES
 from diffusion_apps.methods.protocol import SampleRequest, generation_of
 
 
@@ -35,8 +35,10 @@ class SampleQuality(L.Callback):
     Sanity-check validations do not count.
 
     What: :class:`~diffusion_apps.evaluation.FeatureStats` of the samples against the cached
-    features of the real *training* split (``space="digits"``: the digit classifier's features,
-    reported as ``fd_digits``, never FID; ``"inception"``: FID/KID/IS/P&R). Logged as
+    features of the real *training* split of the trainer's data module
+    (:mod:`~diffusion_apps.evaluation.reference`; ``space="digits"``: the digit classifier's
+    features, reported as ``fd_digits``, never FID, with a warning when the data is not grayscale
+    digits; ``"inception"``: FID/KID/IS/P&R). Logged as
     ``quality/<metric>@<M>`` (e.g. ``quality/fd_digits@1000``), ``quality/n_fake`` and
     ``quality/n_real`` (samples and reference images actually used), a grid
     ``quality/samples``, and once a text ``quality/protocol`` naming sampler, seed and reference.
@@ -88,6 +90,7 @@ class SampleQuality(L.Callback):
         self.feature_extractor_weights_path = feature_extractor_weights_path
         self.last_samples: Tensor | None = None  # this rank's first samples of the last run (CPU)
         self._metric = None
+        self._reference = None  # the Reference the metric holds
         self._val_runs = 0
         self._due = False
         self._results: dict[str, float] | None = None
@@ -119,10 +122,13 @@ class SampleQuality(L.Callback):
             generation.check(asked, f"SampleQuality: {type(pl_module).__name__}")
         if stage in ("fit", "validate") and self._metric is None and generation is not None:
             if trainer.is_global_zero:
-                self._metric = self._build_metric()
+                self._build_metric(trainer)
+                warning = self._reference.digits_warning(self.space)
+                if warning is not None:
+                    rank_zero_warn(f"SampleQuality: {warning}")
             trainer.strategy.barrier("SampleQuality.setup")
             if not trainer.is_global_zero:
-                self._metric = self._build_metric()
+                self._build_metric(trainer)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._due = False
@@ -202,14 +208,23 @@ class SampleQuality(L.Callback):
             results[f"quality/{key}{suffix}"] = float(value)
         return results
 
-    def _build_metric(self):
+    def _build_metric(self, trainer: L.Trainer) -> None:
+        """The metric, holding the train split of the trainer's data module as its reference."""
         from diffusion_apps.evaluation import FeatureStats
+        from diffusion_apps.evaluation.reference import reference_of, split_set
 
+        data = trainer.datamodule
+        if data is None:
+            raise ValueError(
+                "SampleQuality: the trainer has no data module, whose train split is the "
+                "reference the samples are scored against"
+            )
         metric = FeatureStats(
             space=self.space, feature_extractor_weights_path=self.feature_extractor_weights_path
         )
-        set_reference(metric, self.space, self.feature_extractor_weights_path)
-        return metric
+        progress = trainer.is_global_zero
+        self._reference = reference_of(metric, split_set(data, "train"), progress=progress)
+        self._metric = metric
 
     def _log_images(
         self, trainer: L.Trainer, pl_module: L.LightningModule, results: dict[str, float]
@@ -229,10 +244,12 @@ class SampleQuality(L.Callback):
         generation = generation_of(pl_module)
         sampler, steps = self.sampler or generation.sampler, self.steps or generation.steps
         n_real = int(results.get("quality/n_real", 0))
+        warning = self._reference.digits_warning(self.space)
         return (
             f"quality/*@{self.num_samples}: {self.num_samples} samples ({sampler}, {steps} steps, "
             f"generator seed {self.seed} + rank) from the weights validation uses (EMA when the "
-            f"EMA callback is on), against {n_real} real images of the embedded digits' train "
-            f"split, in the {self.space} feature space. fd_digits is a Fréchet distance in the "
-            "digit classifier's features, not FID."
+            f"EMA callback is on), against {n_real} real images of the "
+            f"{self._reference.real.name}, in the {self.space} feature space. fd_digits is a "
+            "Fréchet distance in the digit classifier's features, not FID."
+            + ("" if warning is None else f" Warning: {warning}.")
         )

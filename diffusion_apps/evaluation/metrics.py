@@ -19,12 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from diffusion_apps.evaluation.digits import (
-    digit_classifier,
-    embedded_split,
-    resolve_cache_dir,
-    save_atomic,
-)
+from diffusion_apps.evaluation.digits import digit_classifier
 
 Space = Literal["digits", "inception"]
 CHUNK = 1024  # rows of a distance matrix held at once: 1024 x 10k floats = 40 MB
@@ -215,6 +210,8 @@ class FeatureStats(Metric):
         kid_subsets, kid_subset_size: see :func:`kernel_distance` (subsets seeded with 0).
         feature_extractor_weights_path: InceptionV3 weights file (space "inception").
         cache_dir: where the digit classifier is cached (space "digits").
+        extractor: the space's network, already built (another FeatureStats' ``extractor``, to
+            share it); default: built here.
         kwargs: passed to ``torchmetrics.Metric``.
     """
 
@@ -229,10 +226,13 @@ class FeatureStats(Metric):
         kid_subset_size: int = 1000,
         feature_extractor_weights_path: str | None = None,
         cache_dir: str | Path | None = None,
+        extractor: nn.Module | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.extractor = build_extractor(space, cache_dir, feature_extractor_weights_path)
+        if extractor is None:
+            extractor = build_extractor(space, cache_dir, feature_extractor_weights_path)
+        self.extractor = extractor
         self.space, self.k = space, k
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         for name in ("real_features", "fake_features", "fake_logits", "fake_labels"):
@@ -319,58 +319,3 @@ def state_hash(module: nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def reference_features(
-    space: Space = "digits",
-    split: Literal["train", "val"] = "train",
-    cache_dir: str | Path | None = None,
-    feature_extractor_weights_path: str | None = None,
-    progress: bool = True,
-) -> Tensor:
-    """Features (N, d) of a real embedded-digits split (the ImageDataModule defaults: 32 px,
-    1 channel, val_fraction 0.1, seed 0), computed once and cached.
-
-    The file ``<cache_dir>/reference-<space>-<split>-<hash>.pt`` is keyed by the sha256 of the
-    images and the extractor's weights, and read with ``weights_only=True``.
-    """
-    from tqdm.auto import tqdm
-
-    images, _ = embedded_split(split)
-    extractor = build_extractor(space, cache_dir, feature_extractor_weights_path)
-    h = hashlib.sha256(images.numpy().tobytes())
-    h.update(state_hash(extractor).encode())
-    path = resolve_cache_dir(cache_dir) / f"reference-{space}-{split}-{h.hexdigest()[:16]}.pt"
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)["features"]
-    batches = tqdm(
-        images.split(500 if space == "digits" else 50),
-        desc=f"{space} features of the real {split} digits (once, then cached)",
-        disable=not progress,
-    )
-    features = torch.cat([extract(extractor, x, space)[0] for x in batches])
-    save_atomic({"features": features, "space": space, "split": split}, path)
-    return features
-
-
-def real_floor(
-    space: Space = "digits",
-    cache_dir: str | Path | None = None,
-    feature_extractor_weights_path: str | None = None,
-) -> dict[str, float]:
-    """The metrics of the real val split, scored as if generated (with its labels in the digits
-    space, so its accuracy is the classifier's), against the real train split: the floor a
-    perfect generator of as many samples reaches. Computed on this process alone (no DDP sync),
-    so every rank may call it without counting the val split twice."""
-    real = reference_features(space, "train", cache_dir, feature_extractor_weights_path)
-    stats = FeatureStats(
-        space,
-        feature_extractor_weights_path=feature_extractor_weights_path,
-        cache_dir=cache_dir,
-        sync_on_compute=False,
-    )
-    stats.set_reference(*mean_cov(real), real)
-    images, labels = embedded_split("val")
-    for x, y in zip(images.split(100), labels.split(100), strict=True):
-        stats.update(x, real=False, labels=y if space == "digits" else None)
-    return stats.compute()

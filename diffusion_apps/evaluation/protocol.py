@@ -2,7 +2,8 @@
 
 Samples come from the method's one ``sample`` call, asked for what its
 :class:`~diffusion_apps.methods.protocol.Generation` declares; :func:`sample_batches` is the
-loop the ``sample`` command draws with too. The floor row scores real val against real train.
+loop the ``sample`` command draws with too. The floor row scores real val against real train of
+the same data (:mod:`diffusion_apps.evaluation.reference`).
 """
 
 from __future__ import annotations
@@ -43,22 +44,17 @@ def plain_metrics(values: dict) -> dict[str, float | int]:
     return {k: int(v) if k == "n" or k.startswith("n_") else float(v) for k, v in values.items()}
 
 
-def set_reference(metric, space: str, weights_path: str | None = None) -> None:
-    """Give ``metric`` (a FeatureStats) the cached features of the real training split."""
-    from diffusion_apps.evaluation import mean_cov, reference_features
+def floor_row(reference, metric) -> Row:
+    """The floor row of a :class:`~diffusion_apps.evaluation.reference.Reference` with a
+    held-out split: real val scored against real train in ``metric`` (which holds the
+    reference), on this process alone."""
+    from diffusion_apps.evaluation.reference import score
 
-    feats = reference_features(space, "train", feature_extractor_weights_path=weights_path)
-    metric.set_reference(*mean_cov(feats), feats)  # feats: (N, d)
-
-
-def floor_row(space: str, weights_path: str | None) -> Row:
-    """The floor row: real val against real train (see ``real_floor``)."""
-    from diffusion_apps.evaluation import real_floor
-
-    metrics = plain_metrics(real_floor(space, feature_extractor_weights_path=weights_path))
+    metrics = plain_metrics(score(metric, reference.held_out))
     return Row(
-        "FLOOR: real val vs real train", "FLOOR", None, "–", None, metrics["n_fake"], metrics, None
-    )
+        "FLOOR: real val vs real train", "FLOOR", None, "–", None, metrics["n_fake"], metrics,
+        None, reference.line(),
+    )  # fmt: skip
 
 
 def check_samplers(settings: Sequence[SamplerSetting], generations: Sequence[Generation]) -> None:

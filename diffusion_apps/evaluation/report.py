@@ -43,7 +43,8 @@ NOT_COLUMNS = {"n", "n_real", "n_fake", *STD_OF.values()}
 
 @dataclass
 class Row:
-    """One line of the report: a checkpoint under one sampler setting, or the real-data floor."""
+    """One line of the report: a checkpoint under one sampler setting, or the real-data floor;
+    ``reference``: the line naming the real set it is scored against (its table's heading)."""
 
     checkpoint: str
     method: str
@@ -53,6 +54,7 @@ class Row:
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float | None = None
+    reference: str = ""
 
 
 def _fmt(value: float | int | None) -> str:
@@ -73,12 +75,10 @@ def metric_columns(rows: list[Row]) -> list[str]:
     return known + sorted(present - set(known))
 
 
-def markdown(rows: list[Row], header: list[str]) -> str:
-    """The report as markdown: title, the protocol lines, then one table row per :class:`Row`."""
-    columns = metric_columns(rows)
+def table(rows: list[Row], columns: list[str]) -> list[str]:
+    """The markdown table of ``rows`` with the metric ``columns``."""
     names = ["checkpoint", "method", "steps", "sampler", "NFE", "N", *columns, "seconds"]
-    lines = ["# Evaluation", "", *header, ""]
-    lines += ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for row in rows:
         cells = [
             f"`{row.checkpoint}`" if row.method != "FLOOR" else f"**{row.checkpoint}**",
@@ -96,7 +96,22 @@ def markdown(rows: list[Row], header: list[str]) -> str:
             cells.append(cell)
         cells.append("–" if row.seconds is None else f"{row.seconds:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def markdown(rows: list[Row], header: list[str]) -> str:
+    """The report as markdown: title, the protocol lines, then one table row per :class:`Row`;
+    rows scored against different references get a table each, headed by the reference."""
+    columns = metric_columns(rows)
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.reference, []).append(row)
+    lines = ["# Evaluation", "", *header, ""]
+    for reference, members in groups.items():
+        if len(groups) > 1:
+            lines += [f"## {reference[0].upper()}{reference[1:]}", ""]
+        lines += [*table(members, columns), ""]
+    return "\n".join(lines[:-1]) + "\n"
 
 
 def write_report(rows: list[Row], header: list[str], out_dir: str | Path) -> tuple[Path, Path]:
@@ -118,10 +133,10 @@ def slug(name: str) -> str:
 def eval_header(
     rows: list[Row], space: str, seed: int, network: str, notes: list[str]
 ) -> list[str]:
-    """The lines above ``eval``'s table: the reference, the floor, how samples were drawn
-    (``network``: the precision and device), what reconstruction rows mean when there are
-    some, and each method's own ``notes`` (once each)."""
-    n_real = int(rows[0].metrics.get("n_real", 0))
+    """The lines above ``eval``'s tables: each reference and its floor (the ``reference`` of the
+    rows), the feature space, how samples were drawn (``network``: the precision and device),
+    what reconstruction rows mean when there are some, and ``notes`` (each method's own, and
+    warnings; once each)."""
     features, note = "Inception-v3 pool features (torch-fidelity): FID, KID, IS", ""
     if space == "digits":
         from diffusion_apps.evaluation import digit_classifier
@@ -129,10 +144,11 @@ def eval_header(
         accuracy = digit_classifier(progress=False).val_accuracy
         features = f"the digit classifier's features (its val accuracy: {accuracy:.2%})"
         note = " fd_digits is a Fréchet distance in those features, not FID."
-    header = [
-        f"Reference: the real **train** split of the embedded digits ({n_real} images, 32 px), "
-        f"in {features}; every generation row compares its N samples against it.{note}",
-        f"FLOOR row: the real val split ({rows[0].num_samples} images) against the same reference.",
+    references = list(dict.fromkeys(row.reference for row in rows))
+    which = "it" if len(references) == 1 else "the reference its table is headed by"
+    header = [f"{r[0].upper()}{r[1:]}." for r in references] + [
+        f"Features: {features}; every row compares its N images against {which}; a FLOOR row "
+        f"scores the real val split against the real train split of the same data.{note}",
         f"Samples from the checkpoints' EMA weights, batch seeds drawn from seed {seed}, the "
         "same x_T for every sampler; KID as mean ± std over 100 subsets; precision/recall with "
         f"k = 3 nearest neighbours; seconds: sampling wall time ({network}).",

@@ -92,7 +92,7 @@ def test_training_is_deterministic_and_leaves_the_callers_rng_alone():
 
 def test_reference_features_are_cached(classifier, monkeypatch):
     first = reference_features("digits", "val", progress=False)
-    monkeypatch.setattr("diffusion_apps.evaluation.metrics.extract", no_training)
+    monkeypatch.setattr("diffusion_apps.evaluation.reference.extract", no_training)
     assert torch.equal(reference_features("digits", "val", progress=False), first)
     assert first.shape == (500, 128)
 

@@ -77,7 +77,7 @@ def test_a_perfect_reconstructor_scores_the_real_floor():
     from diffusion_apps.data import ImageDataModule
     from diffusion_apps.evaluation import FeatureStats, real_floor
     from diffusion_apps.evaluation.autoencoding import reconstruction_rows
-    from diffusion_apps.evaluation.protocol import set_reference
+    from diffusion_apps.evaluation.reference import data_reference
 
     class Identity(torch.nn.Module):
         device = torch.device("cpu")
@@ -88,7 +88,7 @@ def test_a_perfect_reconstructor_scores_the_real_floor():
     data = ImageDataModule(dataset="digits", image_size=32, channels=1, batch_size=100)
     data.setup("validate")
     features = FeatureStats("digits")
-    set_reference(features, "digits")
+    data_reference(features, data, progress=False)
     (row,) = reconstruction_rows(Identity(), data, "identity", 0, 0, 1, features=features)
     floor = real_floor("digits")
     assert row.metrics["mse"] == 0 and row.num_samples == 500
