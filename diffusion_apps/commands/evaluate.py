@@ -158,6 +158,9 @@ def evaluate(
                 f"--reference {reference}: {real.channels} channel(s), but the samples have "
                 f"{channels}; give a reference of {channels} channel(s)"
             )
+        if real.size != (size, size) and rank == 0:
+            print(f"eval: warning: --reference {reference} is {real.size[0]}x{real.size[1]} px, "
+                  f"the samples {size}x{size} px; each is used as it is")  # fmt: skip
         return reference_of(metric, real, progress=rank == 0)
 
     def checkpoint_reference(name, ckpt, module, data):
