@@ -4,6 +4,9 @@ it. The tiny first stage trains on it, then the byte-level caption LDM (on the f
 the class-conditional LDM (on the sub-folders) and the unconditional one; ``sample --prompts``
 draws from the caption model, and data that is not the first stage's input is named."""
 
+import re
+import shlex
+
 import pytest
 import torch
 from PIL import Image
@@ -157,3 +160,37 @@ def test_data_that_is_not_the_first_stages_input_is_named(runs, data, named):
 def test_captions_and_condition_must_agree(runs, config, extra, named):
     with pytest.raises(SystemExit, match=named):
         run_cli_in(runs[0], ["fit", "--config", str(TINY / f"{config}.yaml"), *extra])
+
+
+def header_commands(config) -> list[list[str]]:
+    """The ``python -m diffusion_apps`` commands of a config's header comment, as arguments."""
+    text = re.sub(r"\\\n#\s*", " ", config.read_text())  # join the continued lines
+    start = "#   python -m diffusion_apps "
+    return [shlex.split(line.removeprefix(start)) for line in text.splitlines()
+            if line.startswith(start)]  # fmt: skip
+
+
+def test_the_folder_configs_commands_run(runs):
+    """configs/ldm_folder.yaml's own commands (stage 1 on the folder, stage 2, sample with
+    prompts) at their real sizes, one step each, on the test's folder."""
+    root, _ = runs
+    paths = {"my_images/": "images"} | {
+        f"configs/{name}.yaml": str(CONFIGS / f"{name}.yaml")
+        for name in ("ldm_autoencoder", "ldm_folder")
+    }
+    stage1, stage2, sample = (
+        [paths.get(arg, arg) for arg in command]
+        for command in header_commands(CONFIGS / "ldm_folder.yaml")[:3]
+    )
+    quick = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+             "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]  # fmt: skip
+    run_cli_in(
+        root,
+        [*stage1, *quick],
+        [*stage2, *quick],
+        [*sample, "--num_samples", "2", "--steps", "2", "--out_dir", "prompted"],
+    )
+    model = load_module(root / "runs/ldm_folder/version_0/checkpoints/last.ckpt", LatentDiffusion)
+    assert model.byte_captions and model.first_stage.sample_shape == (3, 64, 64)
+    with Image.open(root / "prompted/000001.png") as image:
+        assert (image.mode, image.size) == ("RGB", (64, 64))
