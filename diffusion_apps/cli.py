@@ -249,6 +249,48 @@ def negative_values_joined(args: Sequence[str]) -> list[str]:
     return out
 
 
+def list_options(function) -> dict[str, type]:
+    """``--name`` → item type of each list-typed parameter of a command's ``function``."""
+    import typing
+
+    options = {}
+    for name, hint in typing.get_type_hints(function).items():
+        for option in (hint, *typing.get_args(hint)):  # list[X] or list[X] | None
+            if typing.get_origin(option) is list:
+                options[f"--{name}"] = typing.get_args(option)[0]
+    return options
+
+
+def list_values_joined(args: Sequence[str], options: dict[str, type]) -> list[str]:
+    """``--images a.png b.jpg`` as ``--images=["a.png", "b.jpg"]`` (and ``--images DIR`` as a
+    one-item list) for the list ``options``: argparse takes one value per option. A list
+    written in brackets stays as it is; strings are JSON-quoted, so names with spaces, commas
+    or colons survive the YAML parse of the value."""
+    import json
+
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        flag, eq, value = args[i].partition("=")
+        i += 1
+        if flag not in options:
+            out.append(args[i - 1])
+            continue
+        values = [value] if eq else []
+        while i < len(args) and not args[i].startswith("--"):
+            values.append(args[i])
+            i += 1
+        if not values:
+            out.append(flag)  # the parser says that a value is missing
+        elif len(values) == 1 and values[0].lstrip().startswith("["):
+            out.append(f"{flag}={values[0]}")
+        elif options[flag] is str:
+            out.append(f"{flag}={json.dumps(values)}")
+        else:
+            out.append(f"{flag}=[{', '.join(values)}]")
+    return out
+
+
 def config_files(args: Sequence[str]) -> list[Path]:
     """The files given to ``--config`` (``--config X`` or ``--config=X``)."""
     files = [b for a, b in zip(args, args[1:], strict=False) if a == "--config"]
@@ -301,7 +343,8 @@ def run_command(name: str, args: Sequence[str]) -> None:
     from jsonargparse import auto_cli
 
     prog = f"python -m diffusion_apps {name}"
-    auto_cli(COMMANDS[name], args=list(args), as_positional=False, prog=prog, exit_on_error=False)
+    args = list_values_joined(args, list_options(COMMANDS[name]))
+    auto_cli(COMMANDS[name], args=args, as_positional=False, prog=prog, exit_on_error=False)
 
 
 def main(args: Sequence[str] | None = None) -> None:

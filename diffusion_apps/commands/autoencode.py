@@ -1,71 +1,121 @@
-"""``python -m diffusion_apps autoencode``: an autoencoder's inference modes on val images.
+"""``python -m diffusion_apps autoencode``: a diffusion autoencoder on the user's own images.
 
-Modes, each a PNG grid of the checkpoint's first val images (one image a row unless said):
-    reconstruct   rows: originals, inferred x_T, random x_T
-    interpolate   original a, lerp z / slerp x_T strip, original b
+Inputs: ``--images a.png b.jpg`` or ``--images DIR`` (read as the data module reads a folder, at
+the checkpoint's channels and resolution: :mod:`diffusion_apps.data.files`), ``--codes codes.pt``
+(written by ``--mode encode``), or by default the first images of the checkpoint's val split.
+
+Modes, each a PNG grid ``<mode>.png`` and ``<mode>.json`` (the inputs, how they were read, the
+settings, the numbers):
+    reconstruct   rows: originals, inferred x_T, random x_T; every inferred reconstruction as
+                  ``reconstruct/NNNN_<file>.png``; MSE/PSNR/SSIM against the inputs
+    encode        ``codes.pt`` (z_sem, x_T, the steps and spacing, the file names)
+    decode        the codes' images (``decode/NNNN_<file>.png``), bit for bit the reconstruction
+    interpolate   a, lerp z / slerp x_T strip, b (the first half of the inputs with the second)
     trajectory    as interpolate, mixing the G_ψ of the two codes at every step (PDAE only)
     variations    original, then decodings of its z from random x_T
-    manipulate    original, then z moved towards ``attribute`` by each of ``scales``
-                  (the probe is fitted on the train split's codes and labels)
+    manipulate    original, then z moved towards ``attribute`` by each of ``scales`` (the probe:
+                  :mod:`diffusion_apps.commands.attribute_probe`)
+Modes after the first two take ``--codes`` as well as images: encode once, edit many times.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from torch import Tensor
 
-Mode = Literal["reconstruct", "interpolate", "trajectory", "variations", "manipulate"]
+if TYPE_CHECKING:
+    from diffusion_apps.commands.codes_file import CodesFile
+
+Mode = Literal[
+    "reconstruct", "encode", "decode", "interpolate", "trajectory", "variations", "manipulate"
+]
+FROM_CODES = ("decode", "interpolate", "trajectory", "variations", "manipulate")
+GRID_IMAGES = 16  # inputs shown in a grid; the files hold every one
 
 
 def autoencode(
     ckpt_path: str,
     mode: Mode = "reconstruct",
-    num_images: int = 8,
-    attribute: int | None = None,
+    images: list[str] | None = None,
+    codes: str | None = None,
+    out: str | None = None,
+    num_images: int | None = None,
+    attribute: str | None = None,
     scales: list[float] | None = None,
+    probe_images: list[str] | None = None,
+    attributes: str | None = None,
     steps: int | None = None,
     encode_steps: int | None = None,
     seed: int = 0,
+    batch_size: int = 64,
     out_dir: str | None = None,
     device: str = "auto",
+    bad_images: Literal["stop", "skip"] = "stop",
 ) -> Path:
-    """Write ``<mode>.png`` for the diffusion autoencoder in ``ckpt_path``.
+    """Write ``<mode>.png`` (``codes.pt`` for encode) for the diffusion autoencoder in
+    ``ckpt_path``.
 
     Args:
         ckpt_path: checkpoint written by ``fit`` of a diffusion autoencoder (DiffAE, PDAE):
             a module whose ``autoencoding`` declares the mode.
         mode: see the module docstring.
-        num_images: val images used (manipulate: the first ones not already of ``attribute``).
-        attribute: manipulate: the class (attribute index) to move towards, e.g. 8.
+        images: image files, or one folder of them (any size or mode: converted to the
+            checkpoint's channels, the shorter side resized and center-cropped to its
+            resolution); default: the checkpoint's val split.
+        codes: a ``codes.pt`` of ``--mode encode`` (for decode, interpolate, trajectory,
+            variations, manipulate), made with this checkpoint.
+        out: encode: where to write the codes; default ``<out_dir>/codes.pt``.
+        num_images: use the first N inputs; default: every one given, 8 of the val split
+            (manipulate: the first ones not already of ``attribute``).
+        attribute: manipulate: the attribute (or class) to move towards, by name (``Smiling``,
+            a sub-folder's name, a digit ``8``) or index.
         scales: manipulate: the s of z' = denorm(norm(z) + s·√d·w/‖w‖); default 0, 0.3 (the
             paper's), 1, 2, 3 (a digit's class needs s ≈ 2–4).
+        probe_images: manipulate: labelled images to fit the attribute probe on (a folder with
+            one sub-folder per class, or images named in ``attributes``); default: the
+            checkpoint's labelled data.
+        attributes: manipulate: an attribute table for ``probe_images``: CelebA's
+            ``list_attr_celeba.txt`` layout, or a CSV with a ``file`` column and 0/1 or ±1
+            columns.
         steps: DDIM decoding steps, and inversion steps unless ``encode_steps`` are given;
-            default: the checkpoint's ``sample_steps`` (and ``encode_steps``).
+            default: the checkpoint's ``sample_steps`` (and ``encode_steps``); with ``codes``,
+            the steps they were encoded for.
         encode_steps: DDIM inversion steps; default: ``steps``, else the checkpoint's.
         seed: seed of the random x_T.
+        batch_size: images per forward pass (keep it the same from encode to decode for
+            bit-identical decodings: a batch's kernels may round differently at another size).
         out_dir: default ``<run dir>/autoencode``.
         device: "auto" (CUDA when available), "cpu", "cuda", …
+        bad_images: a file that cannot be read: "stop" naming it, or "skip" it with a warning.
 
     Returns:
-        The path of the grid.
+        The path of the grid (of ``codes.pt`` for encode).
     """
-    from torch.utils.data import DataLoader
-
-    from diffusion_apps.checkpoint import load_module, read_checkpoint, resolve_device
-    from diffusion_apps.commands.common import checkpoint_data, writable_folder
+    from diffusion_apps.checkpoint import load_module, resolve_device
+    from diffusion_apps.commands.codes_file import CodesFile
+    from diffusion_apps.commands.common import writable_folder
+    from diffusion_apps.evaluation.metrics import state_hash
     from diffusion_apps.images import save_grid
-    from diffusion_apps.methods.protocol import autoencoding_of
+    from diffusion_apps.methods.diffusion_autoencoder import Codes
+    from diffusion_apps.methods.protocol import autoencoding_of, has_stochastic_code
 
-    least = 2 if mode in ("interpolate", "trajectory") else 1
-    if num_images < least:
-        raise ValueError(f"num_images must be >= {least} for {mode}, got {num_images}")
-    dev = resolve_device(device)
-    module = load_module(ckpt_path).to(dev)
-    out = writable_folder(out_dir or Path(ckpt_path).parent.parent / "autoencode")
-    modes = getattr(autoencoding_of(module), "modes", ())
-    if not modes:
+    if batch_size < 1 or (num_images is not None and num_images < 1):
+        raise ValueError(f"batch_size and num_images must be >= 1, got {batch_size}, {num_images}")
+    if codes is not None and mode not in FROM_CODES:
+        raise ValueError(f"--codes: {mode} works on images; give --images instead")
+    if mode == "decode" and codes is None:
+        raise ValueError("--mode decode needs --codes, a codes.pt written by --mode encode")
+    if codes is not None and images is not None:
+        raise ValueError("give --images or --codes, not both")
+    module = load_module(ckpt_path).to(resolve_device(device))
+    modes = (*getattr(autoencoding_of(module), "modes", ()), "encode", "decode")
+    if not has_stochastic_code(module):
         raise SystemExit(
             f"autoencode: {ckpt_path} holds a {type(module).__name__}, which has no "
             "encode/encode_stochastic/decode (train configs/diffae.yaml or configs/pdae.yaml)"
@@ -75,39 +125,219 @@ def autoencode(
             f"autoencode: {mode} is not a mode of the {type(module).__name__} in {ckpt_path} "
             f"(it offers {', '.join(modes)}; trajectory is PDAE's)"
         )
-    data = checkpoint_data(read_checkpoint(ckpt_path), module)
-    images, labels = next(iter(DataLoader(data.val_set, batch_size=len(data.val_set))))
-    gen = torch.Generator(dev).manual_seed(seed)
-
+    folder = writable_folder(out_dir or Path(ckpt_path).parent.parent / "autoencode")
+    weights = state_hash(module)
+    probe = target = None
     if mode == "manipulate":
-        if attribute is None or not data.num_classes or not 0 <= attribute < data.num_classes:
-            raise ValueError(
-                f"manipulate needs --attribute, a class of the labelled data in "
-                f"[0, {data.num_classes or 0}), got {attribute}"
-            )
-        images = images[labels != attribute]
-    x = images[:num_images].to(dev)
-    paired = dict(steps=steps, encode_steps=encode_steps)  # inversion and decoding
-    if mode == "reconstruct":
-        random = module.reconstruct(x, False, steps, gen)
-        rows = [x, module.reconstruct(x, **paired), random]
-        grid, nrow = torch.cat(rows), len(x)
+        probe = _probe(module, ckpt_path, probe_images, attributes, batch_size, bad_images)
+        target = probe.index(str(attribute)) if attribute is not None else None
+        if target is None:
+            raise ValueError(f"manipulate needs --attribute, one of {', '.join(probe.names)}")
+    source = _inputs(module, ckpt_path, images, codes, weights, bad_images)
+    if source.from_val and mode == "manipulate" and probe_images is None:
+        source = source.subset(source.labels != target)  # the val images not yet of the class
+    n = num_images or (8 if source.from_val else len(source))
+    source = source.subset(torch.arange(len(source)) < n)
+    least = 2 if mode in ("interpolate", "trajectory") else 1
+    if len(source) < least:
+        raise ValueError(f"{mode} needs at least {least} images, got {len(source)}")
+
+    stored = source.codes
+    if stored is not None:  # decoded as encoded, unless told otherwise
+        steps, encode_steps = steps or stored.steps, stored.encode_steps
+    else:
+        encode_steps = encode_steps or steps or module.encode_steps
+        steps = steps or module.sample_steps
+    run = Run(module, batch_size, steps, encode_steps, seed)
+    record = {
+        "checkpoint": str(ckpt_path), "mode": mode, "inputs": source.where,
+        "files": source.names, "recipe": source.recipe, "decode_steps": steps,
+        "encode_steps": encode_steps, "spacing": module.timestep_spacing, "seed": seed,
+    }  # fmt: skip
+    x = source.images
+    if mode == "encode":
+        path = Path(out) if out else folder / "codes.pt"
+        CodesFile(
+            run.codes(x), _to_uint8(x), source.names, encode_steps,
+            module.timesteps(encode_steps), steps, module.timestep_spacing, source.recipe,
+            str(ckpt_path), weights,
+        ).save(path)  # fmt: skip
+        _write_record(record, folder / "encode.json")
+        print(f"wrote the codes of {len(x)} images to {path}")
+        return path
+    both = stored.codes if stored else (run.codes(x) if mode != "variations" else None)
+    if mode in ("reconstruct", "decode"):
+        decoded = run.each(lambda z, x_T: module.decode(z, x_T, steps), *both)
+        _save_each(decoded, source.names, folder / mode)
+        record["metrics"] = _metrics(decoded, x)
+        print(f"{mode}: " + ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items()))
+        rows = [x, decoded]
+        if mode == "reconstruct":
+            rows.append(run.each(lambda b: module.reconstruct(b, False, steps, run.generator), x))
+        rows = [r[:GRID_IMAGES] for r in rows]
+        grid, nrow = torch.cat(rows), len(rows[0])
     elif mode in ("interpolate", "trajectory"):
         half = len(x) // 2
         interpolate = module.interpolate if mode == "interpolate" else module.interpolate_trajectory
-        strips = interpolate(x[:half], x[half : 2 * half], **paired)
-        framed = [x[:half, None], strips, x[half : 2 * half, None]]
-        grid, nrow = torch.cat(framed, dim=1), strips.shape[1] + 2
+
+        def strip(z_a, t_a, z_b, t_b):
+            return interpolate(Codes(z_a, t_a), Codes(z_b, t_b), steps=steps)
+
+        pairs = [c[s] for s in (slice(0, half), slice(half, 2 * half)) for c in both]
+        grid = torch.cat([x[:half, None], run.each(strip, *pairs), x[half : 2 * half, None]], 1)
+        nrow = grid.shape[1]
     elif mode == "variations":
-        grid = module.stochastic_variations(x, num=7, steps=steps, generator=gen)
-        grid, nrow = torch.cat([x[:, None], grid], dim=1), 8
+
+        def vary(*given):
+            code = Codes(*given) if len(given) == 2 else given[0]
+            return module.stochastic_variations(code, 7, steps, run.generator)
+
+        grid = torch.cat([x[:, None], run.each(vary, *(both or (x,)))], dim=1)
+        nrow = grid.shape[1]
     else:
-        loader = DataLoader(data.train_set, batch_size=250)
-        probe = module.fit_probe(loader)
         scales = [0.0, 0.3, 1.0, 2.0, 3.0] if scales is None else scales
-        grid = module.manipulate(x, probe, attribute, scales, **paired)
-        grid, nrow = torch.cat([x[:, None], grid], dim=1), len(scales) + 1
-    path = out / f"{mode}.png"
+
+        direction = probe.probe.to(module.device)
+
+        def edit(z, x_T):
+            return module.manipulate(Codes(z, x_T), direction, target, scales, steps)
+
+        grid = torch.cat([x[:, None], run.each(edit, *both)], dim=1)
+        nrow = grid.shape[1]
+        record.update(attribute=probe.names[target], scales=scales, probe=probe.accuracy)
+    path = folder / f"{mode}.png"
     save_grid(grid.flatten(0, 1) if grid.dim() == 5 else grid, path, nrow=nrow)
+    _write_record(record, folder / f"{mode}.json")
     print(f"wrote {path}")
     return path
+
+
+@dataclass
+class Inputs:
+    """The images a run works on, or their codes, and where they came from."""
+
+    images: Tensor  # (N, C, H, W) in [−1, 1], on the CPU
+    names: list[str]
+    where: str
+    recipe: str
+    labels: Tensor  # (N,), −1 where unknown
+    codes: CodesFile | None = None
+    from_val: bool = False  # the checkpoint's val split
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def subset(self, keep: Tensor) -> Inputs:
+        """The inputs where ``keep`` (N,) holds."""
+        stored = self.codes
+        if stored is not None:
+            codes = type(stored.codes)(*(c[keep] for c in stored.codes))
+            stored = replace(stored, codes=codes, images=stored.images[keep])
+        names = [n for n, k in zip(self.names, keep.tolist(), strict=True) if k]
+        return replace(self, images=self.images[keep], names=names, labels=self.labels[keep],
+                       codes=stored)  # fmt: skip
+
+
+class Run:
+    """The module's work in batches of ``batch_size``, on its device, results on the CPU."""
+
+    def __init__(self, module, batch_size: int, steps: int, encode_steps: int, seed: int):
+        self.module, self.batch_size = module, batch_size
+        self.steps, self.encode_steps = steps, encode_steps
+        self.generator = torch.Generator(module.device).manual_seed(seed)
+
+    def each(self, fn: Callable, *tensors: Tensor):
+        """``fn`` of every batch of the ``tensors`` (sliced alike along dim 0), concatenated
+        (each field, when ``fn`` returns a tuple such as :class:`Codes`)."""
+        from tqdm.auto import tqdm
+
+        n, device = len(tensors[0]), self.module.device
+        starts = range(0, n, self.batch_size)
+        outs = [
+            fn(*(t[i : i + self.batch_size].to(device) for t in tensors))
+            for i in tqdm(starts, desc="autoencode", unit="batch", disable=len(starts) < 2)
+        ]
+        if isinstance(outs[0], tuple):
+            return type(outs[0])(
+                *(torch.cat([o[k].cpu() for o in outs]) for k in range(len(outs[0])))
+            )
+        return torch.cat([o.cpu() for o in outs])
+
+    def codes(self, x: Tensor):
+        """Both :class:`Codes` of images x (N, C, H, W), in batches."""
+        return self.each(lambda b: self.module.codes(b, self.encode_steps), x)
+
+
+def _inputs(module, ckpt_path, images, codes, weights: str, bad_images: str) -> Inputs:
+    """The images named by ``--images``, the codes of ``--codes``, else the val split."""
+    from diffusion_apps.data.files import find_images, load_images, recipe
+
+    if codes is not None:
+        from diffusion_apps.commands.codes_file import check_codes_match, read_codes
+
+        stored = read_codes(codes)
+        check_codes_match(stored, codes, module, weights)
+        unknown = torch.full((len(stored.files),), -1)
+        x = stored.images.float() / 127.5 - 1
+        return Inputs(x, stored.files, f"the codes in {codes}", stored.recipe, unknown, stored)
+    c, s, _ = module.sample_shape
+    if images is not None:
+        files, root = find_images(images)
+        x, labels, files = load_images(files, s, c, bad_images)
+        where = f"{len(files)} image files" + (f" under {root}" if root else "")
+        return Inputs(x, files.names(root), where, recipe(s, c), labels)
+    from torch.utils.data import DataLoader
+
+    from diffusion_apps.checkpoint import read_checkpoint
+    from diffusion_apps.commands.common import checkpoint_data
+
+    data = checkpoint_data(read_checkpoint(ckpt_path), module)
+    batch = next(iter(DataLoader(data.val_set, batch_size=min(len(data.val_set), 512))))
+    x, labels = batch[0], batch[1]
+    names = [f"val_{i:04d}" for i in range(len(x))]
+    how = "the checkpoint's data module, its val split"
+    return Inputs(x, names, how, how, labels, from_val=True)
+
+
+def _probe(module, ckpt_path, probe_images, attributes, batch_size: int, bad_images: str):
+    from diffusion_apps.commands import attribute_probe
+
+    if attributes is not None and probe_images is None:
+        raise ValueError("--attributes labels the images of --probe_images: give both")
+    if probe_images is not None:
+        probe = attribute_probe.probe_from_images(
+            module, probe_images, attributes, batch_size, bad_images
+        )
+    else:
+        from diffusion_apps.checkpoint import read_checkpoint
+        from diffusion_apps.commands.common import checkpoint_data
+
+        data = checkpoint_data(read_checkpoint(ckpt_path), module)
+        probe = attribute_probe.probe_from_data(module, data, batch_size)
+    return probe
+
+
+def _to_uint8(x: Tensor) -> Tensor:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _metrics(decoded: Tensor, x: Tensor) -> dict[str, float]:
+    """MSE, PSNR, SSIM (on [0, 1]) of the decodings against the inputs."""
+    from diffusion_apps.evaluation.reconstruction import ReconstructionMetrics
+
+    metric = ReconstructionMetrics()
+    metric.update(decoded, x)
+    return {k: float(v) for k, v in metric.compute().items() if k != "n"}
+
+
+def _save_each(images: Tensor, names: list[str], folder: Path) -> None:
+    """Every image as ``NNNN_<stem>.png`` (numbered: two files may share a stem)."""
+    from diffusion_apps.images import save_png, to_unit
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (image, name) in enumerate(zip(to_unit(images), names, strict=True)):
+        save_png(image, folder / f"{i:04d}_{Path(name).stem}.png")
+
+
+def _write_record(record: dict, path: Path) -> None:
+    path.write_text(json.dumps(record, indent=2) + "\n")

@@ -92,6 +92,13 @@ class LinearProbe(nn.Module):
         predicted = self(features.to(self.mean.device)).argmax(1).cpu()
         return float((predicted == labels.cpu()).float().mean())
 
+    @torch.no_grad()
+    def attribute_accuracy(self, features: Tensor, targets: Tensor) -> Tensor:
+        """Per attribute k (K,), the share of the N samples whose logit sign is their 0/1
+        target: 1[logit_k > 0] = y_k (targets (N, K))."""
+        predicted = self(features.to(self.mean.device)).cpu() > 0
+        return (predicted == targets.cpu().bool()).float().mean(0)
+
     def direction(self, attribute: int) -> Tensor:
         """ŵ = w/‖w‖, the unit normal of attribute ``attribute``'s boundary in normalised space."""
         if not 0 <= attribute < self.linear.out_features:
