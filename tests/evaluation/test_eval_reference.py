@@ -227,3 +227,19 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path):
         message = str(exit_.value.code)
         assert message.startswith("error: ") and "\n" not in message, message
         assert str(named) in message and what in message, message
+
+
+def test_the_embedded_digits_keep_their_cache_key():
+    """The key of the default data module's train split is the one ``reference_features`` used
+    before references came from data modules: sha256 of the split's pixels, then the weights."""
+    import hashlib
+
+    from diffusion_apps.evaluation.digits import embedded_split
+    from diffusion_apps.evaluation.metrics import state_hash
+    from diffusion_apps.evaluation.reference import embedded_data, split_set
+
+    metric = FeatureStats("digits")
+    _, key = features_of(split_set(embedded_data(), "train"), metric.extractor, "digits")
+    before = hashlib.sha256(embedded_split("train")[0].numpy().tobytes())
+    before.update(state_hash(metric.extractor).encode())
+    assert key == before.hexdigest()[:16]
