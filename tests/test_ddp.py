@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,10 +106,13 @@ def test_sample_splits_batches_across_ranks_as_one_process_would(ddp_run):
     args += ["--num_samples", "5", "--batch_size", "2", "--out_dir", "samples_one"]
     run_cli_in(root, [*args, "--device", "cpu"])
     two, one = (sorted((root / d).iterdir()) for d in ("samples_ddp", "samples_one"))
-    assert [p.name for p in two] == [f"{i:06d}.png" for i in range(5)] + ["grid.png"]
+    pngs = [f"{i:06d}.png" for i in range(5)]
+    assert [p.name for p in two] == [*pngs, "grid.png", "samples.npz"]
     assert [p.name for p in one] == [p.name for p in two]
-    for a, b in zip(two, one, strict=True):
+    for a, b in zip(two[:-1], one[:-1], strict=True):
         assert a.read_bytes() == b.read_bytes(), a.name
+    arrays = [np.load(root / d / "samples.npz")["arr_0"] for d in ("samples_ddp", "samples_one")]
+    assert arrays[0].shape == (5, 16, 16, 1) and np.array_equal(*arrays)
 
 
 def test_predict_draws_each_items_image_as_one_process_does(ddp_run, monkeypatch):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,8 +200,9 @@ def test_a_smaller_set_into_the_same_folder_removes_the_rest_and_says_so(in_runs
     main(sample("--steps", "2", "--num_samples", "2", "--out_dir", "mine"))
     assert "removed 1 samples of an earlier, larger run" in capsys.readouterr().out
     assert sorted(p.name for p in Path("mine").iterdir()) == [
-        "000000.png", "000001.png", "grid.png",
+        "000000.png", "000001.png", "grid.png", "samples.npz",
     ]  # fmt: skip
+    assert np.load("mine/samples.npz")["arr_0"].shape[0] == 2
 
 
 # Item 8: messages that name the real problem.

@@ -25,14 +25,18 @@ PROBE_VAL_FRACTION = 0.2
 
 @dataclass
 class AttributeProbe:
-    """A fitted probe, the names of its outputs and their val accuracies."""
+    """A fitted probe, the names of its outputs, their val accuracies and what always
+    answering the val split's majority scores (``majority``); ``class_accuracy``, for
+    one-label-per-image data (classes), the share whose largest logit is their class."""
 
     probe: LinearProbe
     names: tuple[str, ...]
     accuracy: dict[str, float]
+    majority: dict[str, float]
     n_train: int
     n_val: int
     source: str
+    class_accuracy: float | None = None
 
     def index(self, attribute: str) -> int:
         """The output ``attribute`` names (a name, else an index)."""
@@ -44,9 +48,14 @@ class AttributeProbe:
         """Print the accuracies and write them, with the counts, to ``path`` (JSON)."""
         print(f"probe: fitted on {self.n_train} and scored on {self.n_val} images of {self.source}")
         for name, acc in self.accuracy.items():
-            print(f"  {name:<24} val accuracy {acc:.3f}")
+            print(
+                f"  {name:<24} val accuracy {acc:.3f} (majority answer {self.majority[name]:.3f})"
+            )
+        if self.class_accuracy is not None:
+            print(f"  class (largest logit)    val accuracy {self.class_accuracy:.3f}")
         record = {"source": self.source, "n_train": self.n_train, "n_val": self.n_val,
-                  "val_accuracy": self.accuracy}  # fmt: skip
+                  "val_accuracy": self.accuracy, "val_majority": self.majority,
+                  "val_class_accuracy": self.class_accuracy}  # fmt: skip
         path.write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -57,7 +66,12 @@ def fit_on(
     (z_train, y_train), (z_val, y_val) = train, val
     probe = LinearProbe.fit(z_train, y_train)
     scores = dict(zip(names, probe.attribute_accuracy(z_val, y_val).tolist(), strict=True))
-    return AttributeProbe(probe, tuple(names), scores, len(z_train), len(z_val), source)
+    share = y_val.float().mean(0)
+    majority = dict(zip(names, torch.maximum(share, 1 - share).tolist(), strict=True))
+    one_label = bool((y_train.sum(1) == 1).all() and (y_val.sum(1) == 1).all())
+    classes = probe.accuracy(z_val, y_val.argmax(1)) if one_label else None
+    return AttributeProbe(probe, tuple(names), scores, majority, len(z_train), len(z_val),
+                          source, classes)  # fmt: skip
 
 
 def probe_from_images(module, specs: list[str], table: str | None, batch_size: int,

@@ -133,6 +133,7 @@ def autoencode(
         target = probe.index(str(attribute)) if attribute is not None else None
         if target is None:
             raise ValueError(f"manipulate needs --attribute, one of {', '.join(probe.names)}")
+        probe.report(folder / "probe.json")
     source = _inputs(module, ckpt_path, images, codes, weights, bad_images)
     if source.from_val and mode == "manipulate" and probe_images is None:
         source = source.subset(source.labels != target)  # the val images not yet of the class

@@ -34,7 +34,8 @@ def checkpoint_paths(run_dir: str, ckpt_paths: list[str] | str | None, command: 
     order given), else those :func:`find_checkpoints` finds under ``run_dir``; exits naming
     what is missing."""
     if isinstance(ckpt_paths, str):
-        ckpt_paths = [p.strip() for p in ckpt_paths.split(",") if p.strip()]
+        ckpt_paths = [ckpt_paths]
+    ckpt_paths = [p.strip() for item in ckpt_paths or () for p in item.split(",") if p.strip()]
     if not ckpt_paths:
         paths = find_checkpoints(run_dir)
         if not paths:
