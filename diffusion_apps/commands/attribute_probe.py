@@ -42,7 +42,10 @@ class AttributeProbe:
         """The output ``attribute`` names (a name, else an index)."""
         from diffusion_apps.data.attributes import attribute_index
 
-        return attribute_index(self.names, attribute)
+        try:
+            return attribute_index(self.names, attribute)
+        except ValueError as err:
+            raise ValueError(f"--attribute: {err}") from None
 
     def report(self, path: Path) -> None:
         """Print the accuracies and write them, with the counts, to ``path`` (JSON)."""
