@@ -147,3 +147,24 @@ def test_data_that_the_unet_cannot_take_is_named(in_tmp):
     """The tiny UNet takes 16 px images; 32 px data must stop before training, naming both keys."""
     with pytest.raises(SystemExit, match="32px(.|\n)*unet.init_args(.|\n)*data.init_args"):
         main(["fit", "--config", str(TINY), "--data.init_args.image_size", "32"])
+
+
+def test_list_options_take_several_values_and_keep_awkward_names():
+    """``--images a b`` reaches jsonargparse as one list; a name with a space, a comma or a
+    colon survives, a bracketed list and other options pass unchanged, numbers stay numbers."""
+    from diffusion_apps.cli import list_values_joined
+
+    options = {"--images": str, "--scales": float}
+    args = ["--images", "my photo.png", "a,b:c.jpg", "--mode", "x", "--scales=-1", "0", "2"]
+    assert list_values_joined(args, options) == [
+        '--images=["my photo.png", "a,b:c.jpg"]', "--mode", "x", "--scales=[-1, 0, 2]",
+    ]  # fmt: skip
+    assert list_values_joined(["--scales", "[0, 0.5]", "--images", "d"], options) == [
+        "--scales=[0, 0.5]", '--images=["d"]',
+    ]  # fmt: skip
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--images", type=list[str])
+    parsed = parser.parse_args(list_values_joined(args[:3], options))
+    assert parsed.images == ["my photo.png", "a,b:c.jpg"]
