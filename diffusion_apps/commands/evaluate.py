@@ -116,8 +116,6 @@ def evaluate(
             "them against"
         )
     settings = parse_samplers(samplers)
-    if isinstance(ckpt_paths, list):  # jsonargparse reads "a,b" as ["a,b"]
-        ckpt_paths = ",".join(ckpt_paths)
     paths = [] if samples and not ckpt_paths else checkpoint_paths(run_dir, ckpt_paths, "eval")
     rank, world = process_group()
     if -(-num_samples // batch_size) < world:  # every rank needs a batch of samples
