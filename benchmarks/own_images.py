@@ -103,16 +103,33 @@ def main() -> None:
     originals = [str(drawn / str(d) / "000.png") for d in range(8)]
     run("autoencode", "--ckpt_path", args.diffae, "--mode", "manipulate", "--images", *originals,
         "--probe_images", str(drawn), "--attributes", str(table), "--attribute", "Thick",
-        "--scales", "0", "0.3", "1", "2", "--steps", args.steps, "--out_dir", str(folder))  # fmt: skip
+        "--scales", "0", "0.3", "1", "2", "--steps", args.steps,
+        "--out_dir", str(folder))  # fmt: skip
     probe = json.loads((folder / "probe.json").read_text())
-    lines += ["", "| probe attribute (DiffAE z) | val accuracy | majority answer |", "|---|---|---|"]
+    lines += ["", "| probe attribute (DiffAE z) | val accuracy | majority answer |"]
+    lines += ["|---|---|---|"]
     lines += [f"| {k} | {v:.3f} | {probe['val_majority'][k]:.3f} |"
               for k, v in probe["val_accuracy"].items()]  # fmt: skip
     lines.append(f"\n(fitted on {probe['n_train']}, scored on {probe['n_val']} drawn digits)")
 
     samples = out / "ddpm_samples"
-    run("sample", "--ckpt_path", args.ddpm, "--num_samples", args.num_samples, "--sampler",
-        "ddim", "--steps", "50", "--png", "false", "--out_dir", str(samples), "--precision", "32")
+    run(
+        "sample",
+        "--ckpt_path",
+        args.ddpm,
+        "--num_samples",
+        args.num_samples,
+        "--sampler",
+        "ddim",
+        "--steps",
+        "50",
+        "--png",
+        "false",
+        "--out_dir",
+        str(samples),
+        "--precision",
+        "32",
+    )
     mnist = out / "val_digits.npz"
     from diffusion_apps.evaluation.digits import embedded_split
 

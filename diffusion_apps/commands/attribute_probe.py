@@ -139,9 +139,7 @@ def encode_files(module, files, batch_size: int, bad_images: str = "stop"):
     c, s, _ = module.sample_shape
     codes, kept = [], []
     for i in range(0, len(files), batch_size):
-        part = ImageFiles(files.paths[i : i + batch_size], files.labels[i : i + batch_size],
-                          files.class_names)  # fmt: skip
-        images, _, read = load_images(part, s, c, bad_images)
+        images, _, read = load_images(files[i : i + batch_size], s, c, bad_images)
         codes.append(module.encode(images.to(module.device)).float().cpu())
         kept.append(read)
     paths = tuple(p for k in kept for p in k.paths)

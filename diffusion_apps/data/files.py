@@ -30,6 +30,10 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def __getitem__(self, part: slice) -> ImageFiles:
+        """The files of ``part``, with their labels (``files[i : i + batch]``)."""
+        return ImageFiles(self.paths[part], self.labels[part], self.class_names)
+
     def names(self, root: Path | None = None) -> list[str]:
         """Each file's name relative to the folder it was found in (the path given otherwise)."""
         return [str(p.relative_to(root)) if root else str(p) for p in self.paths]

@@ -93,7 +93,7 @@ def folder_set(path: str | Path, image_size: int, channels: int, flag: str) -> I
     ``image_size`` px and ``channels`` (:func:`diffusion_apps.data.files.load_images`: the shorter
     side resized, PIL bilinear antialiased, then center-cropped); a file that cannot be read
     stops it, named. ``flag`` names the option in errors."""
-    from diffusion_apps.data.files import ImageFiles, find_images, load_images
+    from diffusion_apps.data.files import find_images, load_images
 
     path = Path(path)
     if not path.is_dir():
@@ -102,8 +102,7 @@ def folder_set(path: str | Path, image_size: int, channels: int, flag: str) -> I
 
     def read(batch_size: int) -> Batches:
         for i in range(0, len(files), batch_size):
-            part = ImageFiles(files.paths[i : i + batch_size], files.labels[i : i + batch_size])
-            images, labels, _ = load_images(part, image_size, channels)
+            images, labels, _ = load_images(files[i : i + batch_size], image_size, channels)
             yield images, labels
 
     size = f"{image_size} px, {channels} channel{'s' * (channels != 1)}"

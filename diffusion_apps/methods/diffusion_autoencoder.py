@@ -48,9 +48,10 @@ class DiffusionAutoencoder:
         ``manipulate``         decode(z', x_T), z' = denorm(norm(z) + s·√d·w/‖w‖)
 
     ``interpolate``, ``stochastic_variations`` and ``manipulate`` take images or their
-    :class:`Codes`. The modes that infer x_T take ``steps`` (default: ``sample_steps``) and ``encode_steps``
-    (default: ``steps`` when given, else ``encode_steps``): one ``steps`` sets the inversion
-    and the decoding alike, so x_T is decoded from the noise level it was inverted to.
+    :class:`Codes`. The modes that infer x_T take ``steps`` (default: ``sample_steps``) and
+    ``encode_steps`` (default: ``steps`` when given, else ``encode_steps``): one ``steps`` sets
+    the inversion and the decoding alike, so x_T is decoded from the noise level it was
+    inverted to.
     """
 
     generation = None  # x_0 needs a z: LatentDDIM generates
