@@ -63,7 +63,7 @@ def test_the_latent_scale_is_one_over_the_std_of_every_ranks_first_batch(ddp_run
     data = ImageDataModule(image_size=16, batch_size=8)  # the tiny configs' data
     data.setup()
     scaled = [config for config, views in seen.items() if "scale_factor" in views[0]["buffers"]]
-    assert len(scaled) == 2  # ldm, ldm_caption
+    assert len(scaled) == 3  # ldm, ldm_caption, ldm_bytes
     for config in scaled:
         first_stage = last_checkpoint(root, config).first_stage
         z = []

@@ -106,7 +106,15 @@ def sample(
             "nothing" + (f": {instead}" if instead else "")
         )
     conditions = {"labels": labels, "prompts": prompts}
-    if any(v is not None and name not in generation.inputs for name, v in conditions.items()):
+    refused = [
+        name for name, v in conditions.items() if v is not None and name not in generation.inputs
+    ]
+    if refused and generation.inputs:
+        takes = " or ".join(f"--{name}" for name in generation.inputs)
+        raise ValueError(
+            f"--{refused[0]}: {type(module).__name__} takes {takes}, not --{refused[0]}"
+        )
+    if refused:
         raise ValueError(
             "--labels needs --classifier_path (a NoisyClassifier checkpoint) or a conditional "
             "LatentDiffusion checkpoint; --prompts a caption-conditioned one"

@@ -68,9 +68,10 @@ def reconstruction_rows(
         loader, batches, seconds = data.val_dataloader(), 0, 0.0
         seeds = batch_seeds(seed, len(loader))  # random x_T: the same whatever the ranks
         desc = f"{name} reconstruct {label}".strip()
-        for i, (x, y) in enumerate(tqdm(loader, desc=desc, disable=rank != 0, leave=False)):
+        for i, batch in enumerate(tqdm(loader, desc=desc, disable=rank != 0, leave=False)):
             if i % world != rank:
                 continue
+            x, y = batch[0], batch[1]  # a captioned batch has a third element
             generator = torch.Generator(module.device).manual_seed(seeds[i])
             x = x.to(module.device)
             tic = _synced(module.device)
