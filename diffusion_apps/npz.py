@@ -197,12 +197,18 @@ class NpzWriter:
     def __enter__(self) -> NpzWriter:
         if self.rank == 0:
             self.path.unlink(missing_ok=True)
-            for name, (shape, dtype) in self.shapes.items():
-                npy = self._temporary(f"{name}.npy")
-                np.lib.format.open_memmap(npy, "w+", dtype, shape)  # header, sparse data; unmapped
+            try:
+                for name, (shape, dtype) in self.shapes.items():
+                    npy = self._temporary(f"{name}.npy")
+                    np.lib.format.open_memmap(npy, "w+", dtype, shape)  # sparse data; unmapped
+            except OSError as err:  # a full disk, a file size limit
+                self._remove_temporaries()
+                raise _cannot_write(self.path, err) from None
         self._barrier()
         for name in self.shapes:
-            fp = open(self._temporary(f"{name}.npy"), "r+b")  # noqa: SIM115 (closed on exit)
+            # Unbuffered: a buffered file writes back its whole dirty span on close, stale
+            # bytes between two of this rank's batches included, over another rank's batch.
+            fp = open(self._temporary(f"{name}.npy"), "r+b", buffering=0)  # noqa: SIM115
             _header(fp)
             self.files[name] = fp, fp.tell()
         return self
@@ -210,8 +216,11 @@ class NpzWriter:
     def _put(self, name: str, start: int, values: np.ndarray) -> None:
         fp, offset = self.files[name]
         values = np.ascontiguousarray(values)
-        fp.seek(offset + start * (values.nbytes // len(values)))
-        fp.write(values.data)
+        data = memoryview(values).cast("B")
+        position = offset + start * (values.nbytes // len(values))
+        while data:  # a raw write may write less than it is given
+            written = os.pwrite(fp.fileno(), data, position)
+            data, position = data[written:], position + written
 
     def write(self, start: int, images: Tensor, labels: Sequence[int] | Tensor | None = None):
         """Put images (B, C, H, W) in [−1, 1] (and their B labels) at samples start … start+B−1."""
@@ -240,8 +249,11 @@ class NpzWriter:
                     self._pack()
                 self._barrier()  # the npz is complete before any rank goes on
         finally:
-            for name in (*(f"{n}.npy" for n in self.shapes), "partial"):
-                self._temporary(name).unlink(missing_ok=True)
+            self._remove_temporaries()
+
+    def _remove_temporaries(self) -> None:
+        for name in (*(f"{n}.npy" for n in self.shapes), "partial"):
+            self._temporary(name).unlink(missing_ok=True)
 
     def _pack(self) -> None:
         partial = self._temporary("partial")
@@ -255,6 +267,8 @@ class NpzWriter:
                         shutil.copyfileobj(src, dst, CHUNK)
             os.replace(partial, self.path)
         except OSError as err:
-            raise ValueError(
-                f"cannot write {self.path} ({type(err).__name__}: {err.strerror or err})"
-            ) from None
+            raise _cannot_write(self.path, err) from None
+
+
+def _cannot_write(path: Path, err: OSError) -> ValueError:
+    return ValueError(f"cannot write {path} ({type(err).__name__}: {err.strerror or err})")

@@ -81,8 +81,12 @@ def test_an_unwritable_output_folder_is_named_before_sampling(in_runs):
     fails(sample("--out_dir", str(target)), f"cannot write to --out_dir {target}")
 
 
-def test_a_full_disk_leaves_no_partial_png(runs, tmp_path):
-    """Files may grow to 100 bytes (RLIMIT_FSIZE, as a full disk): the first PNG fails."""
+@pytest.mark.parametrize(
+    ("only", "named"), [("--npz", "000000.png"), ("--png", "samples.npz")], ids=["png", "npz"]
+)
+def test_a_full_disk_leaves_no_partial_file(runs, tmp_path, only, named):
+    """Files may grow to 100 bytes (RLIMIT_FSIZE, as a full disk): the first PNG fails, or the
+    npz's preallocated arrays."""
 
     def small_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
@@ -90,14 +94,14 @@ def test_a_full_disk_leaves_no_partial_png(runs, tmp_path):
 
     out = tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "diffusion_apps", *sample("--out_dir", str(out))],
+        [sys.executable, "-m", "diffusion_apps", *sample("--out_dir", str(out), only, "false")],
         cwd=runs, capture_output=True, text=True, preexec_fn=small_files, timeout=120,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     last = next(line for line in run.stderr.splitlines() if line.startswith("error: "))
-    assert run.returncode == 1 and last.startswith(f"error: cannot write {out}/000000.png")
+    assert run.returncode == 1 and last.startswith(f"error: cannot write {out}/{named}")
     assert "File too large" in last and "Traceback" not in run.stderr, run.stderr[-2000:]
-    assert list(out.iterdir()) == []  # no partial PNG, hidden or not
+    assert list(out.iterdir()) == []  # no partial file, hidden or not
 
 
 @pytest.mark.parametrize(

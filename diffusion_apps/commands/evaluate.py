@@ -169,7 +169,7 @@ def evaluate(
         if not hparams and rank == 0:
             print(f"eval: {name} names no data; scored against {describe(data)}; give "
                   "--reference for its own")  # fmt: skip
-        source = repr(sorted((hparams or {}).items())), module.sample_shape
+        source = repr(sorted(hparams.items())) if hparams else module.sample_shape
         return use_reference(source, lambda: data_reference(metric, data, progress=rank == 0))
 
     if given is not None:

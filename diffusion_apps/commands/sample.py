@@ -109,11 +109,9 @@ def sample(
     refused = [
         name for name, v in conditions.items() if v is not None and name not in generation.inputs
     ]
-    if refused and generation.inputs:
-        takes = " or ".join(f"--{name}" for name in generation.inputs)
-        raise ValueError(
-            f"--{refused[0]}: {type(module).__name__} takes {takes}, not --{refused[0]}"
-        )
+    takes = [f"--{name}" for name in conditions if name in generation.inputs]
+    if refused and takes:  # a caption model: prompts, not labels
+        raise ValueError(f"--{refused[0]}: {type(module).__name__} takes {' or '.join(takes)}")
     if refused:
         raise ValueError(
             "--labels needs --classifier_path (a NoisyClassifier checkpoint) or a conditional "

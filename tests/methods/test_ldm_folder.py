@@ -114,6 +114,8 @@ def test_sample_with_prompts_from_the_trained_checkpoint(runs):
     assert a.shape == (1, 3, 16, 16) and not torch.equal(a, b)
     with pytest.raises(ValueError, match=r"takes no labels \(it takes prompts\)"):
         model.sample(1, labels=[3])
+    with pytest.raises(SystemExit, match="--labels: LatentDiffusion takes --prompts"):
+        run_cli_in(root, ["sample", "--ckpt_path", CKPT.format("ldm_bytes"), "--labels", "3"])
 
 
 def test_class_conditional_and_unconditional_ldms_train_on_the_folder(runs):
