@@ -139,7 +139,7 @@ def main() -> None:
               "recall |", "|---|---|---|---|---|"]  # fmt: skip
     for label, npz in (("DDPM, DDIM-50 samples", samples / "samples.npz"),
                        ("embedded val digits (real MNIST)", mnist)):  # fmt: skip
-        report = out / f"eval_{npz.stem}_{label.split()[0]}"
+        report = out / f"eval_{npz.stem}_{label.split()[0].strip(',')}"
         run("eval", "--samples", str(npz), "--reference", str(drawn), "--out_dir", str(report))
         row = json.loads((report / "eval.json").read_text())["rows"][0]["metrics"]
         lines.append(f"| {label} | {row['fd_digits']:.1f} | {row['kid_digits']:.3f} | "
