@@ -213,7 +213,8 @@ def evaluate(
         sys.exit(f"eval: none of the {len(paths)} checkpoint(s) could be evaluated")
     md = out / "eval.md"
     if rank == 0:
-        header = eval_header(rows, space, seed, f"{precision} network precision on {dev}", notes)
+        network = f"{precision} network precision on {dev}" if loaded else "no checkpoint sampled"
+        header = eval_header(rows, space, seed, network, notes)
         md, js = write_report(rows, header, out)
         print(f"wrote {md}, {js} and sample grids under {out / 'grids'}")
     return md

@@ -205,6 +205,8 @@ def test_samples_npz_against_a_reference_folder(tmp_path):
     (row,) = json.loads((out / "eval.json").read_text())["rows"]
     assert row["num_samples"] == row["metrics"]["n_real"] == 12
     assert abs(row["metrics"]["fd_digits"]) < 1e-4  # the same pixels, read two ways
+    header = "\n".join(json.loads((out / "eval.json").read_text())["header"])
+    assert "no checkpoint sampled" in header and "network precision" not in header
 
 
 def test_bad_input_is_one_line_naming_the_file(tmp_path):
