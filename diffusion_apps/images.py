@@ -6,12 +6,19 @@ import math
 import os
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 
 def to_unit(images: Tensor) -> Tensor:
     """Map model images in [−1, 1] to [0, 1] on the CPU in fp32, clamping strays: (x + 1)/2."""
     return (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in [−1, 1] as uint8 on the CPU, quantised as :func:`save_png` writes them
+    (torchvision's ``save_image``): ⌊255·(x + 1)/2 + 0.5⌋, clamped to 0..255."""
+    return to_unit(images).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
 def grid(images: Tensor, nrow: int | None = None) -> Tensor:

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from diffusion_apps.images import to_unit
+from diffusion_apps.images import to_uint8 as images_to_uint8
 
 IMAGES, LABELS = "arr_0", "arr_1"
 CHUNK = 1 << 24  # bytes copied at a time when packing
@@ -148,10 +147,9 @@ def iter_npz(path: str | Path, batch_size: int) -> Iterator[tuple[np.ndarray, np
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
-    """Images (B, C, H, W) in [−1, 1] as uint8 (B, H, W, C), quantised as ``save_png`` does
-    (torchvision's ``save_image``: ⌊255·(x + 1)/2 + 0.5⌋, clamped), so the pixels match."""
-    unit = to_unit(images).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
-    return unit.permute(0, 2, 3, 1).numpy()
+    """Images (B, C, H, W) in [−1, 1] as uint8 (B, H, W, C), the pixels ``save_png`` writes
+    (:func:`diffusion_apps.images.to_uint8`)."""
+    return images_to_uint8(images).permute(0, 2, 3, 1).numpy()
 
 
 class NpzWriter:

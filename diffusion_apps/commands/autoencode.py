@@ -97,7 +97,7 @@ def autoencode(
     from diffusion_apps.commands.codes_file import CodesFile
     from diffusion_apps.commands.common import writable_folder
     from diffusion_apps.evaluation.metrics import state_hash
-    from diffusion_apps.images import save_grid
+    from diffusion_apps.images import save_grid, to_uint8
     from diffusion_apps.methods.diffusion_autoencoder import Codes
     from diffusion_apps.methods.protocol import autoencoding_of, has_stochastic_code
 
@@ -145,7 +145,7 @@ def autoencode(
     else:
         encode_steps = encode_steps or steps or module.encode_steps
         steps = steps or module.sample_steps
-    run = Run(module, batch_size, steps, encode_steps, seed)
+    run = Run(module, batch_size, encode_steps, seed)
     record = {
         "checkpoint": str(ckpt_path), "mode": mode, "inputs": source.where,
         "files": source.names, "recipe": source.recipe, "decode_steps": steps,
@@ -155,7 +155,7 @@ def autoencode(
     if mode == "encode":
         path = Path(out) if out else folder / "codes.pt"
         CodesFile(
-            run.codes(x), _to_uint8(x), source.names, encode_steps,
+            run.codes(x), to_uint8(x), source.names, encode_steps,
             module.timesteps(encode_steps), steps, module.timestep_spacing, source.recipe,
             str(ckpt_path), weights,
         ).save(path)  # fmt: skip
@@ -225,10 +225,6 @@ def _probe(module, ckpt_path, probe_images, attributes, batch_size: int, bad_ima
         data = checkpoint_data(read_checkpoint(ckpt_path), module)
         probe = attribute_probe.probe_from_data(module, data, batch_size)
     return probe
-
-
-def _to_uint8(x: Tensor) -> Tensor:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def _metrics(decoded: Tensor, x: Tensor) -> dict[str, float]:

@@ -43,9 +43,8 @@ class Inputs:
 class Run:
     """The module's work in batches of ``batch_size``, on its device, results on the CPU."""
 
-    def __init__(self, module, batch_size: int, steps: int, encode_steps: int, seed: int):
-        self.module, self.batch_size = module, batch_size
-        self.steps, self.encode_steps = steps, encode_steps
+    def __init__(self, module, batch_size: int, encode_steps: int, seed: int):
+        self.module, self.batch_size, self.encode_steps = module, batch_size, encode_steps
         self.generator = torch.Generator(module.device).manual_seed(seed)
 
     def each(self, fn: Callable, *tensors: Tensor):

@@ -65,7 +65,7 @@ def sample(
         png: write one PNG per sample (``grid.png`` is written either way).
         npz: write every sample to ``samples.npz`` in the ADM evaluator's layout (``arr_0`` uint8
             N x H x W x C, the PNGs' pixels; ``arr_1`` the labels asked for, when the model takes
-            labels), streamed through memory maps (:class:`~diffusion_apps.npz.NpzWriter`).
+            labels), streamed batch by batch (:class:`~diffusion_apps.npz.NpzWriter`).
 
     Under ``torchrun`` the processes take the batches in turn and write their own files (their
     own parts of ``samples.npz``).
@@ -184,7 +184,8 @@ def disk_need(
     num_samples: int, shape: tuple[int, ...], png: bool, npz: bool, labelled: bool
 ) -> tuple[int, str]:
     """The most bytes ``sample`` writes, and what: RGB PNGs (3 bytes a pixel, a filter byte a row,
-    a header), and ``samples.npz`` twice over (its memory maps, then the packed copy)."""
+    a header), and ``samples.npz`` twice over (its preallocated ``.npy`` files, then the packed
+    copy)."""
     c, h, w = shape
     pngs = num_samples * (h * (3 * w + 1) + 1024) if png else 0
     arrays = 2 * (num_samples * (c * h * w + 8 * labelled) + 4096) if npz else 0

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from diffusion_apps.data.files import ImageFiles
+from diffusion_apps.data.sources import listing
 
 FILE_COLUMNS = ("file", "image_id")
 VALUES = {"1": 1.0, "-1": 0.0, "0": 0.0}
@@ -128,11 +129,6 @@ def folder_attributes(
     return Attributes(tuple(class_names), tuple(files), values)
 
 
-def _listing(items: Sequence[str], most: int = 5) -> str:
-    more = f", … ({len(items)} in all)" if len(items) > most else ""
-    return ", ".join(items[:most]) + more
-
-
 def match_attributes(table: Attributes, files: ImageFiles, root: Path | None) -> Tensor:
     """The rows (N, K) of ``table`` for ``files``, in their order: each image's row by its path
     relative to ``root`` (the path given, without a root), else by its file name alone (CelebA's
@@ -161,12 +157,12 @@ def match_attributes(table: Attributes, files: ImageFiles, root: Path | None) ->
     if missing:
         raise ValueError(
             f"{len(missing)} of {len(names)} images have no row in the attribute table: "
-            f"{_listing(missing)}"
+            f"{listing(missing)}"
         )
     if ambiguous:
         raise ValueError(
             f"{len(ambiguous)} images match attribute rows by file name alone, but that name is "
-            f"on several rows or several images: {_listing(ambiguous)}; list them in the table "
+            f"on several rows or several images: {listing(ambiguous)}; list them in the table "
             "by their path relative to the folder"
         )
     return table.values[rows]

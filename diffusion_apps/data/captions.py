@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+DIGIT_DATASETS = ("digits", "mnist")  # ImageDataModule sources of digit images
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 THICKNESS = ("thin", "thick")
 SLANT = ("upright", "slanted")

@@ -236,9 +236,10 @@ def torchvision_split(name: str, root: str, train: bool, download: bool) -> Data
         ) from err
 
 
-def _listing(items: Sequence, most: int = 5) -> str:
+def listing(items: Sequence, most: int = 5) -> str:
+    """The first ``most`` items, comma-separated, and how many there are in all beyond them."""
     shown = ", ".join(str(item) for item in items[:most])
-    return shown if len(items) <= most else f"{shown}, ... ({len(items)} in all)"
+    return shown if len(items) <= most else f"{shown}, … ({len(items)} in all)"
 
 
 def scan_folder(root: str) -> tuple[list[Path], list[int], list[str] | None]:
@@ -275,7 +276,7 @@ def scan_folder(root: str) -> tuple[list[Path], list[int], list[str] | None]:
         n, it = len(top), "it" if len(top) == 1 else "them"
         raise ValueError(
             f"dataset='folder': {n} image file{'s' * (n > 1)} at the top of {base} beside the "
-            f"class folders {_listing(class_names)}: {_listing(top)}; move {it} into a class "
+            f"class folders {listing(class_names)}: {listing(top)}; move {it} into a class "
             f"folder for a labelled set, or move every image to the top of {base} for an "
             "unlabelled one"
         )
@@ -301,7 +302,7 @@ def read_captions(files: Sequence[Path]) -> list[str]:
         n = len(missing)
         raise FileNotFoundError(
             f"dataset='folder' with captions=True: {n} image{'s' * (n > 1)} without a caption "
-            f"file: {_listing(missing)}; write the caption of a.png in a.txt beside it (an "
+            f"file: {listing(missing)}; write the caption of a.png in a.txt beside it (an "
             "empty file for no caption)"
         )
     captions = []
@@ -354,7 +355,7 @@ def verify_images(files: Sequence[Path], skip: bool = False) -> list[int]:
     if bad:
         warnings.warn(
             f"dataset='folder': skipped {len(bad)} of {len(files)} image files that cannot be "
-            f"read: {_listing([_named(*b) for b in bad])}",
+            f"read: {listing([_named(*b) for b in bad])}",
             stacklevel=2,
         )
     return [i for i, err in enumerate(errors) if err is None]

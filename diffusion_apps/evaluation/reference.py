@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from diffusion_apps.data.captions import DIGIT_DATASETS
 from diffusion_apps.evaluation.digits import resolve_cache_dir, save_atomic
 from diffusion_apps.evaluation.metrics import (
     FeatureStats,
@@ -30,7 +31,6 @@ from diffusion_apps.evaluation.metrics import (
     state_hash,
 )
 
-DIGIT_SOURCES = ("digits", "mnist")  # data the digit classifier's features are meant for
 Batches = Iterator[tuple[Tensor, Tensor]]  # images (B, C, H, W) in [-1, 1], labels (B,) int64
 
 
@@ -83,7 +83,7 @@ def split_set(data, split: Literal["train", "val"]) -> ImageSet:
         for b in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
             yield b[0].float(), b[1].long()
 
-    digits = getattr(data, "dataset", None) in DIGIT_SOURCES and first.shape[0] == 1
+    digits = getattr(data, "dataset", None) in DIGIT_DATASETS and first.shape[0] == 1
     name = f"{split} split of {describe(data)}"
     return ImageSet(name, len(dataset), first.shape[0], tuple(first.shape[1:]), split, digits, read)
 
@@ -225,7 +225,7 @@ class Reference:
         if space != "digits" or self.real.digits:
             return None
         return (
-            f"the {self.real.name} is not grayscale digits (dataset {' or '.join(DIGIT_SOURCES)}, "
+            f"the {self.real.name} is not grayscale digits (dataset {' or '.join(DIGIT_DATASETS)}, "
             "1 channel): the digit classifier's features (fd_digits) are not meant for it; "
             "--space inception --feature_extractor_weights_path W gives FID"
         )

@@ -11,15 +11,13 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from diffusion_apps.data.captions import DIGITS, WORDS, describe
+from diffusion_apps.data.captions import DIGIT_DATASETS, DIGITS, WORDS, describe
 from diffusion_apps.diffusion import NoiseSchedule, Sampler, classifier_free_guidance
 from diffusion_apps.distributed import pooled_mean_std
 from diffusion_apps.methods.autoencoder_kl import AutoencoderKL
 from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.methods.protocol import Generation, SampleRequest
 from diffusion_apps.nn import CaptionEncoder, ClassEmbedder, UNet
-
-DIGIT_DATASETS = ("digits", "mnist")  # whose captions describe() measures
 
 
 class LatentDiffusion(DDPM):

@@ -121,6 +121,15 @@ def test_variations_keep_each_images_z(runs, folder, tmp_path):
     assert grid.shape == (2 * 17 + 1, 8 * 17 + 1, 3)
     record = json.loads((out / "variations.json").read_text())
     assert record["files"] == files  # the order given, several values after one --images
+    tiles = torch.tensor(grid[1:, 1:, 0], dtype=torch.float32).unfold(0, 16, 17).unfold(1, 16, 17)
+    assert (tiles[:, 0] == torch.tensor([200.0, 60.0])[:, None, None]).all()  # the originals
+    # Each image's own z, decoded in 3 steps from 7 x_T drawn by the command's seed-0 generator.
+    module = load_module(runs["diffae"]).eval()
+    x = torch.tensor([200.0, 60.0]).view(2, 1, 1, 1).expand(2, 1, 16, 16) / 127.5 - 1
+    generator = torch.Generator().manual_seed(0)
+    expected = (module.stochastic_variations(x, 7, 3, generator)[:, :, 0] + 1) * 127.5
+    torch.testing.assert_close(tiles[:, 1:], expected, atol=1.0, rtol=0)
+    assert not torch.equal(tiles[:, 1], tiles[:, 2])  # another x_T, another image
 
 
 def test_manipulate_by_a_sub_folder_name(runs, folder, tmp_path):
@@ -155,6 +164,13 @@ def test_manipulate_by_an_attribute_table(runs, folder, tmp_path):
     probe = json.loads((out / "probe.json").read_text())
     assert list(probe["val_accuracy"]) == ["Smiling", "Eyeglasses"]
     assert probe["val_class_accuracy"] is None  # attributes, not one class per image
+    from diffusion_apps.data.sources import split_indices
+
+    _, val = split_indices(8, 0.2, seed=0)  # the probe's held-out fifth of the 8 images
+    smiling = [1.0 if files[i].startswith("bright") else 0.0 for i in val.tolist()]
+    share = sum(smiling) / len(smiling)
+    assert (probe["n_train"], probe["n_val"]) == (6, 2)
+    assert probe["val_majority"]["Smiling"] == pytest.approx(max(share, 1 - share))
     assert json.loads((out / "manipulate.json").read_text())["attribute"] == "Smiling"
     with pytest.raises(SystemExit, match="Smiling, Eyeglasses"):
         autoencode(runs["diffae"], tmp_path, "--mode", "manipulate", "--images", str(root),
