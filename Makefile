@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs
 CKPT ?= $(RUN)/ddpm/version_0/checkpoints/last.ckpt
 
-.PHONY: venv demo test test-all lint format tensorboard eval bench bench-diffae bench-pdae bench-guided bench-ldm bench-fast bench-reliability bench-precision clean
+.PHONY: venv demo test test-all lint format tensorboard eval bench bench-avx2 gpu-wheels bench-diffae bench-pdae bench-guided bench-ldm bench-fast bench-reliability bench-precision clean
 
 venv: $(STAMP)
 
@@ -61,6 +61,20 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/speed.py $(BENCH_ARGS)
+
+## bench-avx2: the same matrix as an AVX2-only CPU runs it (torch and oneDNN capped at AVX2)
+bench-avx2: $(BENCH_STAMP)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+		$(PY) benchmarks/speed.py --name cpu-avx2 $(BENCH_ARGS)
+
+## gpu-wheels: the contenders' wheels for benchmarks/gpu.sh on a lent GPU (its image lacks them)
+GPU_WHEELS := diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer \
+	denoising-diffusion-pytorch==2.3.4 ema-pytorch==0.8.3 pytorch-fid==0.3.0
+gpu-wheels:
+	grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	python3 -m pip wheel -q --no-deps -w .whl guided-diffusion-sdk==1.0.0  # an sdist only
 
 ## bench-diffae: DiffAE's quality run: trains both stages unless their checkpoints exist (about
 ##   45 min on 2 CPU cores), scores them beside the DDPM checkpoint $(CKPT) when it exists

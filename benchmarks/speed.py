@@ -5,7 +5,8 @@ on identical inputs, so the machine's drift hits all of them alike; each number 
 (and min/max) over repetitions. Measured per shape:
 
 - training images/s: forward + MSE loss + backward + AdamW step, batch 32 and 64;
-- sampling ms per network call, batch 64, under ``torch.no_grad``;
+- sampling ms per network call, batch 1, 16 and 64, under ``torch.no_grad``, the calls of a
+  repetition in one autocast context as a sampling loop makes them;
 - achieved GFLOP/s: FLOPs counted by ``FlopCounterMode`` (attention through the math kernel so
   its matmuls count), ×3 for a training step (forward + backward ≈ 3 forwards);
 - peak memory: ``ru_maxrss`` of a fresh process started through ``sh`` (Linux carries a parent's
@@ -14,9 +15,14 @@ on identical inputs, so the machine's drift hits all of them alike; each number 
 - samplers' overhead per step apart from the network (an identity network): ours against
   diffusers' ``DDPMScheduler`` / ``DDIMScheduler``.
 
+Contenders: ours, diffusers (fp32, bf16, channels-last), guided-diffusion's ``UNetModel`` and
+denoising-diffusion-pytorch (fp32). Every result names the machine: the CPU, torch's dispatch
+capability (and any ``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA`` cap), its SIMD flags, the
+threads, and the measured GEMM GFLOP/s that the achieved GFLOP/s are a share of.
+
 Run ``make bench`` (installs the ``bench`` extra: diffusers, denoising-diffusion-pytorch). The
 networks are built from configs, so nothing is downloaded. Results go to
-``benchmarks/results/<device>.md`` and ``.json``.
+``benchmarks/results/<name>.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -46,19 +52,30 @@ RESULTS = Path(__file__).parent / "results"
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """The DDPM CIFAR-10 layout (Ho et al. 2020) at a given width: four levels, two ResBlocks
-    each, self-attention at 16x16 (and in the middle), 8-channel heads (diffusers' default)."""
+    """A UNet layout every contender can express: by default the DDPM CIFAR-10 one (Ho et al.
+    2020) at a given width, four levels of two ResBlocks, self-attention at 16x16 (and in the
+    middle), 8-channel heads (diffusers' default)."""
 
     channels: int
-    widths: tuple[int, int, int, int]
+    widths: tuple[int, ...]
     size: int = 32
     head_dim: int = 8
+    res_blocks: int = 2
+    attention: tuple[int, ...] = (16,)  # resolutions with self-attention
+
+    def resolutions(self) -> list[int]:
+        return [self.size >> level for level in range(len(self.widths))]
+
+    def attends(self) -> list[bool]:
+        return [r in self.attention for r in self.resolutions()]
 
 
 SHAPES = {
     "mnist32": Shape(1, (32, 64, 64, 64)),
     "cifar32-half": Shape(3, (64, 128, 128, 128)),
-    "cifar32": Shape(3, (128, 256, 256, 256)),  # the DDPM CIFAR-10 model: the GPU shape
+    "cifar32": Shape(3, (128, 256, 256, 256)),  # the DDPM CIFAR-10 model (35.7 M): GPU
+    # ADM's ImageNet-64 layout (Dhariwal & Nichol 2021), unconditional: GPU
+    "adm64": Shape(3, (192, 384, 576, 768), 64, 64, 3, (32, 16, 8)),
 }
 
 
@@ -68,8 +85,8 @@ def build_ours(s: Shape) -> nn.Module:
     w = s.widths[0]
     return UNet(
         in_channels=s.channels, image_size=s.size, base_channels=w,
-        channel_mult=[c // w for c in s.widths], num_res_blocks=2, attention_resolutions=(16,),
-        num_head_channels=s.head_dim, num_groups=32,
+        channel_mult=[c // w for c in s.widths], num_res_blocks=s.res_blocks,
+        attention_resolutions=s.attention, num_head_channels=s.head_dim, num_groups=32,
     )  # fmt: skip
 
 
@@ -82,17 +99,40 @@ class Diffusers(nn.Module):
 
         self.net = UNet2DModel(
             in_channels=s.channels, out_channels=s.channels, sample_size=s.size,
-            block_out_channels=s.widths, layers_per_block=2, attention_head_dim=s.head_dim,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=s.widths, layers_per_block=s.res_blocks,
+            attention_head_dim=s.head_dim,
+            down_block_types=tuple(f"{'Attn' * a}DownBlock2D" for a in s.attends()),
+            up_block_types=tuple(f"{'Attn' * a}UpBlock2D" for a in reversed(s.attends())),
         )  # fmt: skip
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         return self.net(x, t).sample
 
 
+class Guided(nn.Module):
+    """openai/guided-diffusion's ``UNetModel`` (guided-diffusion-sdk) in the same layout: ADM's
+    scale-shift norm, attention at 16x16 in 8-channel heads (its QKV einsum), fp32 weights."""
+
+    def __init__(self, s: Shape) -> None:
+        super().__init__()
+        from guided_diffusion.unet import UNetModel
+
+        w = s.widths[0]
+        self.net = UNetModel(
+            image_size=s.size, in_channels=s.channels, model_channels=w, out_channels=s.channels,
+            num_res_blocks=s.res_blocks, dropout=0.0,
+            attention_resolutions=tuple(s.size // r for r in s.attention),
+            channel_mult=tuple(c // w for c in s.widths), num_head_channels=s.head_dim,
+            use_scale_shift_norm=True,
+        )  # fmt: skip
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.net(x, t)
+
+
 def build_lucidrains(s: Shape) -> nn.Module:
-    """denoising-diffusion-pytorch's ``Unet`` at the same widths with full attention at 16x16.
+    """denoising-diffusion-pytorch's ``Unet`` at the same widths with full attention where the
+    shape attends.
 
     Its layout cannot match exactly: a 7x7 stem, two ResBlocks per level on the way up (ours and
     diffusers': three), linear attention at the other levels; its FLOPs are reported beside.
@@ -102,7 +142,7 @@ def build_lucidrains(s: Shape) -> nn.Module:
     w = s.widths[0]
     return Unet(
         dim=w, dim_mults=tuple(c // w for c in s.widths), channels=s.channels,
-        full_attn=(False, True, False, False), attn_heads=s.widths[1] // s.head_dim,
+        full_attn=tuple(s.attends()), attn_heads=tuple(c // s.head_dim for c in s.widths),
         attn_dim_head=s.head_dim, flash_attn=True,
     )  # fmt: skip
 
@@ -110,6 +150,7 @@ def build_lucidrains(s: Shape) -> nn.Module:
 BUILDERS: dict[str, Callable[[Shape], nn.Module]] = {
     "ours": build_ours,
     "diffusers": Diffusers,
+    "guided-diffusion": Guided,
     "denoising-diffusion-pytorch": build_lucidrains,
 }
 
@@ -122,18 +163,29 @@ class Contender:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    cuda_graphs: bool = False  # torch.compile(mode="reduce-overhead"): CUDA graphs replayed
 
     @property
     def name(self) -> str:
         extras = [self.precision] + ["channels_last"] * self.channels_last
-        return f"{self.library} {'+'.join(extras + ['compile'] * self.compile)}"
+        extras += ["compile"] * self.compile + ["cuda_graphs"] * self.cuda_graphs
+        return f"{self.library} {'+'.join(extras)}"
 
 
-OURS_CPU_DEFAULT = Contender("ours", "bf16")  # what configs/*.yaml use on CPU (README)
+def default_contender(device: str) -> Contender:
+    """What configs/*.yaml run here (``precision: null``): bf16 where it is native, also to
+    torch's kernels (an ``ATEN_CPU_CAPABILITY`` below AVX512 emulates it), else fp32."""
+    from diffusion_apps.precision import choose
+
+    native = choose(device)[0] == "bf16-mixed"
+    if device == "cpu":
+        native &= torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return Contender("ours", "bf16" if native else "fp32")
 
 
-def contenders(device: str, compile_: bool) -> list[Contender]:
-    """Ours and diffusers in fp32 and with each speed option; denoising-diffusion-pytorch fp32.
+def contenders(device: str, compile_: bool, cuda_graphs: bool = False) -> list[Contender]:
+    """Ours and diffusers in fp32 and with each speed option; guided-diffusion and
+    denoising-diffusion-pytorch in fp32.
 
     Each option we turn on for ours is also turned on for diffusers in a row of its own, so
     every ratio has a like-for-like counterpart.
@@ -141,9 +193,11 @@ def contenders(device: str, compile_: bool) -> list[Contender]:
     fast = ("fp32", True) if device == "cpu" else ("bf16", True)  # channels-last where it may pay
     runs = [Contender("ours"), Contender("ours", *fast), Contender("ours", "bf16")]
     runs += [Contender("diffusers"), Contender("diffusers", *fast), Contender("diffusers", "bf16")]
-    runs.append(Contender("denoising-diffusion-pytorch"))
+    runs += [Contender("guided-diffusion"), Contender("denoising-diffusion-pytorch")]
     if compile_:
         runs.insert(3, Contender("ours", "fp32" if device == "cpu" else "bf16", compile=True))
+    if cuda_graphs:
+        runs.insert(3, Contender("ours", "bf16", cuda_graphs=True))
     return runs
 
 
@@ -156,7 +210,11 @@ class Runner:
         self.net = BUILDERS[c.library](shape).to(self.device)
         if c.channels_last:  # for ours the same as UNet(channels_last=True)
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(self.net) if c.compile else self.net
+        if c.compile or c.cuda_graphs:
+            mode = "reduce-overhead" if c.cuda_graphs else None
+            self.forward = torch.compile(self.net, mode=mode)
+        else:
+            self.forward = self.net
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-4)
         gen = torch.Generator().manual_seed(1)
         self.inputs = {}
@@ -179,10 +237,20 @@ class Runner:
         self.opt.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def sample_step(self, batch: int) -> None:
+    def sample_steps(self, batch: int, n: int) -> None:
+        """``n`` network calls in one autocast context, as a sampling loop makes them (ours cast
+        the weights to bf16 once per loop, not once per call)."""
         x, t, _ = self.inputs[batch]
         with self.autocast():
-            self.forward(x, t)
+            for _ in range(n):
+                self.forward(x, t)
+
+    def steps(self, kind: str, batch: int, n: int) -> None:
+        """``n`` training steps or sampling calls at ``batch``."""
+        if kind == "sample":
+            return self.sample_steps(batch, n)
+        for _ in range(n):
+            self.train_step(batch)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -198,7 +266,19 @@ def forward_flops(net: nn.Module, shape: Shape) -> int:
     return fc.get_total_flops()
 
 
-WORKLOADS = {"train-32": ("train", 32), "train-64": ("train", 64), "sample-64": ("sample", 64)}
+WORKLOADS = {
+    "train-32": ("train", 32),
+    "train-64": ("train", 64),
+    "sample-1": ("sample", 1),
+    "sample-16": ("sample", 16),
+    "sample-64": ("sample", 64),
+}
+BATCHES = tuple(sorted({batch for _, batch in WORKLOADS.values()}))
+
+
+def repeats(iters: dict[str, int], kind: str, batch: int) -> int:
+    """Calls per timed repetition: small sampling batches get more, for equal time."""
+    return iters[kind] * (max(1, 64 // batch) if kind == "sample" else 1)
 
 
 def time_workloads(
@@ -208,19 +288,17 @@ def time_workloads(
     times = {w: {r.contender.name: [] for r in runners} for w in WORKLOADS}
     for kind, batch in WORKLOADS.values():
         for r in runners:
-            for _ in range(warmup):
-                getattr(r, f"{kind}_step")(batch)
+            r.steps(kind, batch, warmup)
             r.sync()
     for rep in range(reps):
         for workload, (kind, batch) in WORKLOADS.items():
             order = runners[rep % len(runners) :] + runners[: rep % len(runners)]
+            n = repeats(iters, kind, batch)
             for r in order:
-                step = getattr(r, f"{kind}_step")
                 start = time.perf_counter()
-                for _ in range(iters[kind]):
-                    step(batch)
+                r.steps(kind, batch, n)
                 r.sync()
-                seconds = (time.perf_counter() - start) / iters[kind]
+                seconds = (time.perf_counter() - start) / n
                 times[workload][r.contender.name].append(seconds)
         print(f"  repetition {rep + 1}/{reps} done", flush=True)
     return times
@@ -231,8 +309,7 @@ def memory_child(args: argparse.Namespace) -> None:
     c = Contender(**json.loads(args.memory_child))
     kind, batch = WORKLOADS[args.workload]
     r = Runner(c, SHAPES[args.shapes[0]], args.device, (batch,))
-    for _ in range(3):
-        getattr(r, f"{kind}_step")(batch)
+    r.steps(kind, batch, 3)
     r.sync()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     cuda = torch.cuda.max_memory_allocated() if r.device.type == "cuda" else None
@@ -344,6 +421,9 @@ def machine(device: str) -> dict:
     info = {
         "device": device,
         "cpu": _cpu_name(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "flags": _simd_flags(),
+        "dispatch_env": {k: os.environ[k] for k in DISPATCH_ENV if k in os.environ},
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -356,6 +436,67 @@ def machine(device: str) -> dict:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+DISPATCH_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+SIMD = ("fma", "avx", "avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_bf16")
+
+
+def _simd_flags() -> list[str]:
+    """The SIMD / matrix-unit flags of /proc/cpuinfo that decide torch's kernels."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in SIMD if f in have] + sorted(
+                    f for f in have if f.startswith("amx")
+                )
+    return []
+
+
+def _cpu_mhz() -> float | None:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":", 1)[1])
+    return None
+
+
+# fp32 FLOPs per cycle and core of torch's kernels at a capability: 2 FMA pipes x lanes x 2
+FLOPS_PER_CYCLE = {"AVX2": 2 * 8 * 2, "AVX512": 2 * 16 * 2}
+
+
+# dense bf16 tensor-core TFLOP/s of the data sheets (SXM parts), in GFLOP/s: MFU's denominator
+GPU_BF16_DENSE = {"H100": 989e3, "H200": 989e3, "A100": 312e3}
+
+
+def gemm_peak(device: str, threads: int, reps: int = 5) -> dict[str, float]:
+    """Achieved GFLOP/s of a large square matmul (2048 on CPU, 8192 on GPU) per dtype, the
+    machine's practical ceiling, and on CPU the theoretical fp32 ceiling of the capability:
+    threads x the cpuinfo clock x FLOPS_PER_CYCLE (no turbo; a VM reports the nominal clock),
+    on a known GPU its data sheet's dense bf16 peak (MFU = achieved / that)."""
+    n = 8192 if device == "cuda" else 2048
+    peak = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        a @ b
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        peak[str(dtype).removeprefix("torch.")] = 2 * n**3 / min(times) / 1e9
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        nominal = next((v for k, v in GPU_BF16_DENSE.items() if k in name), None)
+        if nominal:
+            peak["bfloat16_nominal"] = nominal
+    mhz, per_cycle = _cpu_mhz(), FLOPS_PER_CYCLE.get(torch.backends.cpu.get_cpu_capability())
+    if device == "cpu" and mhz and per_cycle:
+        peak["float32_theoretical"] = threads * mhz * 1e-3 * per_cycle
+    return peak
 
 
 def _cpu_name() -> str:
@@ -396,14 +537,34 @@ def paired_ratios(timings: dict[str, dict[str, list[float]]]) -> dict[str, dict[
 
 
 def goal_lines(entry: dict, default: str) -> list[str]:
-    """The issue's two goals: ours fp32, and ours with our defaults, over diffusers fp32."""
+    """The issue's goals: ours fp32, and ours with our defaults, over diffusers fp32 in training
+    (batch 32 and 64) and in sampling (ms per network call, batch 64)."""
     r = entry["ratios"]
     return [
-        f"- {name} over diffusers fp32, training batch {w.split('-')[1]}: "
+        f"- {name} over diffusers fp32, {what} batch {w.split('-')[1]}: "
         f"**{r[w][name]['median']:.2f}x** [{r[w][name]['min']:.2f}–{r[w][name]['max']:.2f}]"
-        for name in ("ours fp32", default)
-        for w in ("train-32", "train-64")
+        for name in dict.fromkeys(("ours fp32", default))
+        for w, what in (
+            ("train-32", "training"),
+            ("train-64", "training"),
+            ("sample-64", "sampling"),
+        )
     ]
+
+
+def machine_line(m: dict) -> str:
+    """The machine as the results' header gives it: CPU, capability, flags, threads, peaks."""
+    emulated = " ".join(f"{k}={v}" for k, v in m.get("dispatch_env", {}).items())
+    peak = m.get("gemm_peak", {})
+    ceilings = ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in peak.items())
+    return (
+        f"{m['date']}; {m['cpu']}, torch capability **{m.get('capability', '?')}**"
+        + (f" (dispatch capped by {emulated})" if emulated else "")
+        + f", flags {' '.join(m.get('flags', [])) or '?'}; {m['cpus']} CPUs, "
+        f"{m['torch_threads']} torch threads"
+        + (f"; GEMM GFLOP/s: {ceilings}" if ceilings else "")
+        + "."
+    )
 
 
 def markdown(result: dict) -> str:
@@ -412,15 +573,18 @@ def markdown(result: dict) -> str:
     lines = [
         f"# UNet speed on {m.get('gpu', m['cpu'])}",
         "",
-        f"{m['date']}; {m['cpus']} CPUs, {m['torch_threads']} torch threads; python {m['python']}, "
+        machine_line(m),
+        "",
+        f"python {m['python']}, "
         f"torch {m['torch']}, diffusers {m['diffusers']}, denoising-diffusion-pytorch "
         f"{m['denoising_diffusion_pytorch']}, lightning {m['lightning']}.",
         "",
         f"Every cell: median [min–max] over {result['reps']} interleaved repetitions in one "
         f"process. `{default}` is our default on this device. Speed-ups over diffusers fp32 are "
         "medians of the per-repetition ratios (back-to-back runs, so the machine's drift "
-        "cancels). GFLOP/s = 3 x forward FLOPs x images/s. Peak RSS: a fresh process through `sh` "
-        "building the net and running three training steps at batch 64.",
+        "cancels). GFLOP/s = 3 x forward FLOPs x images/s; % peak: of the measured GEMM GFLOP/s "
+        "in the contender's precision (a 2048² matmul on CPU, 8192² on GPU). Peak RSS: a fresh "
+        "process through `sh` building the net and running three training steps at batch 64.",
     ]
     for shape, r in result["shapes"].items():
         s = SHAPES[shape]
@@ -429,8 +593,9 @@ def markdown(result: dict) -> str:
         lines += [
             "",
             "| contender | params (M) | GFLOP/fwd | train img/s b32 | train img/s b64 | "
-            "train GFLOP/s b64 | sample ms/step b64 | peak RSS (MiB) | b64 / diffusers fp32 |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "train GFLOP/s b64 (% peak) | sample ms/step b1 | b16 | b64 | peak RSS (MiB) | "
+            "train b64 / diffusers fp32 | sample b64 / diffusers fp32 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, c in r["contenders"].items():
             t = {w: r["timings"][w][name] for w in WORKLOADS}
@@ -438,13 +603,18 @@ def markdown(result: dict) -> str:
             mem = f"{c['memory']['rss'] / 2**20:.0f}" if c["memory"] else "–"
             if c["memory"] and c["memory"].get("cuda"):
                 mem += f" (CUDA {c['memory']['cuda'] / 2**20:.0f})"
+            achieved = 3 * gflop * 64 / t["train-64"]["median"]
+            ceiling = m.get("gemm_peak", {}).get(
+                "bfloat16" if c["config"]["precision"] == "bf16" else "float32"
+            )
+            share = f" ({100 * achieved / ceiling:.0f}%)" if ceiling else ""
             lines.append(
                 f"| {name} | {c['params'] / 1e6:.2f} | {gflop:.3f} | "
                 f"{_range(t['train-32'], 32, invert=True)} | "
-                f"{_range(t['train-64'], 64, invert=True)} | "
-                f"{3 * gflop * 64 / t['train-64']['median']:.0f} | "
-                f"{_range(t['sample-64'], 1e3, fmt='.0f')} | {mem} | "
-                f"{r['ratios']['train-64'][name]['median']:.2f}x |"
+                f"{_range(t['train-64'], 64, invert=True)} | {achieved:.0f}{share} | "
+                + " | ".join(_range(t[f"sample-{b}"], 1e3, fmt=".1f") for b in (1, 16, 64))
+                + f" | {mem} | {r['ratios']['train-64'][name]['median']:.2f}x | "
+                f"{r['ratios']['sample-64'][name]['median']:.2f}x |"
             )
         for name, table in r.get("profiles", {}).items():
             lines += ["", f"torch.profiler, self time of two training steps at batch 64, {name}:"]
@@ -523,6 +693,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--compile", action="store_true", help="add ours + torch.compile (fp32 on CPU, bf16 on GPU)"
     )
+    p.add_argument(
+        "--cuda-graphs", action="store_true", help="add ours bf16 + CUDA graphs (GPU only)"
+    )
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", help="file stem under --out (default: the device)")
@@ -538,16 +711,18 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "machine": machine(args.device),
         "reps": args.reps,
-        "default": OURS_CPU_DEFAULT.name,
+        "default": default_contender(args.device).name,
         "shapes": {},
     }
+    result["machine"]["gemm_peak"] = gemm_peak(args.device, args.threads)
     print(json.dumps(result["machine"]), flush=True)
     for shape in shapes:
         print(f"{shape}: building and warming up", flush=True)
-        runs = contenders(args.device, args.compile)
-        runners = [Runner(c, SHAPES[shape], args.device, (32, 64)) for c in runs]
+        runs = contenders(args.device, args.compile, args.cuda_graphs)
+        runners = [Runner(c, SHAPES[shape], args.device, BATCHES) for c in runs]
         entry = {"contenders": {}, "timings": {}}
-        timings = time_workloads(runners, args.reps, iters, warmup=3 if args.compile else 1)
+        compiled = args.compile or args.cuda_graphs
+        timings = time_workloads(runners, args.reps, iters, warmup=3 if compiled else 1)
         entry["timings"] = {w: {k: summary(v) for k, v in t.items()} for w, t in timings.items()}
         entry["ratios"] = paired_ratios(timings)
         entry["raw_seconds"] = timings
@@ -555,7 +730,8 @@ def main(argv: list[str] | None = None) -> None:
             entry["profiles"] = {
                 r.contender.name: profile_top_ops(r, 64)
                 for r in runners
-                if r.contender in (Contender("ours"), OURS_CPU_DEFAULT, Contender("diffusers"))
+                if r.contender
+                in (Contender("ours"), default_contender(args.device), Contender("diffusers"))
             }
         for r in runners:
             c = r.contender
@@ -565,7 +741,7 @@ def main(argv: list[str] | None = None) -> None:
                 "params": sum(p.numel() for p in r.net.parameters()),
                 "flops": forward_flops(BUILDERS[c.library](SHAPES[shape]), SHAPES[shape]),
                 "memory": None
-                if c.compile  # minutes of compilation again in the child
+                if c.compile or c.cuda_graphs  # minutes of compilation again in the child
                 else peak_memory(c, shape, "train-64", args.device, args.threads),
             }
         del runners

@@ -12,6 +12,7 @@ from diffusion_apps.diffusion.objective import (
     Prediction,
     convert_prediction,
     loss_terms,
+    min_snr_weight,
     regression_target,
 )
 from diffusion_apps.diffusion.samplers import (
@@ -51,6 +52,7 @@ __all__ = [
     "join_output",
     "learned_log_variance",
     "loss_terms",
+    "min_snr_weight",
     "mean_shift_guidance",
     "NoiseSchedule",
     "normal_kl",

@@ -24,6 +24,28 @@ def regression_target(
     return schedule.velocity(x0, t, noise)
 
 
+def min_snr_weight(
+    schedule: NoiseSchedule, prediction: Prediction, t: Tensor, gamma: float
+) -> Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023, eq. 9), shape (B,) in fp32.
+
+    The x0-space weight min(SNR_t, γ) written for the parametrisation's own error: since
+    ‖ε − ε̂‖² = SNR_t‖x0 − x̂0‖² and ‖v − v̂‖² = (SNR_t + 1)‖x0 − x̂0‖²,
+        w_t = min(SNR_t, γ)/SNR_t (ε),  min(SNR_t, γ) (x0),  min(SNR_t, γ)/(SNR_t + 1) (v),
+    so that w_t·‖target − f_θ‖² = min(SNR_t, γ)·‖x0 − x̂0‖² whatever the network predicts: the
+    low-noise steps, whose tiny x0 errors dominate the gradient otherwise, stop at weight γ.
+    """
+    if not gamma > 0:
+        raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
+    snr = schedule.snr(t).float()
+    clipped = snr.clamp(max=gamma)
+    if prediction == "eps":
+        return clipped / snr
+    if prediction == "x0":
+        return clipped
+    return clipped / (snr + 1)
+
+
 def convert_prediction(
     schedule: NoiseSchedule,
     prediction: Prediction,

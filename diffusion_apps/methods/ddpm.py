@@ -18,6 +18,7 @@ from diffusion_apps.diffusion import (
     convert_prediction,
     join_output,
     loss_terms,
+    min_snr_weight,
     regression_target,
     split_output,
 )
@@ -32,7 +33,9 @@ class DDPM(DDPMSampling, DiffusionMethod):
     Training minimises L_simple (Ho et al. eq. 14) with t ~ U{0, …, T−1}, ε ~ N(0, I):
         L = E_{x0, t, ε} ‖target − f_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²,
     where target is ε (paper), x0, or v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022). The loss
-    is computed in fp32 even under mixed precision.
+    is computed in fp32 even under mixed precision. With ``min_snr_gamma`` = γ each sample's
+    term is weighted by Hang et al.'s min-SNR-γ w_t (:func:`~diffusion_apps.diffusion.
+    min_snr_weight`), the x0-space weight min(SNR_t, γ) in every parametrisation.
 
     Learned variance (Nichol & Dhariwal 2021, ``variance="learned"``): the UNet outputs 2C
     channels [f_θ, v], f_θ the chosen parametrisation and v the interpolation of eq. 15,
@@ -86,6 +89,7 @@ class DDPM(DDPMSampling, DiffusionMethod):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         compile: bool = False,
         vlb_weight: float = 0.001,
+        min_snr_gamma: float | None = None,
     ) -> None:
         super().__init__(lr, weight_decay, warmup_steps, adam_betas, compile)
         self.save_config()
@@ -106,6 +110,12 @@ class DDPM(DDPMSampling, DiffusionMethod):
             ("vlb_weight", vlb_weight, ">= 0", vlb_weight >= 0),
             ("sample_steps", sample_steps, f"in [1, {T}] (T)", 1 <= sample_steps <= T),
             ("eta", eta, "in [0, 1]", 0 <= eta <= 1),
+            (
+                "min_snr_gamma",
+                min_snr_gamma,
+                "> 0 or null",
+                min_snr_gamma is None or min_snr_gamma > 0,
+            ),
         ]:
             if not ok:
                 raise ValueError(f"{name} must be {allowed}, got {value}")
@@ -116,7 +126,7 @@ class DDPM(DDPMSampling, DiffusionMethod):
                 f"2·in_channels = 2·{channels}, got out_channels={out} (set "
                 "model.init_args.unet.init_args.out_channels)"
             )
-        self.loss, self.vlb_weight = loss, vlb_weight
+        self.loss, self.vlb_weight, self.min_snr_gamma = loss, vlb_weight, min_snr_gamma
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -165,11 +175,14 @@ class DDPM(DDPMSampling, DiffusionMethod):
     ) -> Tensor:
         """L_simple, E‖target − f_θ(x_t, t)‖² (or ‖·‖₁ with ``loss="l1"``), for a batch x0 (B, …):
         one t ~ U{0, …, T−1} and ε ~ N(0, I) per sample, drawn from ``generator`` when given
-        (validation: comparable across epochs). With a learned variance, L_hybrid: plus
-        λ·T·E[L_t] (:meth:`loss_terms`)."""
+        (validation: comparable across epochs); each term times w_t with ``min_snr_gamma``.
+        With a learned variance, L_hybrid: plus λ·T·E[L_t] (:meth:`loss_terms`)."""
         t, noise, _ = self.noised(x0, generator)
         terms = self.loss_terms(x0, t, noise, **cond)
-        loss = terms["simple"].mean()
+        simple = terms["simple"]
+        if self.min_snr_gamma is not None:
+            simple = simple * min_snr_weight(self.schedule, self.prediction, t, self.min_snr_gamma)
+        loss = simple.mean()
         if "vb" in terms:
             loss = loss + self.vlb_weight * self.schedule.num_timesteps * terms["vb"].mean()
         return loss

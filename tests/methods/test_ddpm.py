@@ -69,6 +69,36 @@ def test_loss_of_the_optimal_denoiser_is_the_posterior_variance():
     assert losses.mean().item() == pytest.approx(expected.item(), rel=0.03)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_loss_is_the_clipped_snr_weighted_x0_error(prediction):
+    """Hang et al. 2023: with min_snr_gamma = γ the loss is E_t min(SNR_t, γ)·‖x0 − x̂0‖², the
+    same x0-space objective whatever the network predicts (x̂0 from the written-out inverses of
+    x_t = √ᾱ x0 + √(1−ᾱ) ε and v = √ᾱ ε − √(1−ᾱ) x0)."""
+    gamma = 5.0
+    model = make(prediction, min_snr_gamma=gamma)
+    x0 = 0.1 + 0.7 * torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    loss = model.diffusion_loss(x0, torch.Generator().manual_seed(2))
+    t, noise, x_t = model.noised(x0, torch.Generator().manual_seed(2))  # the same draws
+    f = model.unet(x_t, t).double()
+    a = model.schedule.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+    x_t = x_t.double()
+    x0_hat = {
+        "eps": (x_t - (1 - a).sqrt() * f) / a.sqrt(),
+        "x0": f,
+        "v": a.sqrt() * x_t - (1 - a).sqrt() * f,
+    }[prediction]
+    snr = (a / (1 - a)).flatten()
+    error = (x0.double() - x0_hat).square().flatten(1).mean(1)
+    expected = (snr.clamp(max=gamma) * error).mean()
+    assert (snr > gamma).any() and (snr < gamma).any()  # both sides of the clip are drawn
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_min_snr_gamma_must_be_positive():
+    with pytest.raises(ValueError, match="min_snr_gamma must be > 0 or null, got 0"):
+        make(min_snr_gamma=0.0)
+
+
 class BF16Output(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
