@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +45,12 @@ RECIPES: dict[str, list[str]] = {
     "cosine": [MODEL + "schedule.init_args.kind", "cosine"],
     "lr2e-3": [MODEL + "lr", "2e-3"],
     "batch32": ["--data.init_args.batch_size", "32"],
+    "rb1_min_snr": [UNET + "num_res_blocks", "1", MODEL + "min_snr_gamma", "5"],
+    "b32_min_snr": ["--data.init_args.batch_size", "32", MODEL + "min_snr_gamma", "5"],
+    "v_min_snr_rb1": [UNET + "num_res_blocks", "1", MODEL + "prediction", "v"]
+    + [MODEL + "min_snr_gamma", "5"],
+    "v_min_snr_rb1_b32": [UNET + "num_res_blocks", "1", MODEL + "prediction", "v"]
+    + [MODEL + "min_snr_gamma", "5", "--data.init_args.batch_size", "32"],
 }
 
 EMULATION = {
@@ -84,16 +90,18 @@ def train(recipe: str, args: argparse.Namespace) -> list[dict]:
     start = time.time()
     print(f"{recipe}: {' '.join(cmd[3:])}", flush=True)
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
-    ckpts = (args.out / "runs" / recipe / "version_0" / "checkpoints").glob("*step=*.ckpt")
-    points = [
-        {
-            "step": int(re.search(r"step=(\d+)", p.name).group(1)),
-            "minutes": (p.stat().st_mtime - start) / 60,
-            "checkpoint": str(p),
-        }
-        for p in ckpts
-    ]
-    return sorted(points, key=lambda p: p["step"])
+    folder = args.out / "runs" / recipe / "version_0" / "checkpoints"
+    points = {}
+    for path in [*folder.glob("*step=*.ckpt"), folder / "last.ckpt"]:
+        # last.ckpt is the run's final step when max_time stopped it between two saves
+        step = torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+        if step not in points:
+            points[step] = {
+                "step": step,
+                "minutes": (path.stat().st_mtime - start) / 60,
+                "checkpoint": str(path),
+            }
+    return [points[step] for step in sorted(points)]
 
 
 def score(points: list[dict], out: Path, num_samples: int, precision: str) -> float:

@@ -1,10 +1,11 @@
 """PDAE (Zhang et al., NeurIPS 2022; official code ckczzj/PDAE): an autoencoder from a frozen
 pretrained DDPM.
 
-The unconditional ε_θ(x_t, t) stays fixed. An encoder z = E_φ(x_0) and a gradient estimator
-G_ψ(x_t, z, t) learn the gap between the unconditional and the z-conditional posterior mean,
-a learned classifier guidance; decoding and inversion are DDIM through the diffusion layer's
-ε-shift guidance wrapper.
+The unconditional ε_θ(x_t, t) stays fixed (a DDPM that predicts x0 or v is converted to ε:
+the method needs the score, not the parametrisation). An encoder z = E_φ(x_0) and a gradient
+estimator G_ψ(x_t, z, t) learn the gap between the unconditional and the z-conditional
+posterior mean, a learned classifier guidance; decoding and inversion are DDIM through the
+diffusion layer's ε-shift guidance wrapper.
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ import torch
 from torch import Tensor
 
 from diffusion_apps.checkpoint import load_part
-from diffusion_apps.diffusion import EpsFn, NoiseSchedule, eps_shift_guidance
+from diffusion_apps.diffusion import (
+    EpsFn,
+    NoiseSchedule,
+    convert_prediction,
+    eps_shift_guidance,
+)
 from diffusion_apps.diffusion.schedule import per_sample
 from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.methods.diffusion_autoencoder import Codes, DiffusionAutoencoder
 from diffusion_apps.methods.protocol import Autoencoding
 from diffusion_apps.nn import EncoderUNet, GradientEstimator, UNet
+from diffusion_apps.nn.unet import DownFeatures
 
 
 def shift_coefficient(schedule: NoiseSchedule, t: Tensor) -> Tensor:
@@ -56,7 +63,7 @@ class PDAE(DiffusionAutoencoder, DDPM):
 
     Args:
         encoder: E_φ, built with ``time_conditioned=False`` (512-d in the paper).
-        ddpm: path of the pretrained DDPM checkpoint (ours, ε-prediction, unconditional UNet;
+        ddpm: path of the pretrained DDPM checkpoint (ours, any prediction, unconditional UNet;
             read with ``weights_only=True``). Its config and weights are saved in this module's
             checkpoints, which therefore load without that file. Its schedule is used.
         gamma: γ of λ_t (the paper: 0.1).
@@ -96,14 +103,11 @@ class PDAE(DiffusionAutoencoder, DDPM):
                 f"ddpm={ddpm!r} holds a {type(pretrained).__name__} whose network is not an "
                 "unconditional UNet: PDAE builds on a plain DDPM (configs/ddpm.yaml)"
             )
-        if pretrained.prediction != "eps":
-            raise ValueError(
-                f"ddpm={ddpm!r} predicts {pretrained.prediction!r}: PDAE needs ε-prediction"
-            )
         if (encoder.in_channels, encoder.image_size) != (unet.in_channels, unet.image_size):
             raise ValueError("the encoder and the DDPM's UNet must take the same images")
         super().__init__(
-            unet.requires_grad_(False), schedule=pretrained.schedule, prediction="eps",
+            unet.requires_grad_(False), schedule=pretrained.schedule,
+            prediction=pretrained.prediction,
             sampler="ddim", sample_steps=sample_steps, eta=0.0,
             timestep_spacing=pretrained.timestep_spacing, variance="beta", clip_x0=clip_x0,
             num_val_samples=num_val_samples, loss="mse", lr=lr, weight_decay=weight_decay,
@@ -119,11 +123,17 @@ class PDAE(DiffusionAutoencoder, DDPM):
         t, noise, x_t = self.noised(x0, generator)
         with torch.no_grad():
             features = self.unet.down_features(x_t, t)
-            eps = self.unet.up_from(features)
+            eps = self.eps_from(features, x_t, t)
         shift = self.estimator(features, self.encoder(x0))
         c = per_sample(shift_coefficient(self.schedule, t), x0)
-        error = (noise - (eps.float() + c * shift.float())).square().flatten(1).mean(1)
+        error = (noise - (eps + c * shift.float())).square().flatten(1).mean(1)
         return (loss_weight(self.schedule, t, self.gamma) * error).mean()
+
+    def eps_from(self, features: DownFeatures, x_t: Tensor, t: Tensor) -> Tensor:
+        """ε_θ(x_t, t) in fp32 from the frozen UNet's down-path ``features``: its up path's
+        output, converted from the DDPM's parametrisation (ε, x0 or v)."""
+        out = self.unet.up_from(features).float()
+        return convert_prediction(self.schedule, self.prediction, x_t, t, out, "eps")
 
     def code_eps(self, mix: float | None = None, decoding: bool = False) -> EpsFn:
         """ε'(x_t, t, z) = ε_θ(x_t, t) − √(1−ᾱ_t)·G_ψ(x_t, z, t). With ``mix`` = w the eps
@@ -139,7 +149,7 @@ class PDAE(DiffusionAutoencoder, DDPM):
             return last["f"]
 
         def eps(x_t: Tensor, t: Tensor, **_) -> Tensor:
-            return self.unet.up_from(features(x_t, t)).float()
+            return self.eps_from(features(x_t, t), x_t, t)
 
         def shift(x_t: Tensor, t: Tensor, z: Tensor, z_b: Tensor | None = None) -> Tensor:
             g = self.estimator(features(x_t, t), z).float()

@@ -182,6 +182,43 @@ def test_the_loss_with_a_nonzero_estimator_is_pdaes_weighted_error(shifted):
     torch.testing.assert_close(loss, (weight * error.square().mean((1, 2, 3))).mean())
 
 
+@pytest.fixture(scope="module")
+def v_ddpm_ckpt(run_dir, tmp_path_factory):
+    """The tiny DDPM's checkpoint with its config saying ``prediction: v``: the same weights,
+    whose output now reads as v̂."""
+    ckpt = torch.load(run_dir / DDPM_CKPT, weights_only=True)
+    ckpt["hyper_parameters"]["prediction"] = "v"
+    path = tmp_path_factory.mktemp("v_ddpm") / "v.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_on_a_v_predicting_ddpm_pdae_shifts_its_eps(v_ddpm_ckpt):
+    """With a DDPM that outputs v̂, ε_θ = √ᾱ_t·v̂ + √(1 − ᾱ_t)·x_t (from x_t = √ᾱ x0 + √(1−ᾱ) ε
+    and v = √ᾱ ε − √(1−ᾱ) x0), in the loss and in the sampling ε', not the raw output."""
+    torch.manual_seed(0)
+    model = PDAE(tiny_encoder(), str(v_ddpm_ckpt), sample_steps=4, encode_steps=4).eval()
+    model = randomized_estimator(model)
+    assert model.prediction == "v"
+    x0 = digits(6)
+    loss = model.diffusion_loss(x0, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randint(0, model.schedule.num_timesteps, (6,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    abar, abar_prev = (a[t].view(-1, 1, 1, 1) for a in alpha_bars(model.schedule))
+    c = -(abar / abar_prev).sqrt() * (1 - abar_prev) / (1 - abar).sqrt()
+    with torch.no_grad():
+        x_t = model.schedule.q_sample(x0, t, noise)
+        eps = (abar.sqrt() * model.unet(x_t, t) + (1 - abar).sqrt() * x_t).float()
+        z = model.encoder(x0)
+        g = model.estimator(model.unet.down_features(x_t, t), z)
+        shifted = model.code_eps()(x_t, t, z=z)
+    error = noise - eps - c.float() * g
+    weight = (abar**0.1 * (1 - abar) ** 0.9).float().flatten()
+    torch.testing.assert_close(loss, (weight * error.square().mean((1, 2, 3))).mean())
+    torch.testing.assert_close(shifted, eps - (1 - abar).sqrt().float() * g)
+
+
 def test_trajectory_interpolation_mixes_g_not_the_codes(run_dir, fresh):
     """The middle frame (w = 1/2) is DDIM from slerp(x_T^a, x_T^b, w) on ε_θ − √(1 − ᾱ_t)·
     ((1 − w) G_ψ(·, z_a) + w G_ψ(·, z_b)), each x_T the inversion over the ``steps`` (6)

@@ -1,0 +1,152 @@
+"""Which attention kernel to run, measured: every way softmax(QKᵀ/√d)·V can be computed on the
+attention shapes of our configs, forward + backward (training) and forward alone (sampling).
+
+    python benchmarks/attention.py            # -> benchmarks/results/attention-<capability>.md
+
+Kernels (q, k, v of shape (B, heads, L, d)):
+- ``flash fp32``: ``F.scaled_dot_product_attention`` (its CPU flash kernel) on fp32 tensors;
+- ``math fp32``: the same through ``SDPBackend.MATH`` (QKᵀ, softmax, ·V as separate ops);
+- ``flash bf16``: SDPA on bf16 tensors (the kernel autocast would pick);
+- ``bf16 -> flash fp32``: bf16 in, attended in fp32, bf16 out: ``nn.layers.attention`` under
+  autocast on CPU, the two casts included;
+- ``math bf16``: the math backend on bf16 tensors (bf16 matmuls, where AMX pays).
+Each cell is the median over interleaved repetitions in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from speed import _cpu_name, _simd_flags
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+RESULTS = Path(__file__).parent / "results"
+
+# (what uses it, (B, heads, L, d)) at training batch 64
+SHAPES = [
+    ("configs/ddpm.yaml, 8x8 attention", (64, 2, 64, 32)),
+    ("speed.py mnist32, 16x16 attention", (64, 8, 256, 8)),
+    ("speed.py cifar32-half, 16x16 attention", (64, 16, 256, 8)),
+    ("32-channel heads at 16x16 (64 ch)", (64, 2, 256, 32)),
+    ("32-channel heads at 32x32 (64 ch)", (16, 2, 1024, 32)),
+]
+
+
+def flash(q, k, v):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def math(q, k, v):
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def cast_to_fp32(q, k, v):
+    from diffusion_apps.nn.layers import attention
+
+    with torch.autocast("cpu", torch.bfloat16):
+        return attention(q, k, v)
+
+
+KERNELS = {
+    "flash fp32": (flash, torch.float32),
+    "math fp32": (math, torch.float32),
+    "flash bf16": (flash, torch.bfloat16),
+    "bf16 -> flash fp32": (cast_to_fp32, torch.bfloat16),
+    "math bf16": (math, torch.bfloat16),
+}
+
+
+def timings(shape: tuple[int, ...], reps: int) -> dict[str, dict[str, float]]:
+    """Median ms of each kernel, training (forward + backward) and sampling (forward)."""
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(shape, generator=gen) for _ in range(4)]
+    out = {}
+    for mode in ("train", "sample"):
+        runs = {}
+        for name, (fn, dtype) in KERNELS.items():
+            q, k, v = (t.to(dtype).requires_grad_(mode == "train") for t in base[:3])
+            grad = base[3].to(dtype)
+
+            def step(fn=fn, q=q, k=k, v=v, grad=grad):
+                if mode == "train":
+                    fn(q, k, v).backward(grad)
+                else:
+                    with torch.no_grad():
+                        fn(q, k, v)
+
+            step()
+            runs[name] = (step, [])
+        for rep in range(reps):
+            order = list(runs.items())
+            order = order[rep % len(order) :] + order[: rep % len(order)]
+            for _, (step, times) in order:
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+        out[mode] = {name: 1e3 * statistics.median(t) for name, (_, t) in runs.items()}
+    return out
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"# Attention kernels on {m['cpu']}",
+        "",
+        f"{m['date']}; torch capability **{m['capability']}**, flags {' '.join(m['flags'])}; "
+        f"{m['threads']} threads; torch {m['torch']}. Median ms over {result['reps']} "
+        "interleaved repetitions; **bold**: the fastest of the row's precision (fp32 rows: the "
+        "fp32 kernels; bf16 rows: the bf16-input kernels).",
+        "",
+        "| shape (B, heads, L, d) | use | mode | " + " | ".join(KERNELS) + " |",
+        "|---|---|---|" + "---|" * len(KERNELS),
+    ]
+    for row in result["rows"]:
+        for mode, ms in row["ms"].items():
+            best = {
+                dtype: min((n for n in KERNELS if KERNELS[n][1] == dtype), key=ms.get)
+                for dtype in (torch.float32, torch.bfloat16)
+            }
+            cells = [
+                f"**{ms[n]:.1f}**" if n in best.values() else f"{ms[n]:.1f}" for n in KERNELS
+            ]
+            lines.append(f"| {tuple(row['shape'])} | {row['use']} | {mode} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    capability = torch.backends.cpu.get_cpu_capability()
+    result = {
+        "machine": {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "cpu": _cpu_name(),
+            "capability": capability,
+            "flags": _simd_flags(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "reps": args.reps,
+        "rows": [],
+    }
+    for use, shape in SHAPES:
+        print(f"{shape}: {use}", flush=True)
+        result["rows"].append({"use": use, "shape": shape, "ms": timings(shape, args.reps)})
+    stem = args.out / f"attention-{capability.lower()}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
