@@ -4,6 +4,11 @@ their checkpoints with fd_digits (DDIM-50, N = 500) against wall-clock minutes.
     python benchmarks/demo_recipe.py --recipes old new --minutes 15 --emulate avx2
     python benchmarks/demo_recipe.py --recipes old min_snr --steps 600 --every 200 \
         --trainer.limit_val_batches 0      # pilots: any further arguments go to `fit`
+    python benchmarks/demo_recipe.py --recipes old new v_min_snr_rb1_b32 --step_time 30 \
+        --emulate avx2 --name seconds_avx2  # seconds per step
+    R=benchmarks/results/demo_recipe; python benchmarks/demo_recipe.py \
+        --compose $R/pilots/pilots.json --seconds $R/seconds_avx2.json \
+        --final $R/final_avx2.json --to docs/ddpm_recipe   # all of it in one picture and table
 
 Each recipe is ``configs/ddpm.yaml`` with command-line overrides (``RECIPES``). A run trains
 through the real CLI (``python -m diffusion_apps fit``) in a child process, checkpointing every
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -37,21 +43,22 @@ RESULTS = Path(__file__).parent / "results" / "demo_recipe"
 MODEL = "--model.init_args."
 UNET = MODEL + "unet.init_args."
 
-# name -> overrides of configs/ddpm.yaml, as `fit` takes them
+# name -> overrides of configs/ddpm.yaml, as `fit` takes them. The pilots in
+# benchmarks/results/demo_recipe/ ran these against the old config, that is "old" = [], before
+# configs/ddpm.yaml became "v_min_snr_rb1" (now "new").
+OLD = [MODEL + "prediction", "eps", MODEL + "min_snr_gamma", "null", UNET + "num_res_blocks", "2"]
 RECIPES: dict[str, list[str]] = {
-    "old": [],
-    "min_snr": [MODEL + "min_snr_gamma", "5"],
-    "v_min_snr": [MODEL + "prediction", "v", MODEL + "min_snr_gamma", "5"],
-    "cosine": [MODEL + "schedule.init_args.kind", "cosine"],
-    "lr2e-3": [MODEL + "lr", "2e-3"],
-    "batch32": ["--data.init_args.batch_size", "32"],
-    "rb1_min_snr": [UNET + "num_res_blocks", "1", MODEL + "min_snr_gamma", "5"],
-    "b32_min_snr": ["--data.init_args.batch_size", "32", MODEL + "min_snr_gamma", "5"],
-    "v_min_snr_rb1": [UNET + "num_res_blocks", "1", MODEL + "prediction", "v"]
-    + [MODEL + "min_snr_gamma", "5"],
-    "v_min_snr_rb1_b32": [UNET + "num_res_blocks", "1", MODEL + "prediction", "v"]
-    + [MODEL + "min_snr_gamma", "5", "--data.init_args.batch_size", "32"],
+    "new": [],
+    "old": OLD,
+    "min_snr": OLD + [MODEL + "min_snr_gamma", "5"],
+    "v_min_snr": OLD + [MODEL + "prediction", "v", MODEL + "min_snr_gamma", "5"],
+    "rb1_min_snr": OLD + [UNET + "num_res_blocks", "1", MODEL + "min_snr_gamma", "5"],
+    "v_min_snr_rb1": [],
+    "v_min_snr_rb1_b32": ["--data.init_args.batch_size", "32"],
 }
+
+# pilots whose step costs another recipe's: the loss and the parametrisation cost nothing
+SAME_STEP = {"min_snr": "old", "v_min_snr": "old", "rb1_min_snr": "new", "v_min_snr_rb1": "new"}
 
 EMULATION = {
     "avx2": {
@@ -102,6 +109,23 @@ def train(recipe: str, args: argparse.Namespace) -> list[dict]:
                 "checkpoint": str(path),
             }
     return [points[step] for step in sorted(points)]
+
+
+def step_seconds(recipe: str, args: argparse.Namespace) -> float:
+    """Median seconds per training step of a recipe: a ``--step_time``-step run (no validation,
+    a log line per step), the gaps between its TensorBoard events after the first five."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    quick = argparse.Namespace(**{**vars(args), "steps": args.step_time, "every": 10**6})
+    quick.out = args.out / "step_time"
+    quick.overrides = args.overrides + [
+        "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
+    ]  # fmt: skip
+    train(recipe, quick)
+    events = EventAccumulator(str(quick.out / "runs" / recipe / "version_0"))
+    events.Reload()
+    times = [e.wall_time for e in events.Scalars("train/loss")][5:]
+    return statistics.median(b - a for a, b in zip(times[:-1], times[1:], strict=True))
 
 
 def score(points: list[dict], out: Path, num_samples: int, precision: str) -> float:
@@ -166,6 +190,62 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def compose(pilots: list[Path], seconds: Path, final: Path, to: Path) -> None:
+    """One picture and table of every recipe: pilot runs (trained elsewhere, any CPU) at
+    steps x their measured seconds per step under ``seconds``' conditions, the ``final`` run
+    at its own wall clock."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_step = json.loads(seconds.read_text())
+    last = json.loads(final.read_text())
+    m = per_step["machine"]
+    where = f"{m['cpu']} capped at {m['emulate']}" if m["emulate"] else m["cpu"]
+    lines = [
+        "# fd_digits (DDIM-50, N = 500) against training minutes of configs/ddpm.yaml recipes",
+        "",
+        f"Minutes on 2 cores of an AVX2-only CPU: {where} ({m['emulation'] or 'native'}), "
+        f"fp32, {m['threads']} threads. Pilot rows: trained elsewhere, placed at step x the "
+        "recipe's median seconds per step measured there (no validation); final rows: that "
+        "run's own wall clock from launch, validations included.",
+        "",
+        "| recipe | run | step | s/step | minutes | fd_digits |",
+        "|---|---|---|---|---|---|",
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for path in pilots:
+        for name, points in json.loads(path.read_text())["recipes"].items():
+            s = per_step["step_seconds"][SAME_STEP.get(name, name)]
+            minutes = [p["step"] * s / 60 for p in points]
+            ax.plot(minutes, [p["fd_digits"] for p in points], "o--", label=f"{name} (pilot)")
+            lines += [
+                f"| {name} | pilot | {p['step']} | {s:.2f} | {t:.1f} | {p['fd_digits']:.1f} |"
+                for p, t in zip(points, minutes, strict=True)
+            ]
+    for name, points in last["recipes"].items():
+        ax.plot(
+            [p["minutes"] for p in points], [p["fd_digits"] for p in points], "s-", lw=2,
+            label=f"{name} (final, wall clock)",
+        )  # fmt: skip
+        lines += [
+            f"| {name} | final | {p['step']} | – | {p['minutes']:.1f} | {p['fd_digits']:.1f} |"
+            for p in points
+        ]
+    ax.axhline(last["floor"], color="gray", ls=":", label="real val vs train")
+    ax.axhline(30, color="red", ls=":", lw=1, label="target: 30 in 15 min")
+    ax.axvline(15, color="red", ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("training minutes, 2 cores, AVX2-only (fp32)")
+    ax.set_ylabel("fd_digits, DDIM-50, N = 500")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(to.with_suffix(".png"), dpi=100)
+    plt.close(fig)
+    to.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def machine(args: argparse.Namespace) -> dict:
     import torch
     from speed import _cpu_name
@@ -192,7 +272,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval_precision", choices=["32", "bf16"], default="32")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default="demo_recipe", help="file stem of the results")
+    p.add_argument(
+        "--step_time", type=int, default=0,
+        help="only measure each recipe's seconds per step over this many steps",
+    )  # fmt: skip
+    p.add_argument("--compose", type=Path, nargs="+", help="pilot results to draw with --final")
+    p.add_argument("--final", type=Path, help="the final run's results (--compose)")
+    p.add_argument("--seconds", type=Path, help="a --step_time result (--compose)")
+    p.add_argument("--to", type=Path, help="file stem of the composed picture and table")
     args, args.overrides = p.parse_known_args(argv)  # the rest: `fit` overrides for every recipe
+    if args.compose:
+        return compose(args.compose, args.seconds, args.final, args.to)
     result = {
         "machine": machine(args),
         "num_samples": args.num_samples,
@@ -200,6 +290,11 @@ def main(argv: list[str] | None = None) -> None:
         "overrides": args.overrides,
         "recipes": {},
     }
+    if args.step_time:
+        result["step_seconds"] = {r: step_seconds(r, args) for r in args.recipes}
+        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["step_seconds"], indent=1))
+        return
     for recipe in args.recipes:
         points = train(recipe, args)
         result["floor"] = score(

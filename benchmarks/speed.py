@@ -448,9 +448,8 @@ def _simd_flags() -> list[str]:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
                 have = set(line.split(":", 1)[1].split())
-                return [f for f in SIMD if f in have] + sorted(
-                    f for f in have if f.startswith("amx")
-                )
+                amx = sorted(f for f in have if f.startswith("amx") and f not in SIMD)
+                return [f for f in SIMD if f in have] + amx
     return []
 
 
