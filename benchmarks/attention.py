@@ -75,7 +75,7 @@ def timings(shape: tuple[int, ...], reps: int) -> dict[str, dict[str, float]]:
             q, k, v = (t.to(dtype).requires_grad_(mode == "train") for t in base[:3])
             grad = base[3].to(dtype)
 
-            def step(fn=fn, q=q, k=k, v=v, grad=grad):
+            def step(fn=fn, q=q, k=k, v=v, grad=grad, mode=mode):
                 if mode == "train":
                     fn(q, k, v).backward(grad)
                 else:
@@ -114,9 +114,7 @@ def markdown(result: dict) -> str:
                 dtype: min((n for n in KERNELS if KERNELS[n][1] == dtype), key=ms.get)
                 for dtype in (torch.float32, torch.bfloat16)
             }
-            cells = [
-                f"**{ms[n]:.1f}**" if n in best.values() else f"{ms[n]:.1f}" for n in KERNELS
-            ]
+            cells = [f"**{ms[n]:.1f}**" if n in best.values() else f"{ms[n]:.1f}" for n in KERNELS]
             lines.append(f"| {tuple(row['shape'])} | {row['use']} | {mode} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
