@@ -68,7 +68,7 @@ bench-avx2: $(BENCH_STAMP)
 		$(PY) benchmarks/speed.py --name cpu-avx2 $(BENCH_ARGS)
 
 ## gpu-wheels: the contenders' wheels for benchmarks/gpu.sh on a lent GPU (its image lacks them)
-GPU_WHEELS := diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer \
+GPU_WHEELS := diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 \
 	denoising-diffusion-pytorch==2.3.4 ema-pytorch==0.8.3 pytorch-fid==0.3.0
 gpu-wheels:
 	grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude

@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 RESULTS = Path(__file__).parent / "results"
 
-# (what uses it, (B, heads, L, d)) at training batch 64
+# (what uses it, (B, heads, L, d)): training batch 64, 16 at L = 1024
 SHAPES = [
     ("configs/ddpm.yaml, 8x8 attention", (64, 2, 64, 32)),
     ("speed.py mnist32, 16x16 attention", (64, 8, 256, 8)),

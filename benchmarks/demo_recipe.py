@@ -14,8 +14,8 @@ Each recipe is ``configs/ddpm.yaml`` with command-line overrides (``RECIPES``). 
 through the real CLI (``python -m diffusion_apps fit``) in a child process, checkpointing every
 ``--every`` steps; a checkpoint's minute is its file's mtime after the child started, so it
 counts start-up, data loading and the run's own validations, as ``make demo`` would. Then one
-``eval`` scores every checkpoint (EMA weights, DDIM-50, fp32, N = 500, the same x_T) and the
-results go to ``<out>/<name>.{json,md,png}``.
+``eval`` scores every checkpoint (EMA weights, DDIM-50 sampled in ``--eval_precision``, fp32
+by default, N = 500, the same x_T) and the results go to ``<out>/<name>.{json,md,png}``.
 
 ``--emulate avx2`` runs training as an AVX2-only CPU would: torch's kernels dispatched at AVX2
 (``ATEN_CPU_CAPABILITY``), oneDNN's convolutions and matmuls capped at AVX2
@@ -53,7 +53,7 @@ RECIPES: dict[str, list[str]] = {
     "min_snr": OLD + [MODEL + "min_snr_gamma", "5"],
     "v_min_snr": OLD + [MODEL + "prediction", "v", MODEL + "min_snr_gamma", "5"],
     "rb1_min_snr": OLD + [UNET + "num_res_blocks", "1", MODEL + "min_snr_gamma", "5"],
-    "v_min_snr_rb1": [],
+    "v_min_snr_rb1": [],  # the pilots' name of "new"
     "v_min_snr_rb1_b32": ["--data.init_args.batch_size", "32"],
 }
 
@@ -168,37 +168,47 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path) -> None:
+def draw(curves: list[tuple], floor: float, xlabel: str, path: Path, title: str = "") -> None:
+    """fd_digits (log scale) against minutes: ``curves`` of (label, minutes, fd, matplotlib
+    format), the real-data floor, and the 15-minute / fd 30 target lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in result["recipes"].items():
-        ax.plot([p["minutes"] for p in points], [p["fd_digits"] for p in points], "o-", label=name)
-    ax.axhline(result["floor"], color="gray", ls=":", label="real val vs train")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, minutes, fd, fmt in curves:
+        ax.plot(minutes, fd, fmt, label=label)
+    ax.axhline(floor, color="gray", ls=":", label="real val vs train")
+    ax.axhline(30, color="red", ls=":", lw=1, label="target: 30 in 15 min")
+    ax.axvline(15, color="red", ls=":", lw=1)
     ax.set_yscale("log")
-    ax.set_xlabel("training minutes (wall clock, from launch)")
-    ax.set_ylabel(f"fd_digits, DDIM-50, N = {result['num_samples']}")
-    m = result["machine"]
-    where = f"emulated {m['emulate']}" if m["emulate"] else m["capability"]
-    ax.set_title(f"configs/ddpm.yaml recipes, 2-core CPU ({where})")
-    ax.legend()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fd_digits, DDIM-50, N = 500")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot(result: dict, path: Path) -> None:
+    m = result["machine"]
+    where = f"emulated {m['emulate']}" if m["emulate"] else m["capability"]
+    curves = [
+        (name, [p["minutes"] for p in points], [p["fd_digits"] for p in points], "o-")
+        for name, points in result["recipes"].items()
+    ]
+    draw(
+        curves, result["floor"], "training minutes (wall clock, from launch)", path,
+        f"configs/ddpm.yaml recipes, 2-core CPU ({where})",
+    )  # fmt: skip
 
 
 def compose(pilots: list[Path], seconds: Path, final: Path, to: Path) -> None:
     """One picture and table of every recipe: pilot runs (trained elsewhere, any CPU) at
     steps x their measured seconds per step under ``seconds``' conditions, the ``final`` run
     at its own wall clock."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     per_step = json.loads(seconds.read_text())
     last = json.loads(final.read_text())
     m = per_step["machine"]
@@ -209,45 +219,36 @@ def compose(pilots: list[Path], seconds: Path, final: Path, to: Path) -> None:
         f"Minutes on 2 cores of an AVX2-only CPU: {where} ({m['emulation'] or 'native'}), "
         f"fp32, {m['threads']} threads. Pilot rows: trained elsewhere, placed at step x the "
         "recipe's median seconds per step measured there (no validation); final rows: that "
-        "run's own wall clock from launch, validations included.",
+        f"run's own wall clock from launch, validations included. Samples drawn in "
+        f"{last['eval_precision']}.",
         "",
         "| recipe | run | step | s/step | minutes | fd_digits |",
         "|---|---|---|---|---|---|",
     ]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = []
     for path in pilots:
         for name, points in json.loads(path.read_text())["recipes"].items():
             s = per_step["step_seconds"][SAME_STEP.get(name, name)]
             minutes = [p["step"] * s / 60 for p in points]
-            ax.plot(minutes, [p["fd_digits"] for p in points], "o--", label=f"{name} (pilot)")
+            curves.append((f"{name} (pilot)", minutes, [p["fd_digits"] for p in points], "o--"))
             lines += [
                 f"| {name} | pilot | {p['step']} | {s:.2f} | {t:.1f} | {p['fd_digits']:.1f} |"
                 for p, t in zip(points, minutes, strict=True)
             ]
     for name, points in last["recipes"].items():
-        ax.plot(
-            [p["minutes"] for p in points], [p["fd_digits"] for p in points], "s-", lw=2,
-            label=f"{name} (final, wall clock)",
-        )  # fmt: skip
+        fd = [p["fd_digits"] for p in points]
+        curves.append((f"{name} (final, wall clock)", [p["minutes"] for p in points], fd, "s-"))
         lines += [
             f"| {name} | final | {p['step']} | – | {p['minutes']:.1f} | {p['fd_digits']:.1f} |"
             for p in points
         ]
-    ax.axhline(last["floor"], color="gray", ls=":", label="real val vs train")
-    ax.axhline(30, color="red", ls=":", lw=1, label="target: 30 in 15 min")
-    ax.axvline(15, color="red", ls=":", lw=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("training minutes, 2 cores, AVX2-only (fp32)")
-    ax.set_ylabel("fd_digits, DDIM-50, N = 500")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(to.with_suffix(".png"), dpi=100)
-    plt.close(fig)
+    draw(
+        curves, last["floor"], "training minutes, 2 cores, AVX2-only (fp32)", to.with_suffix(".png")
+    )
     to.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def machine(args: argparse.Namespace) -> dict:
-    import torch
     from speed import _cpu_name
 
     return {

@@ -3,7 +3,8 @@
 #   run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=560)
 # The GPU image has torch, lightning and einops but not the contenders: fetch their wheels here
 # once with `make gpu-wheels` (into .whl/, which git ignores through .git/info/exclude).
-# Results: $OUT/gpu.{md,json,png} (benchmarks/results/ when run elsewhere), nvidia-smi beside.
+# Results: $OUT/gpu-cifar32.{md,json,png} and gpu-adm64.* (benchmarks/results/ when run
+# elsewhere), nvidia-smi's line in gpu-smi.txt. Never run on a GPU yet: check the first call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -16,7 +17,7 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
     | tee "$out/gpu-smi.txt"
-# The DDPM CIFAR-10 shape (35.7 M) with every speed option, then ADM-64 without compilation
+# The DDPM CIFAR-10 layout (38.3 M) with every speed option, then ADM-64 without compilation
 # (its compile alone would take minutes of the lease).
 timeout 330 python3 benchmarks/speed.py --device cuda --shapes cifar32 --compile --cuda-graphs \
     --reps 5 --out "$out" --name gpu-cifar32

@@ -34,16 +34,15 @@ def min_snr_weight(
         w_t = min(SNR_t, γ)/SNR_t (ε),  min(SNR_t, γ) (x0),  min(SNR_t, γ)/(SNR_t + 1) (v),
     so that w_t·‖target − f_θ‖² = min(SNR_t, γ)·‖x0 − x̂0‖² whatever the network predicts: the
     low-noise steps, whose tiny x0 errors dominate the gradient otherwise, stop at weight γ.
+    The ε weight is computed as min(1, γ/SNR_t), finite where SNR_t = 0.
     """
     if not gamma > 0:
         raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
     snr = schedule.snr(t).float()
-    clipped = snr.clamp(max=gamma)
     if prediction == "eps":
-        return clipped / snr
-    if prediction == "x0":
-        return clipped
-    return clipped / (snr + 1)
+        return (gamma / snr).clamp(max=1.0)
+    clipped = snr.clamp(max=gamma)
+    return clipped if prediction == "x0" else clipped / (snr + 1)
 
 
 def convert_prediction(

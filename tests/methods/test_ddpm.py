@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion_apps.diffusion import NoiseSchedule, timestep_subsequence
+from diffusion_apps.diffusion import NoiseSchedule, min_snr_weight, timestep_subsequence
 from diffusion_apps.methods import DDPM
 from tests.factories import randomize_, tiny_unet
 
@@ -92,6 +92,18 @@ def test_min_snr_loss_is_the_clipped_snr_weighted_x0_error(prediction):
     expected = (snr.clamp(max=gamma) * error).mean()
     assert (snr > gamma).any() and (snr < gamma).any()  # both sides of the clip are drawn
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_min_snr_eps_weight_is_one_where_the_snr_is_zero():
+    """min(SNR, γ)/SNR → 1 as SNR → 0 (pure noise, a zero-terminal-SNR schedule's last step):
+    the weight stays finite instead of 0/0."""
+
+    class ZeroSNR:
+        def snr(self, t):
+            return torch.zeros(len(t))
+
+    w = min_snr_weight(ZeroSNR(), "eps", torch.tensor([999, 999]), 5.0)
+    assert torch.equal(w, torch.ones(2))
 
 
 def test_min_snr_gamma_must_be_positive():
