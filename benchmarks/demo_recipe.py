@@ -55,10 +55,15 @@ RECIPES: dict[str, list[str]] = {
     "rb1_min_snr": OLD + [UNET + "num_res_blocks", "1", MODEL + "min_snr_gamma", "5"],
     "v_min_snr_rb1": [],  # the pilots' name of "new"
     "v_min_snr_rb1_b32": ["--data.init_args.batch_size", "32"],
+    "new_lr2e-3": [MODEL + "lr", "2.0e-3"],
+    "new_b32_lr1.4e-3": ["--data.init_args.batch_size", "32", MODEL + "lr", "1.4e-3"],
 }
 
 # pilots whose step costs another recipe's: the loss and the parametrisation cost nothing
-SAME_STEP = {"min_snr": "old", "v_min_snr": "old", "rb1_min_snr": "new", "v_min_snr_rb1": "new"}
+SAME_STEP = {
+    "min_snr": "old", "v_min_snr": "old", "rb1_min_snr": "new", "v_min_snr_rb1": "new",
+    "new_lr2e-3": "new", "new_b32_lr1.4e-3": "v_min_snr_rb1_b32",
+}  # fmt: skip
 
 EMULATION = {
     "avx2": {

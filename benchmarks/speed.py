@@ -191,21 +191,26 @@ def default_contender(device: str) -> Contender:
     return Contender("ours", "bf16" if native else "fp32")
 
 
-def contenders(device: str, compile_: bool, cuda_graphs: bool = False) -> list[Contender]:
+def contenders(
+    device: str, compile_: bool, cuda_graphs: bool = False, bf16: bool = True
+) -> list[Contender]:
     """Ours and diffusers in fp32 and with each speed option; guided-diffusion and
-    denoising-diffusion-pytorch in fp32.
+    denoising-diffusion-pytorch in fp32. ``bf16=False`` drops the bf16 rows (a CPU that
+    emulates bf16 runs them 10–20x slower, and our configs pick fp32 there).
 
     Each option we turn on for ours is also turned on for diffusers in a row of its own, so
     every ratio has a like-for-like counterpart.
     """
-    fast = ("fp32", True) if device == "cpu" else ("bf16", True)  # channels-last where it may pay
-    runs = [Contender("ours"), Contender("ours", *fast), Contender("ours", "bf16")]
-    runs += [Contender("diffusers"), Contender("diffusers", *fast), Contender("diffusers", "bf16")]
+    fast = [("fp32", True), ("bf16", True)] if device == "cpu" else [("bf16", True)]
+    variants = [("fp32", False), *fast, ("bf16", False)]  # channels-last where it may pay
+    variants = [v for v in variants if bf16 or v[0] == "fp32"]
+    runs = [Contender(lib, *v) for lib in ("ours", "diffusers") for v in variants]
     runs += [Contender("guided-diffusion"), Contender("denoising-diffusion-pytorch")]
     if compile_:
-        runs.insert(3, Contender("ours", "fp32" if device == "cpu" else "bf16", compile=True))
+        precision = "fp32" if device == "cpu" else "bf16"
+        runs.insert(len(variants), Contender("ours", precision, compile=True))
     if cuda_graphs:
-        runs.insert(3, Contender("ours", "bf16", cuda_graphs=True))
+        runs.insert(len(variants), Contender("ours", "bf16", cuda_graphs=True))
     return runs
 
 
@@ -698,6 +703,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--cuda-graphs", action="store_true", help="add ours bf16 + CUDA graphs (GPU only)"
     )
+    p.add_argument(
+        "--bf16", action="store_true", help="bf16 rows also where bf16 is emulated (slow)"
+    )
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", help="file stem under --out (default: the device)")
@@ -720,7 +728,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(result["machine"]), flush=True)
     for shape in shapes:
         print(f"{shape}: building and warming up", flush=True)
-        runs = contenders(args.device, args.compile, args.cuda_graphs)
+        bf16 = args.bf16 or default_contender(args.device).precision == "bf16"
+        runs = contenders(args.device, args.compile, args.cuda_graphs, bf16)
         runners = [Runner(c, SHAPES[shape], args.device, BATCHES) for c in runs]
         entry = {"contenders": {}, "timings": {}}
         compiled = any(c.compiled for c in runs)

@@ -69,8 +69,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(QKᵀ/√d)·V by ``F.scaled_dot_product_attention`` on (B, heads, L, d) tensors.
 
     On CPU, bf16 inputs (autocast) are attended in fp32 and the result cast back: PyTorch's bf16
-    CPU flash-attention kernel is about 2x slower than its fp32 one (forward + backward, measured
-    in benchmarks/), while the surrounding convolutions still gain from bf16.
+    CPU flash-attention kernel is 1.2–3x slower than its fp32 one (forward + backward), while the
+    surrounding convolutions still gain from bf16. bf16 matmuls with a materialised score matrix
+    beat both in isolation for L ≤ 256 on CPUs with native bf16, but not inside the UNet, whose
+    q, k, v are strided views of one projection (benchmarks/results/attention-*.md).
     """
     if q.device.type == "cpu" and (q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
         with torch.autocast("cpu", enabled=False):
@@ -91,7 +93,14 @@ def group_norm(
     """
     if weight is not None:
         weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, enabled=False):
+        if channels_last and x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            # PyTorch's channels-last bf16 CPU kernel is 15x slower than its NCHW one: normalise
+            # an NCHW copy and hand channels-last on to the convolutions (in fp32 the copies
+            # cost more than the kernel loses).
+            out = F.group_norm(x.contiguous(), num_groups, weight, bias, eps)
+            return out.contiguous(memory_format=torch.channels_last)
         return F.group_norm(x, num_groups, weight, bias, eps)
 
 

@@ -279,8 +279,8 @@ class UNet(nn.Module):
         context_dim: Width of a context sequence; attention blocks become spatial transformers.
         transformer_depth: Transformer blocks per spatial transformer.
         channels_last: Keep the weights, and so every activation, in channels-last (NHWC)
-            memory: the same numbers in another layout. On our CPU it pays in fp32 only (+3-7%);
-            under bf16 PyTorch's NHWC group norm is slow (README, Performance).
+            memory: the same numbers in another layout. On our CPUs a wash (0.98-1.07x NCHW in
+            fp32 and bf16; README, Performance); on GPUs usually a gain with bf16.
     """
 
     def __init__(

@@ -279,7 +279,9 @@ def test_hybrid_loss_terms_equal_guided_diffusion(kind, prediction):
         theirs = official.training_losses(lambda x, t: unet(x, t), x0, t, noise=noise)
         mine = ddpm.loss_terms(x0, t, noise)
     torch.testing.assert_close(mine["simple"], theirs["mse"], rtol=1e-6, atol=0)
-    torch.testing.assert_close(mine["vb"], theirs["vb"], rtol=1e-5, atol=0)
+    # At t = 999 the KL of two nearly equal Gaussians is ~1e-7 bits/dim, a difference of O(1)
+    # float32 terms: its rounding (~1e-9, CPU-dependent) is the floor, not a relative 1e-5.
+    torch.testing.assert_close(mine["vb"], theirs["vb"], rtol=1e-5, atol=1e-8)
     hybrid = mine["simple"] + ddpm.vlb_weight * 1000 * mine["vb"]
     torch.testing.assert_close(hybrid, theirs["loss"], rtol=1e-5, atol=0)
 

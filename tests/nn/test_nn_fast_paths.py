@@ -68,6 +68,30 @@ def test_group_norm_keeps_bf16_under_autocast_and_matches_the_definition():
     torch.testing.assert_close(plain, F.group_norm(x, 2))
 
 
+def test_bf16_group_norm_of_a_channels_last_input_equals_the_nchw_one():
+    """The channels-last bf16 path normalises an NCHW copy: the same numbers and gradients as
+    the NCHW input gets, handed on channels-last."""
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(2, 8, 5, 5, generator=g) + 1).bfloat16()
+    weight, bias = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    grad = torch.randn(x.shape, generator=g).bfloat16()
+    outs, grads = [], []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        xi = x.clone(memory_format=memory_format).requires_grad_()
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16):
+            out = group_norm(xi, 4, w, b)
+        out.backward(grad.contiguous(memory_format=memory_format))
+        assert out.is_contiguous(memory_format=memory_format)
+        outs.append(out)
+        grads.append((xi.grad, w.grad, b.grad))
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+    for fast, plain in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(fast, plain, atol=0, rtol=0)
+    exact = group_norm_definition(x.float(), 4, weight.bfloat16(), bias.bfloat16())
+    assert ((outs[1].double() - exact).abs() / exact.abs().clamp(min=1)).max() <= 2 * BF16_EPS
+
+
 @pytest.mark.parametrize("conditioning", ["none", "all"])
 def test_unet_channels_last_gives_the_same_outputs_and_gradients(conditioning):
     kw = {**TINY_NN, **CONDITIONINGS[conditioning]}
