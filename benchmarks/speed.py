@@ -472,6 +472,14 @@ def _simd_flags() -> list[str]:
 FLOPS_PER_CYCLE = {"AVX2": 2 * 8 * 2, "AVX512": 2 * 16 * 2}
 
 
+def flops_per_cycle() -> int | None:
+    """FLOPS_PER_CYCLE at torch's capability; AMD Zen 4 (family 25) runs each 512-bit op on its
+    256-bit datapaths, so AVX-512 doubles nothing there."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    zen4 = _cpuinfo("vendor_id") == "AuthenticAMD" and _cpuinfo("cpu family") == "25"
+    return FLOPS_PER_CYCLE.get("AVX2" if capability == "AVX512" and zen4 else capability)
+
+
 # dense bf16 tensor-core TFLOP/s of the data sheets (SXM parts), in GFLOP/s: MFU's denominator
 GPU_BF16_DENSE = {"H100": 989e3, "H200": 989e3, "A100": 312e3}
 
@@ -501,10 +509,7 @@ def gemm_peak(device: str, threads: int, reps: int = 5) -> dict[str, float]:
         if nominal:
             peak["bfloat16_nominal"] = nominal
         return peak
-    mhz, per_cycle = (
-        _cpuinfo("cpu MHz"),
-        FLOPS_PER_CYCLE.get(torch.backends.cpu.get_cpu_capability()),
-    )
+    mhz, per_cycle = _cpuinfo("cpu MHz"), flops_per_cycle()
     if mhz and per_cycle:
         peak["float32_theoretical"] = threads * float(mhz) * 1e-3 * per_cycle
     return peak
