@@ -487,7 +487,7 @@ GPU_BF16_DENSE = {"H100": 989e3, "H200": 989e3, "A100": 312e3}
 def gemm_peak(device: str, threads: int, reps: int = 5) -> dict[str, float]:
     """Achieved GFLOP/s of a large square matmul (2048 on CPU, 8192 on GPU) per dtype, the
     machine's practical ceiling, and on CPU the theoretical fp32 ceiling of the capability:
-    threads x the cpuinfo clock x FLOPS_PER_CYCLE (a VM reports the nominal clock, so turbo
+    threads x the cpuinfo clock x :func:`flops_per_cycle` (a VM reports the nominal clock, so turbo
     lets the measured GEMM pass it: 276 against 269 GFLOP/s on the 2-core AVX512 Xeon),
     on a known GPU its data sheet's dense bf16 peak (MFU = achieved / that)."""
     n = 8192 if device == "cuda" else 2048
@@ -598,6 +598,13 @@ def markdown(result: dict) -> str:
         "in the contender's precision (a 2048² matmul on CPU, 8192² on GPU). Peak RSS: a fresh "
         "process through `sh` building the net and running three training steps at batch 64.",
     ]
+    precisions = {
+        c["config"]["precision"]
+        for r in result["shapes"].values()
+        for c in r["contenders"].values()
+    }
+    if "bf16" not in precisions:
+        lines += ["", "No bf16 rows: this CPU emulates bf16 (`--bf16` adds them)."]
     for shape, r in result["shapes"].items():
         s = SHAPES[shape]
         lines += ["", f"## {shape}: {s.channels}x{s.size}x{s.size}, widths {s.widths}", ""]
@@ -731,9 +738,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     result["machine"]["gemm_peak"] = gemm_peak(args.device, args.threads)
     print(json.dumps(result["machine"]), flush=True)
+    bf16 = args.bf16 or default_contender(args.device).precision == "bf16"
     for shape in shapes:
         print(f"{shape}: building and warming up", flush=True)
-        bf16 = args.bf16 or default_contender(args.device).precision == "bf16"
         runs = contenders(args.device, args.compile, args.cuda_graphs, bf16)
         runners = [Runner(c, SHAPES[shape], args.device, BATCHES) for c in runs]
         entry = {"contenders": {}, "timings": {}}

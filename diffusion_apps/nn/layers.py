@@ -90,15 +90,15 @@ def group_norm(
     the next conv, and the SiLU between them runs at fp32 width. The kernels accumulate the
     statistics in fp32 for bf16 inputs anyway, so normalising the bf16 tensor directly gives the
     same result, rounded once to bf16 (what the next conv would do), for two fewer passes.
+    A channels-last bf16 input on CPU is normalised as an NCHW copy and returned channels-last
+    (the same numbers): PyTorch's channels-last bf16 kernel there is 15x slower.
     """
     if weight is not None:
         weight, bias = weight.to(x.dtype), bias.to(x.dtype)
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, enabled=False):
         if channels_last and x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            # PyTorch's channels-last bf16 CPU kernel is 15x slower than its NCHW one: normalise
-            # an NCHW copy and hand channels-last on to the convolutions (in fp32 the copies
-            # cost more than the kernel loses).
+            # Not in fp32: there the two copies cost more than PyTorch's kernel loses.
             out = F.group_norm(x.contiguous(), num_groups, weight, bias, eps)
             return out.contiguous(memory_format=torch.channels_last)
         return F.group_norm(x, num_groups, weight, bias, eps)
