@@ -43,26 +43,44 @@ RESULTS = Path(__file__).parent / "results" / "demo_recipe"
 MODEL = "--model.init_args."
 UNET = MODEL + "unet.init_args."
 
-# name -> overrides of configs/ddpm.yaml, as `fit` takes them. The pilots in
-# benchmarks/results/demo_recipe/ ran these against the old config, that is "old" = [], before
-# configs/ddpm.yaml became "v_min_snr_rb1" (now "new").
-OLD = [MODEL + "prediction", "eps", MODEL + "min_snr_gamma", "null", UNET + "num_res_blocks", "2"]
+# name -> overrides of configs/ddpm.yaml, as `fit` takes them ("new" is the config itself).
+# The config before 2x2 patches was "v_min_snr_rb1"; before that "old". Pilots in
+# benchmarks/results/demo_recipe/ keep these names.
+PIXELS = [UNET + "patch_size", "1", UNET + "attention_resolutions", "[8]"]
+OLD = PIXELS + [
+    MODEL + "prediction", "eps", MODEL + "min_snr_gamma", "null", UNET + "num_res_blocks", "2",
+]  # fmt: skip
+B32 = ["--data.init_args.batch_size", "32"]
 RECIPES: dict[str, list[str]] = {
     "new": [],
     "old": OLD,
     "min_snr": OLD + [MODEL + "min_snr_gamma", "5"],
     "v_min_snr": OLD + [MODEL + "prediction", "v", MODEL + "min_snr_gamma", "5"],
     "rb1_min_snr": OLD + [UNET + "num_res_blocks", "1", MODEL + "min_snr_gamma", "5"],
-    "v_min_snr_rb1": [],  # the pilots' name of "new"
-    "v_min_snr_rb1_b32": ["--data.init_args.batch_size", "32"],
-    "new_lr2e-3": [MODEL + "lr", "2.0e-3"],
-    "new_b32_lr1.4e-3": ["--data.init_args.batch_size", "32", MODEL + "lr", "1.4e-3"],
+    "v_min_snr_rb1": PIXELS,
+    "v_min_snr_rb1_b32": PIXELS + B32,
+    "rb1_lr2e-3": PIXELS + [MODEL + "lr", "2.0e-3"],
+    "rb1_b32_lr1.4e-3": PIXELS + B32 + [MODEL + "lr", "1.4e-3"],
+    # the UNet on 2x2 (4x4) patches folded into channels: every level at 1/4 (1/16) of its pixels
+    "p2": [UNET + "attention_resolutions", "[8]"],
+    "p2_attn4": [],  # the pilots' name of "new": attention at the 4x4 level, not the 8x8 one
+    "p2_noattn": [UNET + "attention_resolutions", "[]"],
+    "p2_w64": [UNET + "attention_resolutions", "[8]", UNET + "base_channels", "64"],
+    "p2_b32": [UNET + "attention_resolutions", "[8]"] + B32,
+    "p4": [
+        UNET + "patch_size",
+        "4",
+        UNET + "channel_mult",
+        "[1,2]",
+        UNET + "attention_resolutions",
+        "[8]",
+    ],
 }
 
 # pilots whose step costs another recipe's: the loss and the parametrisation cost nothing
 SAME_STEP = {
-    "min_snr": "old", "v_min_snr": "old", "rb1_min_snr": "new", "v_min_snr_rb1": "new",
-    "new_lr2e-3": "new", "new_b32_lr1.4e-3": "v_min_snr_rb1_b32",
+    "min_snr": "old", "v_min_snr": "old", "rb1_min_snr": "v_min_snr_rb1",
+    "rb1_lr2e-3": "v_min_snr_rb1", "rb1_b32_lr1.4e-3": "v_min_snr_rb1_b32", "p2_attn4": "new",
 }  # fmt: skip
 
 EMULATION = {
@@ -80,7 +98,8 @@ def run_config(recipe: str, out: Path, minutes: float, steps: int, every: int) -
     config = yaml.safe_load((ROOT / "configs" / "ddpm.yaml").read_text())
     trainer = config["trainer"]
     trainer["max_steps"] = steps
-    trainer["max_time"] = f"00:00:{int(minutes):02d}:{round(60 * (minutes % 1)):02d}"
+    hours, seconds = divmod(round(60 * minutes), 3600)
+    trainer["max_time"] = f"00:{hours:02d}:{seconds // 60:02d}:{seconds % 60:02d}"
     trainer["logger"]["init_args"].update(save_dir=str(out / "runs"), name=recipe, version=0)
     for callback in trainer["callbacks"]:
         if callback["class_path"].endswith("Checkpoint"):
@@ -225,7 +244,7 @@ def compose(pilots: list[Path], seconds: Path, final: Path, to: Path) -> None:
         f"fp32, {m['threads']} threads. Pilot rows: trained elsewhere, placed at step x the "
         "recipe's median seconds per step measured there (no validation); final rows: that "
         f"run's own wall clock from launch, validations included. Samples drawn in "
-        f"{last['eval_precision']}.",
+        f"{'fp32' if last['eval_precision'] == '32' else last['eval_precision']}.",
         "",
         "| recipe | run | step | s/step | minutes | fd_digits |",
         "|---|---|---|---|---|---|",

@@ -39,6 +39,7 @@ NOT_EXPRESSIBLE = {
                         "ResnetDownsampleBlock2D / downsample_type='resnet' layouts we do not map"),
     "time_scale": (1.0, "the network sees t·time_scale (improved-diffusion's rescale_timesteps); "
                    "UNet2DModel embeds the scheduler's integer t as it is"),
+    "patch_size": (1, "the UNet runs on p×p patches folded into channels; UNet2DModel on pixels"),
 }  # fmt: skip
 NOISE_SCHEDULES = ("diffusion_apps.diffusion.NoiseSchedule",
                    "diffusion_apps.diffusion.schedule.NoiseSchedule")  # fmt: skip
@@ -101,12 +102,12 @@ def diffusers_config(options: Mapping) -> dict:
     Raises:
         UnsupportedConfig: (a ValueError) naming the first option UNet2DModel cannot express:
             ``cond_dim`` / ``cond_shift`` (AdaGN conditioning), ``context_dim``
-            (cross-attention), ``resblock_updown``, ``time_scale`` ≠ 1, ``null_label=True``
-            with ``num_classes`` (its class table has no null row), ``num_heads_upsample`` ≠
-            ``num_heads``, k > 1 fixed heads over blocks of different widths, a first level
-            narrower or wider than ``base_channels`` (``channel_mult[0]``: diffusers' sinusoids
-            are as wide as its first level), ``middle_attention_norm=False`` without
-            ``scale_shift_norm``.
+            (cross-attention), ``resblock_updown``, ``time_scale`` ≠ 1, ``patch_size`` ≠ 1,
+            ``null_label=True`` with ``num_classes`` (its class table has no null row),
+            ``num_heads_upsample`` ≠ ``num_heads``, k > 1 fixed heads over blocks of different
+            widths, a first level narrower or wider than ``base_channels`` (``channel_mult[0]``:
+            diffusers' sinusoids are as wide as its first level), ``middle_attention_norm=False``
+            without ``scale_shift_norm``.
     """
     from diffusion_apps.nn.checks import level_channels
 

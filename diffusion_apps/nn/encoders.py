@@ -127,7 +127,9 @@ class GradientEstimator(nn.Module):
         self.middle = spec.middle(down.out_channels)
         self.up = UpPath(down, spec)
         self.out_norm = GroupNorm(spec.num_groups, self.up.out_channels)
-        self.out_conv = zero_(nn.Conv2d(self.up.out_channels, unet.in_channels, 3, padding=1))
+        self.patch_size = unet.patch_size  # G_ψ unfolds its output as the UNet does
+        out_channels = unet.in_channels * self.patch_size**2
+        self.out_conv = zero_(nn.Conv2d(self.up.out_channels, out_channels, 3, padding=1))
 
     def forward(self, f: DownFeatures, z: Tensor) -> Tensor:
         """G_ψ (B, C, H, W) from the frozen UNet's ``down_features(x_t, t)`` and z (B, z_dim)."""
@@ -136,4 +138,4 @@ class GradientEstimator(nn.Module):
         cond = F.silu(self.z_embed(z.to(self.z_embed.weight.dtype)))  # bf16-true weights
         h = self.middle(f.h, f.emb, cond)
         h = self.up(h, list(f.skips), f.emb, cond)
-        return self.out_conv(F.silu(self.out_norm(h)))
+        return F.pixel_shuffle(self.out_conv(F.silu(self.out_norm(h))), self.patch_size)

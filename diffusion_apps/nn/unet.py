@@ -278,6 +278,10 @@ class UNet(nn.Module):
         cond_shift: Use PDAE's scale-and-shift AdaGN instead of DiffAE's scale-only one.
         context_dim: Width of a context sequence; attention blocks become spatial transformers.
         transformer_depth: Transformer blocks per spatial transformer.
+        patch_size: The UNet runs on p×p patches folded into channels (space-to-depth, as in
+            simple diffusion, Hoogeboom et al. 2023): x (B, C, H, W) enters as
+            (B, p²C, H/p, W/p) and the output is unfolded back, so every level costs about
+            1/p² of its FLOPs at p = 1. ``attention_resolutions`` count patches, not pixels.
         channels_last: Keep the weights, and so every activation, in channels-last (NHWC)
             memory: the same numbers in another layout. On our CPUs a wash (0.98-1.07x NCHW in
             fp32 and bf16; README, Performance); on GPUs usually a gain with bf16.
@@ -312,31 +316,34 @@ class UNet(nn.Module):
         cond_shift: bool = False,
         context_dim: int | None = None,
         transformer_depth: int = 1,
+        patch_size: int = 1,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        check_positive(num_classes=num_classes, out_channels=out_channels)
+        check_positive(num_classes=num_classes, out_channels=out_channels, patch_size=patch_size)
+        if image_size % patch_size:
+            raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
         self.in_channels, self.image_size = in_channels, image_size
         self.out_channels, self.base_channels = out_channels or in_channels, base_channels
         self.num_classes, self.cond_dim, self.context_dim = num_classes, cond_dim, context_dim
-        self.null_label = bool(null_label)
+        self.null_label, self.patch_size = bool(null_label), patch_size
 
         emb_dim = 4 * base_channels
         self.time_embed = TimeEmbedding(base_channels, sin_first, freq_shift, time_scale)
         rows = num_classes + self.null_label if num_classes else 0  # the null label: one more
         self.label_embed = nn.Embedding(rows, emb_dim) if rows else None
         self.down = DownPath(
-            in_channels, image_size, base_channels, channel_mult, num_res_blocks,
-            attention_resolutions, num_head_channels, dropout, num_groups, resblock_updown,
-            emb_dim, cond_dim, cond_shift, context_dim, transformer_depth, scale_shift_norm,
-            num_heads, num_heads_upsample, norm_eps, downsample_padding, middle_attention,
-            middle_attention_norm,
+            in_channels * patch_size**2, image_size // patch_size, base_channels, channel_mult,
+            num_res_blocks, attention_resolutions, num_head_channels, dropout, num_groups,
+            resblock_updown, emb_dim, cond_dim, cond_shift, context_dim, transformer_depth,
+            scale_shift_norm, num_heads, num_heads_upsample, norm_eps, downsample_padding,
+            middle_attention, middle_attention_norm,
         )  # fmt: skip
 
         self.up = UpPath(self.down, self.down.spec)
         ch = self.up.out_channels
         self.out_norm = GroupNorm(num_groups, ch, norm_eps)
-        self.out_conv = zero_(nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        self.out_conv = zero_(nn.Conv2d(ch, self.out_channels * patch_size**2, 3, padding=1))
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -383,6 +390,7 @@ class UNet(nn.Module):
         # The network runs in its weights' dtype (bf16-true) whatever the sampler's state is in.
         dtype = self.down.conv_in.weight.dtype
         x, cond, context = (v if v is None else v.to(dtype) for v in (x, cond, context))
+        x = F.pixel_unshuffle(x, self.patch_size)
         emb = self.time_embed(t)
         if self.label_embed is not None:
             emb = emb + self.label_embed(y)
@@ -397,4 +405,4 @@ class UNet(nn.Module):
         """The second half of :meth:`forward`: middle block, up path, output (``f`` unchanged)."""
         h = self.down.middle(f.h, f.emb, f.cond, f.context)
         h = self.up(h, list(f.skips), f.emb, f.cond, f.context)
-        return self.out_conv(F.silu(self.out_norm(h)))
+        return F.pixel_shuffle(self.out_conv(F.silu(self.out_norm(h))), self.patch_size)

@@ -222,6 +222,7 @@ def test_import_of_the_export_is_the_same_ddpm(exported):
         (dict(context_dim=5), "context_dim=5"),
         (dict(resblock_updown=True), "resblock_updown=True"),
         (dict(time_scale=5.0), "time_scale=5.0"),
+        (dict(patch_size=2), "patch_size=2"),
         (dict(num_classes=4), "null_label=True"),
         (dict(num_head_channels=None, num_heads=2, num_heads_upsample=4), "num_heads_upsample=4"),
         (dict(num_head_channels=None, num_heads=2, attention_resolutions=[16, 8]), "num_heads=2"),

@@ -66,12 +66,17 @@ def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
 
+# fp32 rounding compounded over a DDIM loop: kernels sum in another order on each ISA (an AVX2-only
+# Zen 1 gave 1.1e-4); a wrong coefficient or missed step moves the samples by > 1e-2.
+RTOL = 5e-4
+
+
 def test_ddim_equals_the_official_respaced_ddim_loop(official):
     model, _, diffusion, ddpm, _ = official
     with torch.no_grad():
         theirs = diffusion.ddim_sample_loop(model, (2, 3, 64, 64), noise=x_T(), clip_denoised=True)
     ours = ddpm.sample(2, sampler="ddim", steps=STEPS, eta=0.0, x_T=x_T())
-    assert relative(ours, theirs.clamp(-1, 1)) < 1e-4
+    assert relative(ours, theirs.clamp(-1, 1)) < RTOL
 
 
 def test_classifier_guided_ddim_equals_the_official_loop_with_its_cond_fn(official):
@@ -94,5 +99,5 @@ def test_classifier_guided_ddim_equals_the_official_loop_with_its_cond_fn(offici
     )  # fmt: skip
     unguided = guided.sample(2, labels=labels, scale=0.0, sampler="ddim", steps=STEPS, x_T=x_T())
     ours = guided.sample(2, labels=labels, scale=scale, sampler="ddim", steps=STEPS, x_T=x_T())
-    assert relative(ours, theirs.clamp(-1, 1)) < 1e-4
+    assert relative(ours, theirs.clamp(-1, 1)) < RTOL
     assert relative(unguided, theirs.clamp(-1, 1)) > 1e-2  # the guidance is at work

@@ -89,3 +89,21 @@ def test_gradient_estimator_needs_an_unconditional_unet_and_its_z_width():
     features = unet.down_features(**unet_inputs(unet))
     with pytest.raises(ValueError, match=r"expected z of shape \(3, 6\)"):
         GradientEstimator(unet, z_dim=6)(features, torch.zeros(3, 5))
+
+
+def test_gradient_estimator_of_a_patched_unet_unfolds_its_output_as_the_unet_does():
+    """On a patch_size=2 UNet, G_ψ is the estimator of the UNet with 4C channels on the folded
+    image, unfolded back to (B, C, H, W): the shift lands on the pixels ε_θ predicts."""
+    c = TINY_NN["in_channels"]
+    patched = UNet(**{**TINY_NN, "image_size": 16, "patch_size": 2})
+    plain = UNet(**{**TINY_NN, "in_channels": 4 * c})
+    plain.load_state_dict(patched.state_dict())
+    g_patched = randomize_(GradientEstimator(patched, 5), 0.2, seed=3).eval()
+    g_plain = GradientEstimator(plain, 5).eval()
+    g_plain.load_state_dict(g_patched.state_dict())
+    x, t, z = torch.randn(B, c, 16, 16), torch.tensor([3, 500, 999]), torch.randn(B, 5)
+    ours = g_patched(patched.down_features(x, t), z)
+    folded = torch.nn.functional.pixel_unshuffle(x, 2)
+    theirs = torch.nn.functional.pixel_shuffle(g_plain(plain.down_features(folded, t), z), 2)
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours, theirs)

@@ -132,6 +132,8 @@ def test_scalar_and_float_timesteps():
         (dict(downsample_padding="same"), "downsample_padding='same'"),
         (dict(freq_shift=4), r"freq_shift=4 must be below dim // 2 = 4"),
         (dict(middle_attention=False, middle_attention_norm=False), "middle_attention_norm"),
+        (dict(patch_size=0), "patch_size=0"),
+        (dict(image_size=8, patch_size=3), "image_size=8 is not divisible by patch_size=3"),
     ],
 )
 def test_bad_options_raise(kwargs, match):
@@ -231,6 +233,22 @@ def test_the_two_halves_compose_to_forward_and_leave_the_features_intact(conditi
     skips = list(features.skips)
     assert torch.equal(model.up_from(features), model(**kw))
     assert all(a is b for a, b in zip(features.skips, skips, strict=True))  # not consumed
+
+
+def test_a_patched_unet_is_the_unet_on_space_to_depth_folded_images():
+    """patch_size=p: x (B, C, H, W) is cut into p×p patches, each patch's p²C values become the
+    channels of one position; the output is unfolded the same way. So it equals the p = 1 UNet
+    with p²C channels on images of H/p, between the fold and the unfold."""
+    p, c = 2, TINY_NN["in_channels"]
+    patched = UNet(**{**TINY_NN, "image_size": 16, "patch_size": p})
+    plain = UNet(**{**TINY_NN, "in_channels": p * p * c})
+    randomize_(patched, 0.2, seed=2).eval()
+    plain.load_state_dict(patched.state_dict())
+    x, t = torch.randn(B, c, 16, 16), torch.tensor([3, 500, 999])
+    folded = x.reshape(B, c, 8, p, 8, p).permute(0, 1, 3, 5, 2, 4).reshape(B, p * p * c, 8, 8)
+    out = plain(folded, t).reshape(B, c, p, p, 8, 8).permute(0, 1, 4, 2, 5, 3)
+    torch.testing.assert_close(patched(x, t), out.reshape(B, c, 16, 16))
+    assert patched.sample_shape == (c, 16, 16)
 
 
 def test_nn_does_not_import_lightning(monkeypatch):
