@@ -67,15 +67,9 @@ RECIPES: dict[str, list[str]] = {
     "p2_noattn": [UNET + "attention_resolutions", "[]"],
     "p2_w64": [UNET + "attention_resolutions", "[8]", UNET + "base_channels", "64"],
     "p2_b32": [UNET + "attention_resolutions", "[8]"] + B32,
-    "p4": [
-        UNET + "patch_size",
-        "4",
-        UNET + "channel_mult",
-        "[1,2]",
-        UNET + "attention_resolutions",
-        "[8]",
-    ],
-}
+    "p4": [UNET + "patch_size", "4", UNET + "channel_mult", "[1,2]",
+           UNET + "attention_resolutions", "[8]"],
+}  # fmt: skip
 
 # pilots whose step costs another recipe's: the loss and the parametrisation cost nothing
 SAME_STEP = {

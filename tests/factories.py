@@ -6,7 +6,7 @@ give it random weights with :func:`randomize_` first.
 """
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from diffusion_apps.nn import EncoderUNet, UNet
 
@@ -105,6 +105,24 @@ def randomize_(module: nn.Module, std: float, seed: int | None = None) -> nn.Mod
         for p in module.parameters():
             p.normal_(0.0, std)
     return module
+
+
+# -- patches, written out without torch's pixel_(un)shuffle ----------------------------------
+
+
+def fold_patches(x: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) → (B, p²C, H/p, W/p): channel c·p² + i·p + j of a position is pixel (i, j)
+    of channel c in its p×p patch."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * p * p, h // p, w // p)
+
+
+def unfold_patches(y: Tensor, p: int) -> Tensor:
+    """The inverse of :func:`fold_patches`."""
+    b, cpp, h, w = y.shape
+    c = cpp // (p * p)
+    return y.reshape(b, c, p, p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c, h * p, w * p)
 
 
 # Stable Diffusion's VAE layout at a tiny width (f = 2, 4 latent channels, 32 px): the

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from diffusion_apps.nn.checks import check_positive, check_t, check_x
 from diffusion_apps.nn.layers import AttentionPool2d, GroupNorm, TimeEmbedding, zero_
-from diffusion_apps.nn.unet import DownFeatures, DownPath, UNet, UpPath
+from diffusion_apps.nn.unet import DownFeatures, DownPath, UNet, UpPath, output_head
 
 
 class EncoderUNet(nn.Module):
@@ -138,4 +138,4 @@ class GradientEstimator(nn.Module):
         cond = F.silu(self.z_embed(z.to(self.z_embed.weight.dtype)))  # bf16-true weights
         h = self.middle(f.h, f.emb, cond)
         h = self.up(h, list(f.skips), f.emb, cond)
-        return F.pixel_shuffle(self.out_conv(F.silu(self.out_norm(h))), self.patch_size)
+        return output_head(h, self.out_norm, self.out_conv, self.patch_size)

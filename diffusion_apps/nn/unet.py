@@ -239,6 +239,12 @@ class DownFeatures(NamedTuple):
     context: Tensor | None
 
 
+def output_head(h: Tensor, norm: nn.Module, conv: nn.Module, patch_size: int) -> Tensor:
+    """conv(SiLU(norm(h))), each position's p²C output channels unfolded back to its p×p patch
+    of pixels (depth-to-space; p = ``patch_size``, 1: the output as it is)."""
+    return F.pixel_shuffle(conv(F.silu(norm(h))), patch_size)
+
+
 class UNet(nn.Module):
     """ADM-style UNet (Dhariwal & Nichol 2021) predicting eps (or x0/v) from (x_t, t).
 
@@ -383,7 +389,8 @@ class UNet(nn.Module):
         cond: Tensor | None = None,
         context: Tensor | None = None,
     ) -> DownFeatures:
-        """The first half of :meth:`forward` (same arguments): embeddings and down levels."""
+        """The first half of :meth:`forward` (same arguments): the fold into patches (space-to-
+        depth, ``patch_size`` > 1), the embeddings and the down levels."""
         check_x(x, self.in_channels, self.image_size)
         t = check_t(t, x.shape[0])
         check_conditioning(self, x.shape[0], y, cond, context)
@@ -405,4 +412,4 @@ class UNet(nn.Module):
         """The second half of :meth:`forward`: middle block, up path, output (``f`` unchanged)."""
         h = self.down.middle(f.h, f.emb, f.cond, f.context)
         h = self.up(h, list(f.skips), f.emb, f.cond, f.context)
-        return F.pixel_shuffle(self.out_conv(F.silu(self.out_norm(h))), self.patch_size)
+        return output_head(h, self.out_norm, self.out_conv, self.patch_size)

@@ -7,7 +7,15 @@ from torch import nn
 
 from diffusion_apps.nn import EncoderUNet, GradientEstimator, UNet
 from diffusion_apps.nn.layers import Attention, ResBlock
-from tests.factories import ARCHS, TINY_NN, B, randomize_, unet_inputs
+from tests.factories import (
+    ARCHS,
+    TINY_NN,
+    B,
+    fold_patches,
+    randomize_,
+    unet_inputs,
+    unfold_patches,
+)
 
 
 @pytest.mark.parametrize("pool", ["avg", "attention"])
@@ -103,7 +111,5 @@ def test_gradient_estimator_of_a_patched_unet_unfolds_its_output_as_the_unet_doe
     g_plain.load_state_dict(g_patched.state_dict())
     x, t, z = torch.randn(B, c, 16, 16), torch.tensor([3, 500, 999]), torch.randn(B, 5)
     ours = g_patched(patched.down_features(x, t), z)
-    folded = torch.nn.functional.pixel_unshuffle(x, 2)
-    theirs = torch.nn.functional.pixel_shuffle(g_plain(plain.down_features(folded, t), z), 2)
-    assert ours.shape == x.shape
-    torch.testing.assert_close(ours, theirs)
+    expected = unfold_patches(g_plain(plain.down_features(fold_patches(x, 2), t), z), 2)
+    torch.testing.assert_close(ours, expected)

@@ -9,7 +9,16 @@ import torch
 import diffusion_apps
 from diffusion_apps.nn import UNet
 from diffusion_apps.nn.layers import Attention
-from tests.factories import ARCHS, CONDITIONINGS, TINY_NN, B, randomize_, unet_inputs
+from tests.factories import (
+    ARCHS,
+    CONDITIONINGS,
+    TINY_NN,
+    B,
+    fold_patches,
+    randomize_,
+    unet_inputs,
+    unfold_patches,
+)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -245,9 +254,8 @@ def test_a_patched_unet_is_the_unet_on_space_to_depth_folded_images():
     randomize_(patched, 0.2, seed=2).eval()
     plain.load_state_dict(patched.state_dict())
     x, t = torch.randn(B, c, 16, 16), torch.tensor([3, 500, 999])
-    folded = x.reshape(B, c, 8, p, 8, p).permute(0, 1, 3, 5, 2, 4).reshape(B, p * p * c, 8, 8)
-    out = plain(folded, t).reshape(B, c, p, p, 8, 8).permute(0, 1, 4, 2, 5, 3)
-    torch.testing.assert_close(patched(x, t), out.reshape(B, c, 16, 16))
+    expected = unfold_patches(plain(fold_patches(x, p), t), p)
+    torch.testing.assert_close(patched(x, t), expected)
     assert patched.sample_shape == (c, 16, 16)
 
 
