@@ -67,6 +67,12 @@ RECIPES: dict[str, list[str]] = {
     "p2_noattn": [UNET + "attention_resolutions", "[]"],
     "p2_w64": [UNET + "attention_resolutions", "[8]", UNET + "base_channels", "64"],
     "p2_b32": [UNET + "attention_resolutions", "[8]"] + B32,
+    # the lr decayed to 0 at --steps (the run's length): pilots are scored at their last step
+    "cosine": [MODEL + "lr_schedule", "cosine"],
+    "linear_lr2e-3": [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
+    "b128_lr1.4e-3": ["--data.init_args.batch_size", "128", MODEL + "lr", "1.4e-3"],
+    "mult124": [UNET + "channel_mult", "[1,2,4]"],
+    "importance": [MODEL + "timestep_sampling", "importance"],
     "p4": [UNET + "patch_size", "4", UNET + "channel_mult", "[1,2]",
            UNET + "attention_resolutions", "[8]"],
 }  # fmt: skip
@@ -75,6 +81,7 @@ RECIPES: dict[str, list[str]] = {
 SAME_STEP = {
     "min_snr": "old", "v_min_snr": "old", "rb1_min_snr": "v_min_snr_rb1",
     "rb1_lr2e-3": "v_min_snr_rb1", "rb1_b32_lr1.4e-3": "v_min_snr_rb1_b32", "p2_attn4": "new",
+    "cosine": "new", "linear_lr2e-3": "new", "importance": "new",
 }  # fmt: skip
 
 EMULATION = {

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
+import typing
 
 import lightning as L
 import torch
@@ -14,9 +17,25 @@ from diffusion_apps.images import grid
 from diffusion_apps.lightning_internals import cli_hyperparameters
 from diffusion_apps.methods.protocol import Autoencoding, Generates
 
+LRSchedule = typing.Literal["constant", "cosine", "linear"]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: LRSchedule) -> float:
+    """η_s / η at optimizer step s: a linear warm-up min(1, (s + 1)/W), times the decay.
+
+    The decay is 1 ("constant"), ½(1 + cos πu) ("cosine") or 1 − u ("linear"), with
+    u = (s − W)/(S − W) clipped to [0, 1], S the run's number of steps: it would reach 0 at
+    the step after the last.
+    """
+    warm = min(1.0, (step + 1) / max(warmup_steps, 1))
+    if schedule == "constant":
+        return warm
+    u = min(1.0, max(0.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1)))
+    return warm * (0.5 * (1 + math.cos(math.pi * u)) if schedule == "cosine" else 1 - u)
+
 
 class DiffusionMethod(Generates, L.LightningModule):
-    """Base of the method modules: AdamW with linear warm-up, and TensorBoard image grids.
+    """Base of the method modules: AdamW with warm-up and decay, and TensorBoard image grids.
 
     Subclasses call :meth:`save_config` first thing in ``__init__`` and implement
     ``training_step``. Their checkpoints hold the YAML config of every part (when built by the
@@ -27,6 +46,10 @@ class DiffusionMethod(Generates, L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: steps of linear warm-up from 0 to ``lr`` (DDPM uses 5000 on CIFAR-10).
         adam_betas: AdamW (β1, β2).
+        lr_schedule: after the warm-up, keep ``lr`` ("constant") or decay it to 0 at the run's
+            last step ("cosine", "linear"; see :func:`lr_factor`), which the Trainer's
+            ``max_steps`` (or ``max_epochs``) sets. A short run ends better annealed: the
+            weights settle instead of jittering at the peak ``lr``.
         compile: ``torch.compile`` the trainable networks (:meth:`networks`) when the
             Trainer configures the model. The first steps then take minutes; meant for long GPU
             runs (on our CPU it gained nothing: README, Performance).
@@ -45,13 +68,19 @@ class DiffusionMethod(Generates, L.LightningModule):
         warmup_steps: int = 0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         compile: bool = False,
+        lr_schedule: LRSchedule = "constant",
     ) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if lr_schedule not in typing.get_args(LRSchedule):
+            raise ValueError(
+                f"lr_schedule must be one of {typing.get_args(LRSchedule)}, got {lr_schedule!r}"
+            )
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.lr_schedule = lr_schedule
         self.adam_betas = tuple(adam_betas)
         self.compile_networks = compile
         self._parts: dict[str, L.LightningModule] = {}
@@ -139,8 +168,17 @@ class DiffusionMethod(Generates, L.LightningModule):
         opt = torch.optim.AdamW(
             params, lr=self.lr, weight_decay=self.weight_decay, betas=self.adam_betas
         )
-        warmup = max(self.warmup_steps, 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        total = self.trainer.estimated_stepping_batches if self.lr_schedule != "constant" else 0
+        if math.isinf(total):
+            raise ValueError(
+                f"lr_schedule={self.lr_schedule!r} decays the lr to 0 at the run's last step: "
+                "set trainer.max_steps (or max_epochs)"
+            )
+        schedule = functools.partial(
+            lr_factor, warmup_steps=self.warmup_steps, total_steps=int(total),
+            schedule=self.lr_schedule,
+        )  # fmt: skip
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def log_images(self, tag: str, images: Tensor, nrow: int | None = None) -> None:

@@ -94,6 +94,45 @@ def test_min_snr_loss_is_the_clipped_snr_weighted_x0_error(prediction):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_importance_sampled_t_follows_the_v_min_snr_weights(prediction):
+    """t ~ p(t) = m_t/Σm, m_t = min(SNR_t, 5)/(SNR_t + 1) in every parametrisation: the draws'
+    mean t and share of t >= 100 are p's own."""
+    model = make(prediction, min_snr_gamma=5.0, timestep_sampling="importance")
+    t, _, _ = model.noised(torch.zeros(200_000, 1, 1, 1), torch.Generator().manual_seed(0))
+    a = model.schedule.alphas_cumprod.double()
+    snr = a / (1 - a)
+    m = snr.clamp(max=5.0) / (snr + 1)
+    p = m / m.sum()
+    steps = torch.arange(len(p), dtype=torch.float64)
+    assert t.double().mean().item() == pytest.approx((p * steps).sum().item(), rel=0.01)
+    assert (t >= 100).double().mean().item() == pytest.approx(p[100:].sum().item(), abs=0.005)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_importance_sampling_keeps_the_expected_min_snr_loss(prediction):
+    """With the optimal denoiser of x0 ~ N(μ, σ²), E‖x0 − x̂0‖² at t is Var(x0 | x_t) =
+    σ²(1−ᾱ)/(ᾱσ² + 1 − ᾱ), so the min-SNR loss is (1/T) Σ_t min(SNR_t, γ)·Var(x0 | x_t)
+    under either draw of t."""
+    gamma = 5.0
+    model = make(prediction, min_snr_gamma=gamma, timestep_sampling="importance")
+    gen = torch.Generator().manual_seed(3)
+    x0 = MU + SIGMA * torch.randn(4096, 1, 8, 8, generator=gen)
+    losses = torch.stack([model.diffusion_loss(x0, gen) for _ in range(4)])
+    a = model.schedule.alphas_cumprod.double()
+    posterior = SIGMA**2 * (1 - a) / (a * SIGMA**2 + 1 - a)
+    expected = ((a / (1 - a)).clamp(max=gamma) * posterior).mean()
+    # 16,384 draws of t: ~1% sampling error (eps: its weights w_t/m_t = m̄/ᾱ_t spread most)
+    assert losses.mean().item() == pytest.approx(expected.item(), rel=0.02)
+
+
+def test_importance_sampling_needs_the_min_snr_weights():
+    with pytest.raises(ValueError, match="timestep_sampling='importance' .* set min_snr_gamma"):
+        make(timestep_sampling="importance")
+    with pytest.raises(ValueError, match="timestep_sampling must be .* got 'weighted'"):
+        make(min_snr_gamma=5.0, timestep_sampling="weighted")
+
+
 def test_min_snr_eps_weight_is_one_where_the_snr_is_zero():
     """min(SNR, γ)/SNR → 1 as SNR → 0 (pure noise, a zero-terminal-SNR schedule's last step):
     the weight stays finite instead of 0/0."""
