@@ -44,9 +44,10 @@ MODEL = "--model.init_args."
 UNET = MODEL + "unet.init_args."
 
 # name -> overrides of configs/ddpm.yaml, as `fit` takes them ("new" is the config itself).
-# The config before 2x2 patches was "v_min_snr_rb1"; before that "old". Pilots in
-# benchmarks/results/demo_recipe/ keep these names.
-PIXELS = [UNET + "patch_size", "1", UNET + "attention_resolutions", "[8]"]
+# The config before importance-sampled t was "p2_attn4"; before 2x2 patches "v_min_snr_rb1";
+# before that "old". Pilots in benchmarks/results/demo_recipe/ keep these names.
+P2 = [MODEL + "timestep_sampling", "uniform"]  # every recipe below drew t uniformly
+PIXELS = P2 + [UNET + "patch_size", "1", UNET + "attention_resolutions", "[8]"]
 OLD = PIXELS + [
     MODEL + "prediction", "eps", MODEL + "min_snr_gamma", "null", UNET + "num_res_blocks", "2",
 ]  # fmt: skip
@@ -62,19 +63,19 @@ RECIPES: dict[str, list[str]] = {
     "rb1_lr2e-3": PIXELS + [MODEL + "lr", "2.0e-3"],
     "rb1_b32_lr1.4e-3": PIXELS + B32 + [MODEL + "lr", "1.4e-3"],
     # the UNet on 2x2 (4x4) patches folded into channels: every level at 1/4 (1/16) of its pixels
-    "p2": [UNET + "attention_resolutions", "[8]"],
-    "p2_attn4": [],  # the pilots' name of "new": attention at the 4x4 level, not the 8x8 one
-    "p2_noattn": [UNET + "attention_resolutions", "[]"],
-    "p2_w64": [UNET + "attention_resolutions", "[8]", UNET + "base_channels", "64"],
-    "p2_b32": [UNET + "attention_resolutions", "[8]"] + B32,
+    "p2": P2 + [UNET + "attention_resolutions", "[8]"],
+    "p2_attn4": P2,  # attention at the 4x4 level, not the 8x8 one
+    "p2_noattn": P2 + [UNET + "attention_resolutions", "[]"],
+    "p2_w64": P2 + [UNET + "attention_resolutions", "[8]", UNET + "base_channels", "64"],
+    "p2_b32": P2 + [UNET + "attention_resolutions", "[8]"] + B32,
     # the lr decayed to 0 at --steps (the run's length): pilots are scored at their last step
-    "cosine": [MODEL + "lr_schedule", "cosine"],
-    "linear_lr2e-3": [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
-    "b128_lr1.4e-3": ["--data.init_args.batch_size", "128", MODEL + "lr", "1.4e-3"],
-    "mult124": [UNET + "channel_mult", "[1,2,4]"],
-    "importance": [MODEL + "timestep_sampling", "importance"],
-    "p4": [UNET + "patch_size", "4", UNET + "channel_mult", "[1,2]",
-           UNET + "attention_resolutions", "[8]"],
+    "cosine": P2 + [MODEL + "lr_schedule", "cosine"],
+    "linear_lr2e-3": P2 + [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
+    "b128_lr1.4e-3": P2 + ["--data.init_args.batch_size", "128", MODEL + "lr", "1.4e-3"],
+    "mult124": P2 + [UNET + "channel_mult", "[1,2,4]"],
+    "importance": [],  # the pilots' name of "new": t drawn by the min-SNR weights
+    "p4": P2 + [UNET + "patch_size", "4", UNET + "channel_mult", "[1,2]",
+                UNET + "attention_resolutions", "[8]"],
 }  # fmt: skip
 
 # pilots whose step costs another recipe's: the loss and the parametrisation cost nothing
@@ -201,7 +202,8 @@ def draw(curves: list[tuple], floor: float, xlabel: str, path: Path, title: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 recipes, each its own colour
     for label, minutes, fd, fmt in curves:
         ax.plot(minutes, fd, fmt, label=label)
     ax.axhline(floor, color="gray", ls=":", label="real val vs train")
@@ -211,7 +213,7 @@ def draw(curves: list[tuple], floor: float, xlabel: str, path: Path, title: str 
     ax.set_xlabel(xlabel)
     ax.set_ylabel("fd_digits, DDIM-50, N = 500")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -250,10 +252,14 @@ def compose(pilots: list[Path], seconds: Path, final: Path, to: Path) -> None:
         "| recipe | run | step | s/step | minutes | fd_digits |",
         "|---|---|---|---|---|---|",
     ]
-    curves = []
+    curves, unplaced = [], []
     for path in pilots:
         for name, points in json.loads(path.read_text())["recipes"].items():
-            s = per_step["step_seconds"][SAME_STEP.get(name, name)]
+            recipe = name.split(" (")[0]  # "importance (seed 1)": a second seed of a recipe
+            s = per_step["step_seconds"].get(SAME_STEP.get(recipe, recipe))
+            if s is None:  # its step was never timed on that CPU
+                unplaced.append(name)
+                continue
             minutes = [p["step"] * s / 60 for p in points]
             curves.append((f"{name} (pilot)", minutes, [p["fd_digits"] for p in points], "o--"))
             lines += [
@@ -267,6 +273,8 @@ def compose(pilots: list[Path], seconds: Path, final: Path, to: Path) -> None:
             f"| {name} | final | {p['step']} | – | {p['minutes']:.1f} | {p['fd_digits']:.1f} |"
             for p in points
         ]
+    if unplaced:
+        lines += ["", f"Not placed (no seconds per step measured there): {', '.join(unplaced)}."]
     draw(
         curves, last["floor"], "training minutes, 2 cores, AVX2-only (fp32)", to.with_suffix(".png")
     )

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.reliability import REPO, config, fit  # noqa: E402
+from benchmarks.speed import _cpu_name  # noqa: E402
 from diffusion_apps import precision  # noqa: E402
 
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -63,12 +64,8 @@ def main() -> None:
                 ckpt = Path(tmp) / f"runs/{p}_{r}/version_0/checkpoints/last.ckpt"
                 sample[p].append(eps_seconds(ckpt, mixed=p == "bf16-mixed"))
     chosen, why = precision.choose("cpu")
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-         if ln.startswith("model name")), "unknown CPU",
-    )  # fmt: skip
     results = {
-        "cpu": cpu,
+        "cpu": _cpu_name(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16_flags": sorted(precision.cpu_flags()),
         "threads": torch.get_num_threads(),
@@ -82,7 +79,7 @@ def main() -> None:
     lines = [
         "# fp32 and bf16-mixed on this CPU (configs/ddpm.yaml, batch 64)",
         "",
-        f"CPU: {cpu}; torch capability {results['capability']}; native bf16 flags: "
+        f"CPU: {results['cpu']}; torch capability {results['capability']}; native bf16 flags: "
         f"{', '.join(results['native_bf16_flags']) or 'none'}; {results['threads']} threads. "
         f"`python benchmarks/precision.py --steps {args.steps} --rounds {args.rounds}`; medians "
         f"over {args.rounds} rounds, the precisions alternating.",

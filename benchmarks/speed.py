@@ -516,7 +516,11 @@ def gemm_peak(device: str, threads: int, reps: int = 5) -> dict[str, float]:
 
 
 def _cpu_name() -> str:
-    return _cpuinfo("model name") or platform.processor()
+    """The model name with its family and model numbers: VMs often report only "AMD EPYC",
+    which a Zen 1 (family 23), a Zen 4 (25) and a Zen 5 (26) share."""
+    name = _cpuinfo("model name") or platform.processor()
+    family, model = _cpuinfo("cpu family"), _cpuinfo("model")
+    return f"{name} (family {family} model {model})" if family and model else name
 
 
 def _version(dist: str) -> str:
