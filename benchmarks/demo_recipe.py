@@ -74,6 +74,7 @@ RECIPES: dict[str, list[str]] = {
     "b128_lr1.4e-3": P2 + ["--data.init_args.batch_size", "128", MODEL + "lr", "1.4e-3"],
     "mult124": P2 + [UNET + "channel_mult", "[1,2,4]"],
     "importance": [],  # the pilots' name of "new": t drawn by the min-SNR weights
+    "importance_linear_lr2e-3": [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
     "p4": P2 + [UNET + "patch_size", "4", UNET + "channel_mult", "[1,2]",
                 UNET + "attention_resolutions", "[8]"],
 }  # fmt: skip
@@ -83,6 +84,7 @@ SAME_STEP = {
     "min_snr": "old", "v_min_snr": "old", "rb1_min_snr": "v_min_snr_rb1",
     "rb1_lr2e-3": "v_min_snr_rb1", "rb1_b32_lr1.4e-3": "v_min_snr_rb1_b32", "p2_attn4": "new",
     "cosine": "new", "linear_lr2e-3": "new", "importance": "new",
+    "importance_linear_lr2e-3": "new",
 }  # fmt: skip
 
 EMULATION = {
