@@ -46,8 +46,8 @@ UNET = MODEL + "unet.init_args."
 # name -> overrides of configs/ddpm.yaml, as `fit` takes them ("new" is the config itself).
 # The config before importance-sampled t was "p2_attn4"; before 2x2 patches "v_min_snr_rb1";
 # before that "old". Pilots in benchmarks/results/demo_recipe/ keep these names.
-P2 = [MODEL + "timestep_sampling", "uniform"]  # every recipe below drew t uniformly
-PIXELS = P2 + [UNET + "patch_size", "1", UNET + "attention_resolutions", "[8]"]
+UNIFORM_T = [MODEL + "timestep_sampling", "uniform"]  # the recipes below drew t uniformly
+PIXELS = UNIFORM_T + [UNET + "patch_size", "1", UNET + "attention_resolutions", "[8]"]
 OLD = PIXELS + [
     MODEL + "prediction", "eps", MODEL + "min_snr_gamma", "null", UNET + "num_res_blocks", "2",
 ]  # fmt: skip
@@ -63,19 +63,19 @@ RECIPES: dict[str, list[str]] = {
     "rb1_lr2e-3": PIXELS + [MODEL + "lr", "2.0e-3"],
     "rb1_b32_lr1.4e-3": PIXELS + B32 + [MODEL + "lr", "1.4e-3"],
     # the UNet on 2x2 (4x4) patches folded into channels: every level at 1/4 (1/16) of its pixels
-    "p2": P2 + [UNET + "attention_resolutions", "[8]"],
-    "p2_attn4": P2,  # attention at the 4x4 level, not the 8x8 one
-    "p2_noattn": P2 + [UNET + "attention_resolutions", "[]"],
-    "p2_w64": P2 + [UNET + "attention_resolutions", "[8]", UNET + "base_channels", "64"],
-    "p2_b32": P2 + [UNET + "attention_resolutions", "[8]"] + B32,
+    "p2": UNIFORM_T + [UNET + "attention_resolutions", "[8]"],
+    "p2_attn4": UNIFORM_T,  # attention at the 4x4 level, not the 8x8 one
+    "p2_noattn": UNIFORM_T + [UNET + "attention_resolutions", "[]"],
+    "p2_w64": UNIFORM_T + [UNET + "attention_resolutions", "[8]", UNET + "base_channels", "64"],
+    "p2_b32": UNIFORM_T + [UNET + "attention_resolutions", "[8]"] + B32,
     # the lr decayed to 0 at --steps (the run's length): pilots are scored at their last step
-    "cosine": P2 + [MODEL + "lr_schedule", "cosine"],
-    "linear_lr2e-3": P2 + [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
-    "b128_lr1.4e-3": P2 + ["--data.init_args.batch_size", "128", MODEL + "lr", "1.4e-3"],
-    "mult124": P2 + [UNET + "channel_mult", "[1,2,4]"],
+    "cosine": UNIFORM_T + [MODEL + "lr_schedule", "cosine"],
+    "linear_lr2e-3": UNIFORM_T + [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
+    "b128_lr1.4e-3": UNIFORM_T + ["--data.init_args.batch_size", "128", MODEL + "lr", "1.4e-3"],
+    "mult124": UNIFORM_T + [UNET + "channel_mult", "[1,2,4]"],
     "importance": [],  # the pilots' name of "new": t drawn by the min-SNR weights
     "importance_linear_lr2e-3": [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
-    "p4": P2 + [UNET + "patch_size", "4", UNET + "channel_mult", "[1,2]",
+    "p4": UNIFORM_T + [UNET + "patch_size", "4", UNET + "channel_mult", "[1,2]",
                 UNET + "attention_resolutions", "[8]"],
 }  # fmt: skip
 

@@ -26,11 +26,14 @@ from diffusion_apps.methods.base import DiffusionMethod, LRSchedule
 from diffusion_apps.methods.ddpm_sampling import DDPMSampling
 from diffusion_apps.nn import UNet
 
+TimestepSampling = Literal["uniform", "importance"]
+
 
 class DDPM(DDPMSampling, DiffusionMethod):
     """Denoising diffusion probabilistic model with an ε (or x0, v) parametrised UNet.
 
-    Training minimises L_simple (Ho et al. eq. 14) with t ~ U{0, …, T−1}, ε ~ N(0, I):
+    Training minimises L_simple (Ho et al. eq. 14) with t ~ U{0, …, T−1} (or importance-
+    sampled, below), ε ~ N(0, I):
         L = E_{x0, t, ε} ‖target − f_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²,
     where target is ε (paper), x0, or v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022). The loss
     is computed in fp32 even under mixed precision. With ``min_snr_gamma`` = γ each sample's
@@ -41,8 +44,9 @@ class DDPM(DDPMSampling, DiffusionMethod):
     each term weighted by w_t·m̄/m_t (m̄ = (1/T) Σ_s m_s; for v-prediction, whose w_t is m_t,
     the constant m̄): the same expected loss (1/T) Σ_t w_t E‖·‖², with lower variance. m_t is
     the weighted x0 error min(SNR_t, γ)·Var(x0 | x_t) of unit-variance data at the optimum,
-    where Var(x0 | x_t) = 1/(1 + SNR_t). Under the linear schedule the uniform draw spends
-    half its t > 500, where m_t < 0.08 of its peak 0.66 (E[m²]/E[m]² = 2.65). The
+    where Var(x0 | x_t) = 1/(1 + SNR_t). Under the linear schedule (T = 1000, γ = 5) the
+    uniform draw spends half its t > 500, where m_t < 0.08 against a peak of 0.66
+    (E[m²]/E[m]² = 2.65). Not with a learned variance, whose L_vlb is not reweighted. The
     Monte-Carlo device of improved DDPM's importance-sampled L_vlb (Nichol & Dhariwal 2021,
     §3.3), with a fixed proposal instead of a loss history.
 
@@ -75,7 +79,7 @@ class DDPM(DDPMSampling, DiffusionMethod):
         num_val_samples: images in the grid drawn at each validation.
         loss: squared error (L_simple) or absolute error (DiffAE's latent DDIM).
         timestep_sampling: t ~ U{0..T−1} ("uniform") or t ~ p(t) ∝ m_t ("importance", needs
-            ``min_snr_gamma``): see above.
+            ``min_snr_gamma`` and a fixed ``variance``): see above.
         vlb_weight: λ of L_hybrid (the paper: 0.001), used with ``variance="learned"`` only
             (with a fixed Σ the stop-gradient'ed L_vlb would carry no gradient).
         lr, weight_decay, warmup_steps, adam_betas, compile, lr_schedule: see
@@ -103,7 +107,7 @@ class DDPM(DDPMSampling, DiffusionMethod):
         vlb_weight: float = 0.001,
         min_snr_gamma: float | None = None,
         lr_schedule: LRSchedule = "constant",
-        timestep_sampling: Literal["uniform", "importance"] = "uniform",
+        timestep_sampling: TimestepSampling = "uniform",
     ) -> None:
         super().__init__(lr, weight_decay, warmup_steps, adam_betas, compile, lr_schedule)
         self.save_config()
@@ -140,13 +144,19 @@ class DDPM(DDPMSampling, DiffusionMethod):
                 f"2·in_channels = 2·{channels}, got out_channels={out} (set "
                 "model.init_args.unet.init_args.out_channels)"
             )
-        if timestep_sampling not in ("uniform", "importance"):
+        if timestep_sampling not in typing.get_args(TimestepSampling):
             raise ValueError(
-                f"timestep_sampling must be 'uniform' or 'importance', got {timestep_sampling!r}"
+                f"timestep_sampling must be one of {typing.get_args(TimestepSampling)}, "
+                f"got {timestep_sampling!r}"
             )
         if timestep_sampling == "importance" and min_snr_gamma is None:
             raise ValueError(
                 "timestep_sampling='importance' draws t by min-SNR-γ weights: set min_snr_gamma"
+            )
+        if timestep_sampling == "importance" and variance == "learned":
+            raise ValueError(
+                "timestep_sampling='importance' reweights the min-SNR term only: L_hybrid's "
+                "λ·T·E_t[L_t] (variance='learned') needs t drawn uniformly"
             )
         self.loss, self.vlb_weight, self.min_snr_gamma = loss, vlb_weight, min_snr_gamma
         self.timestep_sampling = timestep_sampling

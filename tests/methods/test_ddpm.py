@@ -129,8 +129,18 @@ def test_importance_sampling_keeps_the_expected_min_snr_loss(prediction):
 def test_importance_sampling_needs_the_min_snr_weights():
     with pytest.raises(ValueError, match="timestep_sampling='importance' .* set min_snr_gamma"):
         make(timestep_sampling="importance")
-    with pytest.raises(ValueError, match="timestep_sampling must be .* got 'weighted'"):
+    with pytest.raises(ValueError, match="timestep_sampling must be one of .* got 'weighted'"):
         make(min_snr_gamma=5.0, timestep_sampling="weighted")
+
+
+def test_importance_sampling_refuses_the_learned_variance():
+    """L_hybrid's λ·T·E_t[L_t] is an average over uniform t: drawn by the min-SNR weights it
+    would be a different, unweighted sum."""
+    schedule = NoiseSchedule(num_timesteps=200)
+    unet = tiny_unet(out_channels=2)
+    with pytest.raises(ValueError, match="timestep_sampling='importance' .*variance='learned'"):
+        DDPM(unet, schedule, variance="learned", min_snr_gamma=5.0,
+             timestep_sampling="importance")  # fmt: skip
 
 
 def test_min_snr_eps_weight_is_one_where_the_snr_is_zero():
