@@ -75,6 +75,8 @@ RECIPES: dict[str, list[str]] = {
     "mult124": UNIFORM_T + [UNET + "channel_mult", "[1,2,4]"],
     "importance": [],  # the pilots' name of "new": t drawn by the min-SNR weights
     "importance_linear_lr2e-3": [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
+    "noclip": ["--trainer.gradient_clip_val", "null"],  # importance, no gradient-norm clipping
+    "beta2_0.99": [MODEL + "adam_betas", "[0.9,0.99]"],  # importance, a shorter second moment
     "p4": UNIFORM_T + [UNET + "patch_size", "4", UNET + "channel_mult", "[1,2]",
                 UNET + "attention_resolutions", "[8]"],
 }  # fmt: skip
@@ -84,7 +86,7 @@ SAME_STEP = {
     "min_snr": "old", "v_min_snr": "old", "rb1_min_snr": "v_min_snr_rb1",
     "rb1_lr2e-3": "v_min_snr_rb1", "rb1_b32_lr1.4e-3": "v_min_snr_rb1_b32", "p2_attn4": "new",
     "cosine": "new", "linear_lr2e-3": "new", "importance": "new",
-    "importance_linear_lr2e-3": "new",
+    "importance_linear_lr2e-3": "new", "noclip": "new", "beta2_0.99": "new",
 }  # fmt: skip
 
 EMULATION = {
