@@ -1,10 +1,13 @@
-"""Run by tests/test_ddp.py under ``torchrun --nproc_per_node 2``: fits each tiny config given
-(in that order, so each finds the checkpoints it builds on) with 2 CPU processes of DDP through
-the CLI, then ``sample``s from the tiny DDPM and ``predict``s with it in the same process group.
-Rank 0 writes, per config, what every rank ended with to the JSON file named first; each rank
-writes its predictions to ``predict_<rank>.pt``.
+"""Run by tests/test_ddp.py on two "nodes" of one CPU process each (two ``torchrun --nnodes 2
+--nproc_per_node 1 --node_rank R`` on localhost, as a cluster would start them): fits each tiny
+config given (in that order, so each finds the checkpoints it builds on) with DDP through the
+CLI, resumes the first from its ``last.ckpt`` for two more steps, then ``sample``s from the tiny
+DDPM and ``predict``s with it in the same process group. Rank 0 writes, per config, what every
+rank ended with to the JSON file named first; each rank writes its predictions to
+``predict_<rank>.pt``.
 
-    torchrun --nproc_per_node 2 tests/ddp_fits.py OUT.json configs/tiny/ddpm.yaml ...
+    torchrun --nnodes 2 --nproc_per_node 1 --node_rank R --master_addr 127.0.0.1 \
+        --master_port P tests/ddp_fits.py OUT.json configs/tiny/ddpm.yaml ...
 """
 
 import json
@@ -16,8 +19,8 @@ from diffusion_apps.cli import DiffusionCLI, main
 from diffusion_apps.distributed import gather
 from diffusion_apps.methods import LatentDiffusion
 
-DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-DDP += ["--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "2"]
+DDP += ["--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false"]
 
 
 def tap_scale_measurement() -> dict:
@@ -36,11 +39,12 @@ def tap_scale_measurement() -> dict:
 SCALE_INPUT = tap_scale_measurement()
 
 
-def fit(config: str) -> dict:
-    """This rank's view of a 2-step DDP fit: the weights' sums, the step, its sampler, the
+def fit(config: str, steps: int = 2, *extra: str) -> dict:
+    """This rank's view of a DDP fit to ``steps``: the weights' sums, the step, its sampler, the
     module's own buffers (LDM's scale, LatentDDIM's statistics) and what the scale came from."""
     SCALE_INPUT.clear()
-    cli = DiffusionCLI(args=["fit", "--config", config, *DDP])
+    cli = DiffusionCLI(args=["fit", "--config", config, *DDP, "--trainer.max_steps", str(steps),
+                             *extra])  # fmt: skip
     weights = torch.cat([p.detach().double().flatten() for p in cli.model.parameters()])
     sampler = cli.trainer.train_dataloader.sampler
     return {
@@ -67,6 +71,7 @@ def predict(config: str, ckpt: str) -> None:
 if __name__ == "__main__":
     out, configs = sys.argv[1], sys.argv[2:]
     seen = {config: gather(fit(config), 2) for config in configs}
+    seen["resumed"] = gather(fit(configs[0], 4, "--ckpt_path", "last"), 2)
     ckpt = "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"
     main(["sample", "--ckpt_path", ckpt, "--num_samples", "5", "--batch_size", "2",
           "--out_dir", "samples_ddp", "--device", "cpu"])  # fmt: skip

@@ -1,5 +1,6 @@
-"""Every method's tiny config trains under DDP with 2 CPU processes, through the CLI in a
-torchrun subprocess (in-process DDP would re-run the pytest session in rank 1), and ``sample``
+"""Every method's tiny config trains under DDP on two "nodes" of one CPU process each (two
+torchrun launches on localhost, ``--nnodes 2``), through the CLI in torchrun subprocesses
+(in-process DDP would re-run the pytest session in rank 1), resumes there, and ``sample``
 splits its batches across the ranks. The launch by Lightning itself (``python -m diffusion_apps
 fit --trainer.devices 2``) and the metric sync are tested in evaluation/test_eval_callback.py,
 ``eval`` under torchrun in evaluation/test_eval_command.py. The statistics measured before
@@ -8,6 +9,7 @@ item's image as one process does."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,13 +31,40 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     configs = [str(CONFIGS / "tiny" / f"{name}.yaml") for name in ORDER]
-    command = [str(TORCHRUN), "--nproc_per_node", "2", str(REPO / "tests/ddp_fits.py")]
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env["PYTHONPATH"] = str(REPO)
-    done = subprocess.run(
-        [*command, "seen.json", *configs], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    nodes = [
+        subprocess.Popen(
+            [
+                str(TORCHRUN),
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                str(REPO / "tests/ddp_fits.py"),
+                "seen.json",
+                *configs,
+            ],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=900)
+        assert node.returncode == 0, err[-4000:]
     return root, json.loads((root / "seen.json").read_text())
 
 
@@ -44,12 +73,23 @@ def test_every_method_trains_in_step_on_two_processes(ddp_run):
     assert len(ORDER) >= 10  # the discovery found the tiny configs
     assert all(ORDER.index(part) < ORDER.index(name) for name in ORDER for part in tiny_parts(name))
     for config, (rank0, rank1) in seen.items():
+        if config == "resumed":
+            continue
         assert (rank0["rank"], rank1["rank"]) == ([0, 2], [1, 2]), config
         assert rank0["step"] == rank1["step"] == 2, config
         # DDP averaged the gradients: the ranks trained on different batches to equal weights
         assert rank0["weights"] == rank1["weights"], config
         assert not set(rank0["indices"]) & set(rank1["indices"]), config
         assert rank0["buffers"] == rank1["buffers"], config
+
+
+def test_two_nodes_resume_in_step(ddp_run):
+    """``fit --ckpt_path last`` on both nodes goes on from step 2 to 4 with equal weights, which
+    moved from the checkpoint's (the resumed steps trained)."""
+    _, seen = ddp_run
+    (rank0, rank1), first = seen["resumed"], seen[str(CONFIGS / "tiny" / f"{ORDER[0]}.yaml")][0]
+    assert rank0["step"] == rank1["step"] == 4
+    assert rank0["weights"] == rank1["weights"] != first["weights"]
 
 
 def last_checkpoint(root, config: str):
