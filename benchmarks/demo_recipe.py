@@ -44,9 +44,11 @@ MODEL = "--model.init_args."
 UNET = MODEL + "unet.init_args."
 
 # name -> overrides of configs/ddpm.yaml, as `fit` takes them ("new" is the config itself).
-# The config before importance-sampled t was "p2_attn4"; before 2x2 patches "v_min_snr_rb1";
-# before that "old". Pilots in benchmarks/results/demo_recipe/ keep these names.
-UNIFORM_T = [MODEL + "timestep_sampling", "uniform"]  # the recipes below drew t uniformly
+# The config before Adam's beta2 = 0.99 was "importance"; before importance-sampled t "p2_attn4";
+# before 2x2 patches "v_min_snr_rb1"; before that "old". Pilots in benchmarks/results/demo_recipe/
+# keep these names.
+BETA2_999 = [MODEL + "adam_betas", "[0.9,0.999]"]  # every recipe before "beta2_0.99"
+UNIFORM_T = BETA2_999 + [MODEL + "timestep_sampling", "uniform"]  # these drew t uniformly
 PIXELS = UNIFORM_T + [UNET + "patch_size", "1", UNET + "attention_resolutions", "[8]"]
 OLD = PIXELS + [
     MODEL + "prediction", "eps", MODEL + "min_snr_gamma", "null", UNET + "num_res_blocks", "2",
@@ -73,10 +75,11 @@ RECIPES: dict[str, list[str]] = {
     "linear_lr2e-3": UNIFORM_T + [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
     "b128_lr1.4e-3": UNIFORM_T + ["--data.init_args.batch_size", "128", MODEL + "lr", "1.4e-3"],
     "mult124": UNIFORM_T + [UNET + "channel_mult", "[1,2,4]"],
-    "importance": [],  # the pilots' name of "new": t drawn by the min-SNR weights
-    "importance_linear_lr2e-3": [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
-    "noclip": ["--trainer.gradient_clip_val", "null"],  # importance, no gradient-norm clipping
-    "beta2_0.99": [MODEL + "adam_betas", "[0.9,0.99]"],  # importance, a shorter second moment
+    "importance": BETA2_999,  # t drawn by the min-SNR weights
+    "importance_linear_lr2e-3": BETA2_999
+    + [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
+    "noclip": BETA2_999 + ["--trainer.gradient_clip_val", "null"],  # no gradient-norm clipping
+    "beta2_0.99": [],  # the pilots' name of "new": Adam's second moment over ~100 steps
     "p4": UNIFORM_T + [UNET + "patch_size", "4", UNET + "channel_mult", "[1,2]",
                 UNET + "attention_resolutions", "[8]"],
 }  # fmt: skip
