@@ -80,6 +80,8 @@ RECIPES: dict[str, list[str]] = {
     + [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
     "noclip": BETA2_999 + ["--trainer.gradient_clip_val", "null"],  # no gradient-norm clipping
     "beta2_0.99": [],  # the pilots' name of "new": Adam's second moment over ~100 steps
+    "beta2_0.95": [MODEL + "adam_betas", "[0.9,0.95]"],
+    "lr1.5e-3": [MODEL + "lr", "1.5e-3"],
     "p4": UNIFORM_T + [UNET + "patch_size", "4", UNET + "channel_mult", "[1,2]",
                 UNET + "attention_resolutions", "[8]"],
 }  # fmt: skip
@@ -90,6 +92,7 @@ SAME_STEP = {
     "rb1_lr2e-3": "v_min_snr_rb1", "rb1_b32_lr1.4e-3": "v_min_snr_rb1_b32", "p2_attn4": "new",
     "cosine": "new", "linear_lr2e-3": "new", "importance": "new",
     "importance_linear_lr2e-3": "new", "noclip": "new", "beta2_0.99": "new",
+    "beta2_0.95": "new", "lr1.5e-3": "new",
 }  # fmt: skip
 
 EMULATION = {
