@@ -16,6 +16,13 @@ def check_positive(**values: int | None) -> None:
             raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
+def check_bool(**values: bool) -> None:
+    """Raise ValueError for any value that is not a bool."""
+    for name, value in values.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be True or False")
+
+
 def level_channels(base_channels: int, channel_mult: Sequence[int | float]) -> tuple[int, ...]:
     """Every level's width, int(mult · base_channels) as in ADM (whose 512x512 model starts at
     mult 0.5); ValueError unless each mult is a positive number giving at least one channel."""

@@ -30,7 +30,8 @@ class EncoderUNet(nn.Module):
             pooling, heads ``num_head_channels`` wide: not with ``num_heads``, as officially).
         Other arguments: as for ``UNet`` (``scale_shift_norm``: official
             ``use_scale_shift_norm``; ``num_heads``: heads per attention block instead of
-            ``num_head_channels``).
+            ``num_head_channels``; ``gradient_checkpointing``: ADM's ``use_checkpoint``, for
+            the down path and middle block).
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class EncoderUNet(nn.Module):
         time_conditioned: bool = True,
         pool: Literal["avg", "attention"] = "avg",
         channels_last: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if pool not in ("avg", "attention"):
@@ -69,6 +71,7 @@ class EncoderUNet(nn.Module):
             attention_resolutions, num_head_channels, dropout, num_groups, resblock_updown,
             emb_dim=4 * base_channels if time_conditioned else None,
             scale_shift_norm=scale_shift_norm, num_heads=num_heads,
+            gradient_checkpointing=gradient_checkpointing,
         )  # fmt: skip
         ch = self.down.out_channels
         self.out_norm = GroupNorm(num_groups, ch)
@@ -98,10 +101,11 @@ class GradientEstimator(nn.Module):
     """PDAE's G_ψ(x_t, z, t) (Zhang et al. 2022): a second middle block and up path on the down
     features of a frozen unconditional ``unet``, as in the official ShiftUNet.
 
-    The blocks mirror the UNet's and share its (frozen) time embedding; each ResBlock adds
-    PDAE's AdaGN h ← (1 + z_s)·(GN(h)·(1 + t_s) + t_b) + z_b with (z_s, z_b) = W SiLU(W_z z),
-    W_z a trainable z → time-embedding-width projection (the reference's ``label_emb``). The
-    output conv is zero-initialised, so G_ψ ≡ 0 at the start: the frozen model unchanged.
+    The blocks mirror the UNet's (its gradient checkpointing too) and share its (frozen) time
+    embedding; each ResBlock adds PDAE's AdaGN h ← (1 + z_s)·(GN(h)·(1 + t_s) + t_b) + z_b with
+    (z_s, z_b) = W SiLU(W_z z), W_z a trainable z → time-embedding-width projection (the
+    reference's ``label_emb``). The output conv is zero-initialised, so G_ψ ≡ 0 at the start:
+    the frozen model unchanged.
 
     Reusing the frozen down path (instead of a separate conditional UNet) is the reference's
     choice: G_ψ costs half a UNet, and at sampling time ε_θ and G_ψ share one down pass.

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_apps.nn.checks import check_x
-from diffusion_apps.nn.layers import CondSequential, GroupNorm, Upsample
-from diffusion_apps.nn.unet import BlockSpec, DownPath
+from diffusion_apps.nn.layers import BlockSpec, GroupNorm, Upsample
+from diffusion_apps.nn.unet import DownPath
 
 
 class DiagonalGaussian:
@@ -147,7 +147,7 @@ class Decoder(nn.Module):
             if level > 0:
                 layers.append(Upsample(ch))
                 res *= 2
-            self.blocks.append(CondSequential(*layers))
+            self.blocks.append(spec.sequence(*layers))
         self.out = nn.Sequential(
             GroupNorm(spec.num_groups, ch, spec.norm_eps),
             nn.SiLU(),

@@ -2,15 +2,18 @@
 
 Every attention here runs through ``F.scaled_dot_product_attention`` on tokens laid out as
 ``(B, L, C)``, so projections are plain ``nn.Linear`` layers (a 1x1 conv on ``(B, C, H, W)``).
+A network's blocks are built by one :class:`BlockSpec` and run as :class:`CondSequential`s.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 
@@ -400,7 +403,17 @@ class AttentionPool2d(nn.Module):
 
 
 class CondSequential(nn.Sequential):
-    """A sequence of layers: ResBlocks get (emb, cond), spatial transformers get context."""
+    """A sequence of layers: ResBlocks get (emb, cond), spatial transformers get context.
+
+    With ``checkpoint``, in training with grad enabled, each ResBlock and attention block keeps
+    only its inputs for backward and recomputes its forward there
+    (``torch.utils.checkpoint``, non-reentrant; the RNG state is restored, so dropout draws the
+    same masks). The outputs and gradients are unchanged.
+    """
+
+    def __init__(self, *layers: nn.Module, checkpoint: bool = False) -> None:
+        super().__init__(*layers)
+        self.checkpoint = checkpoint
 
     def forward(
         self,
@@ -409,11 +422,73 @@ class CondSequential(nn.Sequential):
         cond: Tensor | None = None,
         context: Tensor | None = None,
     ) -> Tensor:
+        recompute = self.checkpoint and self.training and torch.is_grad_enabled()
         for layer in self:
             if isinstance(layer, ResBlock):
-                h = layer(h, emb, cond)
+                args: tuple[Tensor | None, ...] = (h, emb, cond)
             elif isinstance(layer, SpatialTransformer):
-                h = layer(h, context)
+                args = (h, context)
             else:
-                h = layer(h)
+                args = (h,)
+            # Not the resampling convs, as in ADM: a strided conv saves only its input, which a
+            # checkpoint would keep as well.
+            if recompute and isinstance(layer, ResBlock | AttentionBlock | SpatialTransformer):
+                h = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                h = layer(*args)
         return h
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """How the ResBlocks and attention blocks of one network are built.
+
+    Attention heads are ``head_dim`` channels wide, or, with ``num_heads``, each block has
+    ``num_heads`` heads (``num_heads_up`` on the up path). The middle block's attention can go
+    (``middle_attention``) or lose its group norm (``middle_attention_norm``). The sequences
+    of :meth:`sequence` recompute their blocks in backward with ``gradient_checkpointing``."""
+
+    emb_dim: int | None
+    cond_dim: int | None
+    cond_shift: bool
+    dropout: float
+    num_groups: int
+    head_dim: int | None
+    context_dim: int | None
+    transformer_depth: int
+    scale_shift_norm: bool = True
+    num_heads: int | None = None
+    num_heads_up: int | None = None
+    norm_eps: float = 1e-5
+    middle_attention: bool = True
+    middle_attention_norm: bool = True
+    gradient_checkpointing: bool = False
+
+    def res_block(
+        self, in_ch: int, out_ch: int, resample: Literal["none", "up", "down"] = "none"
+    ) -> ResBlock:
+        return ResBlock(
+            in_ch, out_ch, self.emb_dim, self.cond_dim, self.cond_shift, self.dropout,
+            self.num_groups, resample, self.scale_shift_norm, self.norm_eps,
+        )  # fmt: skip
+
+    def attention(self, ch: int, up: bool = False, norm: bool = True) -> nn.Module:
+        """An attention block of ``ch`` channels; ``up``: one of the up path's."""
+        heads = self.num_heads_up if up else self.num_heads
+        head_dim = self.head_dim if heads is None else ch // heads
+        if self.context_dim is None:
+            return AttentionBlock(ch, head_dim, self.num_groups, self.norm_eps, norm)
+        return SpatialTransformer(
+            ch, head_dim, self.context_dim, self.transformer_depth, self.num_groups, self.dropout
+        )
+
+    def sequence(self, *layers: nn.Module) -> CondSequential:
+        """``layers`` as one block of the network, checkpointed as the spec says."""
+        return CondSequential(*layers, checkpoint=self.gradient_checkpointing)
+
+    def middle(self, ch: int) -> CondSequential:
+        """The middle block: ResBlock, attention, ResBlock (or two ResBlocks)."""
+        if not self.middle_attention:
+            return self.sequence(self.res_block(ch, ch), self.res_block(ch, ch))
+        attention = self.attention(ch, norm=self.middle_attention_norm)
+        return self.sequence(self.res_block(ch, ch), attention, self.res_block(ch, ch))

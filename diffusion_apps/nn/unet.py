@@ -12,7 +12,6 @@ it (google/ddpm-*: interop/diffusers_unet.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from diffusion_apps.nn.checks import (
     check_architecture,
+    check_bool,
     check_choices,
     check_conditioning,
     check_positive,
@@ -30,65 +30,13 @@ from diffusion_apps.nn.checks import (
     resolve_heads,
 )
 from diffusion_apps.nn.layers import (
-    AttentionBlock,
-    CondSequential,
+    BlockSpec,
     GroupNorm,
-    ResBlock,
-    SpatialTransformer,
     TimeEmbedding,
     Upsample,
     downsample,
     zero_,
 )
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """How the ResBlocks and attention blocks of one network are built.
-
-    Attention heads are ``head_dim`` channels wide, or, with ``num_heads``, each block has
-    ``num_heads`` heads (``num_heads_up`` on the up path). The middle block's attention can go
-    (``middle_attention``) or lose its group norm (``middle_attention_norm``)."""
-
-    emb_dim: int | None
-    cond_dim: int | None
-    cond_shift: bool
-    dropout: float
-    num_groups: int
-    head_dim: int | None
-    context_dim: int | None
-    transformer_depth: int
-    scale_shift_norm: bool = True
-    num_heads: int | None = None
-    num_heads_up: int | None = None
-    norm_eps: float = 1e-5
-    middle_attention: bool = True
-    middle_attention_norm: bool = True
-
-    def res_block(
-        self, in_ch: int, out_ch: int, resample: Literal["none", "up", "down"] = "none"
-    ) -> ResBlock:
-        return ResBlock(
-            in_ch, out_ch, self.emb_dim, self.cond_dim, self.cond_shift, self.dropout,
-            self.num_groups, resample, self.scale_shift_norm, self.norm_eps,
-        )  # fmt: skip
-
-    def attention(self, ch: int, up: bool = False, norm: bool = True) -> nn.Module:
-        """An attention block of ``ch`` channels; ``up``: one of the up path's."""
-        heads = self.num_heads_up if up else self.num_heads
-        head_dim = self.head_dim if heads is None else ch // heads
-        if self.context_dim is None:
-            return AttentionBlock(ch, head_dim, self.num_groups, self.norm_eps, norm)
-        return SpatialTransformer(
-            ch, head_dim, self.context_dim, self.transformer_depth, self.num_groups, self.dropout
-        )
-
-    def middle(self, ch: int) -> CondSequential:
-        """The middle block: ResBlock, attention, ResBlock (or two ResBlocks)."""
-        if not self.middle_attention:
-            return CondSequential(self.res_block(ch, ch), self.res_block(ch, ch))
-        attention = self.attention(ch, norm=self.middle_attention_norm)
-        return CondSequential(self.res_block(ch, ch), attention, self.res_block(ch, ch))
 
 
 class DownPath(nn.Module):
@@ -122,6 +70,7 @@ class DownPath(nn.Module):
         downsample_padding: Literal["symmetric", "asymmetric"] = "symmetric",
         middle_attention: bool = True,
         middle_attention_norm: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_positive(
@@ -137,12 +86,13 @@ class DownPath(nn.Module):
             num_groups, dropout, num_heads, num_heads_up, middle_attention,
         )  # fmt: skip
         check_choices(norm_eps, downsample_padding, middle_attention, middle_attention_norm)
+        check_bool(gradient_checkpointing=gradient_checkpointing)
         if cond_shift and cond_dim is None:
             raise ValueError("cond_shift=True requires cond_dim")
         self.spec = BlockSpec(
             emb_dim, cond_dim, cond_shift, dropout, num_groups, head_dim, context_dim,
             transformer_depth, scale_shift_norm, num_heads, num_heads_up, norm_eps,
-            middle_attention, middle_attention_norm,
+            middle_attention, middle_attention_norm, gradient_checkpointing,
         )  # fmt: skip
         self.base_channels, self.channel_mult = base_channels, tuple(channel_mult)
         self.level_channels = level_channels(base_channels, channel_mult)  # int(mult · base)
@@ -159,14 +109,14 @@ class DownPath(nn.Module):
                 ch = width
                 if res in attention_resolutions:
                     layers.append(self.spec.attention(ch))
-                self.blocks.append(CondSequential(*layers))
+                self.blocks.append(self.spec.sequence(*layers))
                 self.skip_channels.append(ch)
             if level < len(self.level_channels) - 1:
                 if resblock_updown:
                     down = self.spec.res_block(ch, ch, "down")
                 else:
                     down = downsample(ch, downsample_padding)
-                self.blocks.append(CondSequential(down))
+                self.blocks.append(self.spec.sequence(down))
                 self.skip_channels.append(ch)
                 res //= 2
         self.middle = self.spec.middle(ch)
@@ -215,7 +165,7 @@ class UpPath(nn.ModuleList):
                     up = spec.res_block(ch, ch, "up") if down.resblock_updown else Upsample(ch)
                     layers.append(up)
                     res *= 2
-                self.append(CondSequential(*layers))
+                self.append(spec.sequence(*layers))
         self.out_channels = ch
 
     def forward(
@@ -291,6 +241,9 @@ class UNet(nn.Module):
         channels_last: Keep the weights, and so every activation, in channels-last (NHWC)
             memory: the same numbers in another layout. On our CPUs a wash (0.98-1.07x NCHW in
             fp32 and bf16; README, Performance); on GPUs usually a gain with bf16.
+        gradient_checkpointing: In training, every ResBlock and attention block keeps only its
+            inputs for backward and recomputes its forward there (ADM's ``use_checkpoint``):
+            activation memory for about one more forward pass; the same outputs and gradients.
     """
 
     def __init__(
@@ -324,6 +277,7 @@ class UNet(nn.Module):
         transformer_depth: int = 1,
         patch_size: int = 1,
         channels_last: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_positive(num_classes=num_classes, out_channels=out_channels, patch_size=patch_size)
@@ -343,7 +297,7 @@ class UNet(nn.Module):
             num_res_blocks, attention_resolutions, num_head_channels, dropout, num_groups,
             resblock_updown, emb_dim, cond_dim, cond_shift, context_dim, transformer_depth,
             scale_shift_norm, num_heads, num_heads_upsample, norm_eps, downsample_padding,
-            middle_attention, middle_attention_norm,
+            middle_attention, middle_attention_norm, gradient_checkpointing,
         )  # fmt: skip
 
         self.up = UpPath(self.down, self.down.spec)
