@@ -79,6 +79,12 @@ class NonFiniteLossError(RuntimeError):
     """Training met a NaN/Inf loss or gradient and stopped before it reached the weights."""
 
 
+def grad_scaler_active(trainer) -> bool:
+    """Whether fp16 mixed precision's GradScaler is scaling the loss (and checks the gradients)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler is not None and scaler.is_enabled()
+
+
 class FiniteLoss(Callback):
     """Never train on a NaN/Inf loss or gradient. Every ``fit`` has it (``--finite_loss.action``).
 
@@ -87,7 +93,9 @@ class FiniteLoss(Callback):
     checkpoint written, from which ``--ckpt_path`` resumes; the weights, the optimiser and the
     checkpoints are untouched by the bad step. ``skip`` drops the step's gradients instead (AdamW
     then leaves weights and moments as they are; the step still counts), logs
-    ``train/skipped_steps`` and trains on.
+    ``train/skipped_steps`` and trains on. Under fp16 mixed precision a gradient overflow with a
+    finite loss is the GradScaler's to answer (it skips that step and halves its scale), so
+    only the loss is checked then.
 
     Args:
         action: "stop" or "skip".
@@ -106,7 +114,7 @@ class FiniteLoss(Callback):
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         finite_grads = not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
         bad, self._bad_loss = self._bad_loss, None
-        if bad is None and finite_grads:
+        if bad is None and (finite_grads or grad_scaler_active(trainer)):
             return
         what = f"loss {bad}" if bad is not None else "a gradient with NaN/Inf"
         if self.action == "stop":

@@ -3,12 +3,10 @@ Lightning would substitute), a finite and falling loss, and a noise schedule tha
 
 import logging
 
-import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from diffusion_apps.callbacks import NonFiniteLossError
 from diffusion_apps.cli import DiffusionCLI
 from tests.conftest import CONFIGS
 from tests.test_precision import said
@@ -89,11 +87,6 @@ def test_the_saved_config_runs_16_mixed_again(in_tmp):
     assert isinstance(again.scaler, torch.amp.GradScaler)
 
 
-@pytest.mark.xfail(
-    raises=NonFiniteLossError, strict=True,
-    reason="FiniteLoss stops on the inf gradients of an fp16 overflow, which the GradScaler "
-    "answers by skipping the step and halving the scale (callbacks.py, outside this change)",
-)  # fmt: skip
 def test_an_fp16_overflow_is_left_to_the_grad_scaler(in_tmp):
     """A scale of 2^40 overflows fp16 at once: the scaler skips steps until it fits."""
     cli = tiny_cli("16-mixed", "--trainer.max_steps", "3")
