@@ -44,10 +44,11 @@ MODEL = "--model.init_args."
 UNET = MODEL + "unet.init_args."
 
 # name -> overrides of configs/ddpm.yaml, as `fit` takes them ("new" is the config itself).
-# The config before Adam's beta2 = 0.99 was "importance"; before importance-sampled t "p2_attn4";
-# before 2x2 patches "v_min_snr_rb1"; before that "old". Pilots in benchmarks/results/demo_recipe/
-# keep these names.
-BETA2_999 = [MODEL + "adam_betas", "[0.9,0.999]"]  # every recipe before "beta2_0.99"
+# The config before min-SNR gamma 3 was "beta2_0.99"; before Adam's beta2 = 0.99 "importance";
+# before importance-sampled t "p2_attn4"; before 2x2 patches "v_min_snr_rb1"; before that "old".
+# Pilots in benchmarks/results/demo_recipe/ keep these names.
+GAMMA5 = [MODEL + "min_snr_gamma", "5.0"]  # every recipe before "gamma3"
+BETA2_999 = GAMMA5 + [MODEL + "adam_betas", "[0.9,0.999]"]  # every recipe before "beta2_0.99"
 UNIFORM_T = BETA2_999 + [MODEL + "timestep_sampling", "uniform"]  # these drew t uniformly
 PIXELS = UNIFORM_T + [UNET + "patch_size", "1", UNET + "attention_resolutions", "[8]"]
 OLD = PIXELS + [
@@ -79,9 +80,12 @@ RECIPES: dict[str, list[str]] = {
     "importance_linear_lr2e-3": BETA2_999
     + [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
     "noclip": BETA2_999 + ["--trainer.gradient_clip_val", "null"],  # no gradient-norm clipping
-    "beta2_0.99": [],  # the pilots' name of "new": Adam's second moment over ~100 steps
-    "beta2_0.95": [MODEL + "adam_betas", "[0.9,0.95]"],
-    "lr1.5e-3": [MODEL + "lr", "1.5e-3"],
+    "beta2_0.99": GAMMA5,  # Adam's second moment over ~100 steps
+    "beta2_0.95": GAMMA5 + [MODEL + "adam_betas", "[0.9,0.95]"],
+    "lr1.5e-3": GAMMA5 + [MODEL + "lr", "1.5e-3"],
+    "gamma3": [],  # the pilots' name of "new"
+    "gamma10": [MODEL + "min_snr_gamma", "10.0"],
+    "gamma2": [MODEL + "min_snr_gamma", "2.0"],
     "p4": UNIFORM_T + [UNET + "patch_size", "4", UNET + "channel_mult", "[1,2]",
                 UNET + "attention_resolutions", "[8]"],
 }  # fmt: skip
@@ -92,7 +96,8 @@ SAME_STEP = {
     "rb1_lr2e-3": "v_min_snr_rb1", "rb1_b32_lr1.4e-3": "v_min_snr_rb1_b32", "p2_attn4": "new",
     "cosine": "new", "linear_lr2e-3": "new", "importance": "new",
     "importance_linear_lr2e-3": "new", "noclip": "new", "beta2_0.99": "new",
-    "beta2_0.95": "new", "lr1.5e-3": "new",
+    "beta2_0.95": "new", "lr1.5e-3": "new", "gamma3": "new", "gamma10": "new",
+    "gamma2": "new",
 }  # fmt: skip
 
 EMULATION = {
