@@ -54,6 +54,16 @@ def rank_batches(num_samples: int, batch_size: int, seed: int, rank: int, world:
     ]
 
 
+def block_batches(num_samples: int, batch_size: int, seed: int, rank: int, world: int) -> list:
+    """The batches of :func:`rank_batches` (the same starts, sizes and seeds), each rank taking a
+    contiguous run of them instead of taking them in turn: rank r's share (:func:`rank_share`)
+    follows those of ranks 0 … r − 1, so that what the ranks hold, gathered in rank order (a
+    torchmetrics ``cat`` state), is in sample order, as one process holds it."""
+    every = rank_batches(num_samples, batch_size, seed, 0, 1)
+    first = sum(rank_share(len(every), r, world) for r in range(rank))
+    return every[first : first + rank_share(len(every), rank, world)]
+
+
 def max_over_ranks(value: float, world: int) -> float:
     """The largest ``value`` over the ``world`` ranks (the slowest rank's seconds)."""
     if world == 1:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from diffusion_apps.diffusion import Spacing
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 GRID_MAX = 256  # images in grid.png
 NPZ = "samples.npz"
@@ -84,10 +87,9 @@ def sample(
     )
     from diffusion_apps.distributed import first_images, process_group, rank_batches
     from diffusion_apps.evaluation.protocol import sample_batches
-    from diffusion_apps.images import save_grid, save_png, to_unit
+    from diffusion_apps.images import save_grid
     from diffusion_apps.methods import ClassifierGuidedDDPM
     from diffusion_apps.methods.protocol import SampleRequest, generation_of, sample_instead
-    from diffusion_apps.npz import NpzWriter
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(
@@ -137,28 +139,15 @@ def sample(
         for folder in made:
             folder.rmdir()
         raise
-    stale = [p for p in out.glob("[0-9]" * 6 + ".png") if int(p.stem) >= num_samples]
-    if stale and process_group()[0] == 0:  # the others are overwritten by this run
-        for path in stale:
-            path.unlink()
-        print(f"removed {len(stale)} samples of an earlier, larger run from {out}")
-
     rank, world = process_group()
     shown = []  # (start, images) of the grid's batches
     mine = rank_batches(num_samples, batch_size, seed, rank, world)
     batches = sample_batches(module, mine, precision, labels, prompts, **settings)
-    with contextlib.ExitStack() as files:
-        bar = files.enter_context(
-            tqdm(total=len(mine), desc=f"{sampler}-{steps}", unit="batch", disable=rank != 0)
-        )
-        arrays = NpzWriter(out / NPZ, num_samples, shape, labelled, rank, world) if npz else None
-        writer = files.enter_context(arrays) if arrays else None
+    files = SampleFiles(out, num_samples, shape, labelled, png, npz, rank, world)
+    bar = tqdm(total=len(mine), desc=f"{sampler}-{steps}", unit="batch", disable=rank != 0)
+    with files, bar:
         for start, batch, inputs, _ in batches:
-            if png:
-                for i, img in enumerate(to_unit(batch)):
-                    save_png(img, out / f"{start + i:06d}.png")
-            if writer:
-                writer.write(start, batch, inputs.get("labels"))
+            files.write(start, batch, inputs.get("labels"))
             if start < GRID_MAX:
                 shown.append((start, batch[: GRID_MAX - start].cpu()))
             bar.update()
@@ -168,6 +157,57 @@ def sample(
         kinds = [what for what, wanted in (("PNGs", png), (NPZ, npz)) if wanted]
         print(f"wrote {num_samples} samples ({', '.join(kinds) or 'grid only'}) to {out}")
     return out
+
+
+class SampleFiles:
+    """N samples written as files into one folder batch by batch, as they are drawn, by one
+    process or by every rank of a ``torchrun`` launch (each its own batches): ``000000.png``…
+    named by sample index, each whole or absent (:func:`~diffusion_apps.images.save_png`), and
+    ``samples.npz`` in the ADM evaluator's layout (:class:`~diffusion_apps.npz.NpzWriter`: there
+    once the ``with`` block is left without an error, else absent). Numbered PNGs of an earlier,
+    larger run in the folder are removed on entry (said), so that it holds one set.
+
+    Args:
+        out: the folder (it exists).
+        num: N.
+        shape: (C, H, W) of the images.
+        labels: whether the batches come with labels (the npz's ``arr_1``).
+        png, npz: which files to write.
+        rank, world: this process, and how many write.
+    """
+
+    def __init__(
+        self, out: Path, num: int, shape: Sequence[int], labels: bool, png: bool = True,
+        npz: bool = True, rank: int = 0, world: int = 1,
+    ) -> None:  # fmt: skip
+        from diffusion_apps.npz import NpzWriter
+
+        self.out, self.num, self.png, self.rank = Path(out), num, png, rank
+        self.arrays = NpzWriter(self.out / NPZ, num, shape, labels, rank, world) if npz else None
+
+    def __enter__(self) -> SampleFiles:
+        stale = [p for p in self.out.glob("[0-9]" * 6 + ".png") if int(p.stem) >= self.num]
+        if stale and self.rank == 0:  # the others are overwritten by this run
+            for path in stale:
+                path.unlink()
+            print(f"removed {len(stale)} samples of an earlier, larger run from {self.out}")
+        if self.arrays is not None:
+            self.arrays.__enter__()
+        return self
+
+    def write(self, start: int, images: Tensor, labels: Sequence[int] | None = None) -> None:
+        """Images (B, C, H, W) in [−1, 1] (and their B labels) as samples start … start+B−1."""
+        from diffusion_apps.images import save_png, to_unit
+
+        if self.png:
+            for i, image in enumerate(to_unit(images)):
+                save_png(image, self.out / f"{start + i:06d}.png")
+        if self.arrays is not None:
+            self.arrays.write(start, images, labels)
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self.arrays is not None:
+            self.arrays.__exit__(kind, error, trace)
 
 
 def probe(module, inputs: dict, settings: dict) -> tuple[tuple[int, ...], bool]:
