@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion_apps.data import sources
+from diffusion_apps.data import index, sources
 from diffusion_apps.data.sampler import ResumableSampler
 
 Source = Literal["digits", "mnist", "fashion_mnist", "cifar10", "celeba", "folder"]
@@ -18,14 +18,24 @@ _WRAPPED = f"{sources.UnreadableImage.__module__}.{sources.UnreadableImage.__qua
 class ImageLoader(DataLoader):
     """A DataLoader whose unreadable image, found in a worker process, still stops the run with
     its own one-line message: torch re-raises a worker's error with the worker's traceback as
-    its message, which ends with the original one."""
+    its message, which ends with the original one. With ``bad_images="skip"``, each pass that
+    skipped files ends with a warning that counts them, summed over its workers."""
 
     def __iter__(self):
+        before = getattr(self.dataset, "skipped", 0)
         try:
             yield from super().__iter__()
         except sources.UnreadableImage as err:
             message = str(err).splitlines()[-1].removeprefix(_WRAPPED)
             raise sources.UnreadableImage(message) from None
+        finally:
+            skipped = getattr(self.dataset, "skipped", 0) - before
+            if skipped:
+                warnings.warn(
+                    f"bad_images='skip': {skipped} unreadable image file{'s' * (skipped > 1)} "
+                    f"skipped in this pass over {len(self.dataset)} images (each named above)",
+                    stacklevel=2,
+                )
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -56,7 +66,11 @@ class ImageDataModule(L.LightningDataModule):
             truncated data, float pixels that are NaN or outside [0, 1] and [0, 255]) does:
             "stop" with an error naming it, or "skip" it with a warning naming it (files found
             by the check in ``setup`` are left out and counted; one that breaks later is
-            replaced by the next file).
+            replaced by the next file), each pass's count in a warning at its end and the total
+            in :attr:`skipped_images`.
+        verify: for "folder", when files are checked: "lazy" as a loader worker decodes each
+            (nothing is opened in ``setup``, for folders of millions of files), or "setup":
+            all of them up front, in threads, so a bad file stops the run before training.
         captions: for "folder", each image's caption from the ``.txt`` file of its stem beside
             it (``a.png`` + ``a.txt``; UTF-8, white space collapsed; an empty file is the empty
             caption). Checked in ``setup``: images without one are an error naming their files.
@@ -76,6 +90,7 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = True,
         pin_memory: bool | None = None,
         bad_images: Literal["stop", "skip"] = "stop",
+        verify: Literal["lazy", "setup"] = "lazy",
         captions: bool = False,
     ):
         super().__init__()
@@ -87,6 +102,7 @@ class ImageDataModule(L.LightningDataModule):
             ("num_workers", num_workers, num_workers >= 0),
             ("val_fraction", val_fraction, 0.0 < val_fraction < 1.0),
             ("bad_images", bad_images, bad_images in ("stop", "skip")),
+            ("verify", verify, verify in ("lazy", "setup")),
         ]
         for option, value, ok in checks:
             if not ok:
@@ -101,11 +117,11 @@ class ImageDataModule(L.LightningDataModule):
         self.image_size, self.channels = image_size, channels
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.val_fraction, self.seed, self.random_flip = val_fraction, seed, random_flip
-        self.skip_bad, self.captions = bad_images == "skip", captions
+        self.skip_bad, self.verify, self.captions = bad_images == "skip", verify, captions
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.class_names: list[str] | None = None  # set for a labelled "folder"
-        self._folder: tuple | None = None  # cached scan_folder(root)
+        self._folder: tuple | None = None  # folder_index(root)
         self._resume_at = (0, 0)  # (epoch, batches of it already trained on)
 
     @property
@@ -118,9 +134,16 @@ class ImageDataModule(L.LightningDataModule):
             return len(names) if names else None
         return None if self.dataset == "celeba" else 10
 
+    @property
+    def skipped_images(self) -> int:
+        """Unreadable files skipped so far (``bad_images="skip"``) by this process's loaders,
+        summed over their workers; under DDP each rank counts the files of its own share."""
+        sets = (self.train_set, self.val_set)
+        return sum(getattr(s, "skipped", 0) for s in sets if s is not None)
+
     def _scan_folder(self) -> tuple:
         if self._folder is None:
-            self._folder = sources.scan_folder(self.root)
+            self._folder = index.folder_index(self.root)
             self.class_names = self._folder[2]
         return self._folder
 
@@ -131,7 +154,8 @@ class ImageDataModule(L.LightningDataModule):
                 sources.torchvision_split(self.dataset, self.root, train, download=True)
 
     def setup(self, stage: str | None = None) -> None:
-        """Builds ``train_set`` and ``val_set``; idempotent. Folder images are verified here."""
+        """Builds ``train_set`` and ``val_set``; idempotent. A folder's file index is read from
+        its cache when the folder has not changed (:mod:`~diffusion_apps.data.index`)."""
         if self.train_set is not None:
             return
         size, ch = self.image_size, self.channels
@@ -142,7 +166,11 @@ class ImageDataModule(L.LightningDataModule):
             return
         if self.dataset == "folder":
             files, labels, names = self._scan_folder()
-            keep = sources.verify_images(files, self.skip_bad)
+            keep = (
+                sources.verify_images(files, self.skip_bad)
+                if self.verify == "setup"
+                else range(len(files))
+            )
             items = [(files[i], labels[i]) for i in keep]
             if self.captions:
                 captions = sources.read_captions([path for path, _ in items])

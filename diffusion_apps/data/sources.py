@@ -8,6 +8,7 @@ imported inside functions because CLI start-up time matters.
 
 import functools
 import importlib.util
+import multiprocessing
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -154,10 +155,31 @@ def cannot_read(path: Path, err: BaseException) -> UnreadableImage:
     return UnreadableImage(f"dataset='folder': cannot read image file {_named(path, err)}")
 
 
+def read_image(path: Path, mode: str):
+    """The image file ``path`` in ``mode`` (:func:`convert_image`), checked as it is decoded:
+    the whole of its data is decoded, which fails on a truncated or corrupt JPEG or other
+    format, and a PNG's chunk checksums are verified first, since a PNG cut short by a few bytes
+    still decodes. The check of :func:`verify_images`, made lazily in a loader worker.
+
+    Raises:
+        UnreadableImage: naming ``path`` and why.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.format == "PNG":
+                image.verify()  # leaves the image unusable: it is opened again below
+        with Image.open(path) as image:  # closes the file of lazily opened images
+            return convert_image(image, mode)  # a converted copy: every pixel decoded
+    except Exception as err:  # truncated or corrupt data, pixels without a colour
+        raise cannot_read(path, err) from err
+
+
 class PILImageDataset(Dataset):
-    """Wraps a dataset of (PIL image or file path, target, *extra): converts
-    (:func:`convert_image`), transforms; items are (image, label, *extra), ``extra`` as given
-    (an image's caption).
+    """Wraps a dataset of (PIL image or file path, target, *extra): reads files
+    (:func:`read_image`), converts (:func:`convert_image`), transforms; items are (image,
+    label, *extra), ``extra`` as given (an image's caption).
 
     Args:
         base: yields (PIL image or Path, target, *extra); target is ignored when ``labelled`` is
@@ -165,9 +187,13 @@ class PILImageDataset(Dataset):
         transform: from :func:`pil_transform`.
         channels: 1 -> PIL mode "L", 3 -> "RGB".
         labelled: whether targets are class indices; otherwise every label is -1.
-        skip_bad: a file that cannot be read (changed since :func:`verify_images` passed it) is
-            replaced by the next one that can, with a warning naming it; otherwise
+        skip_bad: a file that cannot be read is replaced by the next one that can, with a
+            warning naming it, and counted in :attr:`skipped`; otherwise
             :class:`UnreadableImage` names it.
+
+    Attributes:
+        skipped: with ``skip_bad``, files skipped so far, summed over the loader's worker
+            processes (a counter in shared memory, which the workers inherit).
     """
 
     def __init__(
@@ -181,6 +207,11 @@ class PILImageDataset(Dataset):
         self.base, self.transform, self.labelled = base, transform, labelled
         self.channels, self.skip_bad = channels, skip_bad
         self.mode = "L" if channels == 1 else "RGB"
+        self._skipped = multiprocessing.Value("q", 0) if skip_bad else None
+
+    @property
+    def skipped(self) -> int:
+        return self._skipped.value if self._skipped is not None else 0
 
     def __len__(self) -> int:
         return len(self.base)
@@ -191,28 +222,23 @@ class PILImageDataset(Dataset):
         for j in range(i, i + len(self)):
             image, target, *extra = self.base[j % len(self)]
             try:
-                x = self._tensor(image)
+                x = self.tensor(image)
             except UnreadableImage as err:
                 if not self.skip_bad:
                     raise
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
                 warnings.warn(f"{err}; skipped, the next image in its place", stacklevel=2)
                 continue
             label = int(target) if self.labelled else -1
             return x, torch.tensor(label, dtype=torch.int64), *extra
         raise UnreadableImage(f"dataset='folder': none of the {len(self)} images can be read")
 
-    def _tensor(self, image) -> torch.Tensor:
-        from PIL import Image
-
-        if not isinstance(image, Path):
-            x = self.transform(convert_image(image, self.mode))
-        else:
-            try:
-                with Image.open(image) as opened:  # closes the file of lazily opened images
-                    x = self.transform(convert_image(opened, self.mode))
-            except Exception as err:  # truncated or corrupt data, pixels without a colour
-                raise cannot_read(image, err) from err
-        return x.expand(self.channels, -1, -1)  # (C, H, W); a mode "F" image has one channel
+    def tensor(self, image) -> torch.Tensor:
+        """(C, H, W) in [-1, 1] of a PIL image or an image file (:func:`read_image`)."""
+        read = read_image if isinstance(image, Path) else convert_image
+        x = self.transform(read(image, self.mode))
+        return x.expand(self.channels, -1, -1)  # a mode "F" image has one channel
 
 
 def torchvision_split(name: str, root: str, train: bool, download: bool) -> Dataset:
@@ -242,27 +268,38 @@ def listing(items: Sequence, most: int = 5) -> str:
     return shown if len(items) <= most else f"{shown}, … ({len(items)} in all)"
 
 
-def scan_folder(root: str) -> tuple[list[Path], list[int], list[str] | None]:
-    """Image files under ``root`` (recursive, extension case-insensitive, skipping hidden paths).
+def walk_images(base: Path) -> tuple[list[Path], dict[str, int]]:
+    """Image files under ``base`` (recursive, extension case-insensitive, hidden paths skipped,
+    symbolic links to folders not followed), sorted; and each folder walked, relative to
+    ``base``, with its modification time (ns), read before it is listed so that a change made
+    while walking shows as a newer time. One ``scandir`` per folder: files are not opened, and
+    regular files are not even stat'ed (their kind comes with the listing)."""
+    files, folders, stack = [], {}, [base]
+    while stack:
+        folder = stack.pop()
+        folders[folder.relative_to(base).as_posix()] = folder.stat().st_mtime_ns
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                    continue
+                image = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+                if image and entry.is_file():  # a link to a file counts, a broken one not
+                    files.append(Path(entry.path))
+    return sorted(files), folders
 
-    Labels come from first-level sub-folders when every image sits in one (class names sorted
-    to indices); otherwise all labels are -1 and class names are None. Images at the top of
-    ``root`` beside two or more such sub-folders are refused: a stray file would otherwise
+
+def label_files(base: Path, files: list[Path]) -> tuple[list[Path], list[int], list[str] | None]:
+    """Labels from first-level sub-folders when every file sits in one (class names sorted to
+    indices); otherwise all labels are -1 and class names are None. Files at the top of
+    ``base`` beside two or more such sub-folders are refused: a stray file would otherwise
     silently drop the labels of a class tree.
 
     Returns:
-        files (sorted), labels, class_names.
+        files, labels, class_names.
     """
-    base = Path(root)
-    if not base.is_dir():
-        raise FileNotFoundError(f"dataset='folder': root {str(base)!r} is not a directory")
-    files = sorted(
-        p
-        for p in base.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(base).parts)
-        and p.is_file()
-    )
     if not files:
         patterns = ", ".join(f"*{e}" for e in IMAGE_EXTENSIONS)
         raise FileNotFoundError(f"dataset='folder': no images ({patterns}) found under {base}")
@@ -281,6 +318,25 @@ def scan_folder(root: str) -> tuple[list[Path], list[int], list[str] | None]:
             "unlabelled one"
         )
     return files, [-1] * len(files), None
+
+
+def folder_root(root: str) -> Path:
+    """``root`` as a Path, which must be a directory."""
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"dataset='folder': root {str(base)!r} is not a directory")
+    return base
+
+
+def scan_folder(root: str) -> tuple[list[Path], list[int], list[str] | None]:
+    """Image files under ``root`` (:func:`walk_images`) and their labels (:func:`label_files`),
+    uncached (:func:`~diffusion_apps.data.index.folder_index` caches them).
+
+    Returns:
+        files (sorted), labels, class_names.
+    """
+    base = folder_root(root)
+    return label_files(base, walk_images(base)[0])
 
 
 def caption_file(image: Path) -> Path:

@@ -1,6 +1,7 @@
 """Image folders never convert silently: 16-bit and float pixels keep their values, and files
 that cannot be read faithfully (NaN pixels, truncated data, a stray file beside class folders)
-are refused or skipped with their name."""
+are refused or skipped with their name, whether checked up front (``verify="setup"``) or as a
+loader decodes them (``verify="lazy"``, the default, which opens nothing in ``setup``)."""
 
 import io
 
@@ -25,6 +26,15 @@ def folder(root, pixels: np.ndarray, n: int = 4, suffix: str = ".png"):
 def items(dm: ImageDataModule) -> list[torch.Tensor]:
     dm.setup()
     return [x for ds in (dm.train_set, dm.val_set) for x, _ in ds]
+
+
+def check(dm: ImageDataModule) -> None:
+    """Reads every file the way ``dm.verify`` says: ``setup``, or ``setup`` and then a pass of
+    each loader (where a lazily checked file fails)."""
+    dm.setup()
+    if dm.verify == "lazy":
+        for loader in (dm.train_dataloader(), dm.val_dataloader()):
+            list(loader)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -57,14 +67,15 @@ def test_float_tiff_keeps_its_values(tmp_path, scale):
     ],
     ids=["nan", "float-out-of-range", "int32-out-of-range"],
 )
-def test_pixels_without_a_colour_are_refused(tmp_path, value, named):
+@pytest.mark.parametrize("verify", ["setup", "lazy"])
+def test_pixels_without_a_colour_are_refused(tmp_path, value, named, verify):
     root = folder(tmp_path, np.full((8, 8), 0.5, np.float32), suffix=".tif")
     bad = root / "bad.tif"
     pixels = np.ones((8, 8), value.dtype)
     pixels[2, 3] = value
     Image.fromarray(pixels).save(bad)
     with pytest.raises(ValueError, match=f"cannot read image file {bad} .*{named}"):
-        ImageDataModule("folder", root=str(root)).setup()
+        check(ImageDataModule("folder", root=str(root), batch_size=1, verify=verify))
 
 
 def jpeg_bytes(seed: int = 0, cut: bool = False) -> bytes:
@@ -87,22 +98,73 @@ def cut_jpeg(tmp_path):
     return tmp_path, bad
 
 
-def test_truncated_jpeg_stops_naming_it(cut_jpeg):
+@pytest.mark.parametrize("verify", ["setup", "lazy"])
+def test_truncated_jpeg_stops_naming_it(cut_jpeg, verify):
     root, bad = cut_jpeg
     with pytest.raises(ValueError) as error:
-        ImageDataModule("folder", root=str(root)).setup()
+        check(ImageDataModule("folder", root=str(root), batch_size=2, verify=verify))
     message = str(error.value)
     assert f"cannot read image file {bad} (OSError: image file is truncated" in message
     assert "\n" not in message
 
 
-def test_truncated_jpeg_is_skipped_and_counted(cut_jpeg):
+def test_truncated_jpeg_is_skipped_and_counted_in_setup(cut_jpeg):
     root, bad = cut_jpeg
-    dm = ImageDataModule("folder", root=str(root), bad_images="skip", val_fraction=0.2)
+    dm = ImageDataModule(
+        "folder", root=str(root), bad_images="skip", val_fraction=0.2, verify="setup"
+    )
     with pytest.warns(UserWarning, match=f"skipped 1 of 7 image files.*{bad} \\(OSError"):
         dm.setup()
     assert len(dm.train_set) + len(dm.val_set) == 6
     assert bad not in [path for ds in (dm.train_set, dm.val_set) for path, _ in ds.base]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_truncated_jpeg_is_skipped_lazily_and_counted_over_workers(cut_jpeg, num_workers):
+    """setup opens nothing; the pass that meets the cut file puts the next file in its place,
+    counts it in the workers' shared counter and says so when it ends, every pass."""
+    root, bad = cut_jpeg
+    dm = ImageDataModule(
+        "folder",
+        root=str(root),
+        bad_images="skip",
+        num_workers=num_workers,
+        batch_size=1,
+        val_fraction=0.5,
+    )
+    dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) == 7
+    train = bad in [path for path, _ in dm.train_set.base]
+    dataset, loader = (
+        (dm.train_set, dm.train_dataloader) if train else (dm.val_set, dm.val_dataloader)
+    )
+    (place,) = [i for i, (path, _) in enumerate(dataset.base) if path == bad]
+    after = dataset.base[(place + 1) % len(dataset)][0]
+    for epoch in (1, 2):
+        with pytest.warns(UserWarning, match="1 unreadable image file skipped in this pass"):
+            batches = list(loader())
+        assert len(batches) == len(dataset)  # the next file stands in for the bad one
+        assert dm.skipped_images == epoch
+    expected = dataset.tensor(after)
+    assert sum(torch.equal(x[0], expected) for x, _ in batches) == 2
+
+
+def png_bytes(cut: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(buffer, format="PNG")
+    return buffer.getvalue()[: -cut or None]
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)), png_bytes(cut=20)], ids=["junk", "cut"])
+def test_a_corrupt_png_stops_lazily_naming_it(tmp_path, content):
+    """A PNG short of its last 20 bytes still decodes; its chunk checksums give it away."""
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes())
+    (tmp_path / "2b.png").write_bytes(content)
+    dm = ImageDataModule("folder", root=str(tmp_path), batch_size=1, val_fraction=0.5)
+    dm.setup()  # opens nothing
+    with pytest.raises(ValueError, match=f"cannot read image file {tmp_path / '2b.png'} "):
+        check(dm)
 
 
 def cut_after_setup(root, **options):
