@@ -81,7 +81,7 @@ def png_bytes() -> bytes:
 def test_corrupt_file_is_named(labelled, content):
     bad = labelled / "dog" / "broken.png"
     bad.write_bytes(content)
-    dm = ImageDataModule("folder", root=str(labelled))
+    dm = ImageDataModule("folder", root=str(labelled), verify="setup")  # lazy: test_data_bad_images
     with pytest.raises(ValueError, match=str(bad)):
         dm.setup()
 
