@@ -174,6 +174,11 @@ REDUCED = {
         "--model.init_args.discriminator.init_args.base_channels", "16",
     ],
     "ldm_celebahq256": W32,
+    "adm_imagenet64": W32 + ["--model.init_args.unet.init_args.num_head_channels", "32"],
+    "adm_classifier_imagenet64": [
+        "--model.init_args.classifier.init_args.base_channels", "32",
+        "--model.init_args.classifier.init_args.num_head_channels", "32",
+    ],
 }  # fmt: skip
 # where the second config of a chain keeps the first's state in its own state dict
 FROZEN_PREFIX = {
@@ -188,18 +193,25 @@ CHAINS = [  # each after the ones it builds on (their checkpoints are its frozen
     ["ddpm_celeba64", "pdae_celeba64"],
     ["diffae_ffhq128", "diffae_ffhq128_latent"],
     ["ldm_celebahq256_autoencoder", "ldm_celebahq256"],
+    # class-conditional, from the labelled folder; the classifier takes the DDPM's schedule
+    ["adm_imagenet64", "adm_classifier_imagenet64"],
 ]
+LABELLED = {"adm_imagenet64", "adm_classifier_imagenet64"}
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
+    """12 random 48x48 PNGs in ``plain/``, and the same in two class sub-folders (ImageNet's
+    layout) in ``labelled/``."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("images")
     gen = torch.Generator().manual_seed(0)
     for i in range(12):
-        pixels = torch.randint(0, 256, (48, 48, 3), generator=gen, dtype=torch.uint8)
-        Image.fromarray(pixels.numpy()).save(root / f"{i:02d}.png")
+        image = Image.fromarray(torch.randint(0, 256, (48, 48, 3), generator=gen).byte().numpy())
+        for folder in (root / "plain", root / "labelled" / f"n0{i % 2}"):
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{i:02d}.png")
     return root
 
 
@@ -210,7 +222,8 @@ def test_one_training_step(chain, image_folder, in_tmp):
     from diffusion_apps.checkpoint import read_checkpoint
     from diffusion_apps.cli import main
 
-    data = ["--data.init_args.dataset", "folder", "--data.init_args.root", str(image_folder),
+    folder = image_folder / ("labelled" if chain[0] in LABELLED else "plain")
+    data = ["--data.init_args.dataset", "folder", "--data.init_args.root", str(folder),
             "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0"]  # fmt: skip
     cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision",
            "32-true", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]  # fmt: skip
@@ -220,7 +233,7 @@ def test_one_training_step(chain, image_folder, in_tmp):
         saved[name] = read_checkpoint(in_tmp / f"runs/{name}/version_0/checkpoints/last.ckpt")
         assert saved[name]["global_step"] == 1
         assert all(torch.isfinite(v).all() for v in saved[name]["state_dict"].values())
-    if len(chain) == 2:  # the second holds the first's (EMA) weights, frozen: unchanged
+    if chain[-1] in FROZEN_PREFIX:  # the second holds the first's (EMA) weights, frozen: unchanged
         first, second = (saved[n]["state_dict"] for n in chain)
         prefix = FROZEN_PREFIX[chain[1]]
         shared = [k for k in first if prefix + k in second]

@@ -29,6 +29,19 @@ from diffusion_apps.nn import UNet
 TimestepSampling = Literal["uniform", "importance"]
 
 
+def labelled(labels: Tensor, num_classes: int, method: str) -> Tensor:
+    """A training batch's class labels, checked to be in [0, ``num_classes``): a folder without
+    class sub-folders gives label −1."""
+    if labels.min() < 0 or labels.max() >= num_classes:
+        found = sorted(set(labels.tolist()))
+        raise ValueError(
+            f"a class-conditional {method} needs labels in [0, {num_classes}) (a folder: one "
+            f"sub-folder per class), this batch has {found[:5]}"
+            + (" (-1: unlabelled data)" if found[0] < 0 else "")
+        )
+    return labels
+
+
 class DDPM(DDPMSampling, DiffusionMethod):
     """Denoising diffusion probabilistic model with an ε (or x0, v) parametrised UNet.
 
@@ -49,6 +62,12 @@ class DDPM(DDPMSampling, DiffusionMethod):
     (E[m²]/E[m]² = 2.65). Not with a learned variance, whose L_vlb is not reweighted. The
     Monte-Carlo device of improved DDPM's importance-sampled L_vlb (Nichol & Dhariwal 2021,
     §3.3), with a fixed proposal instead of a loss history.
+
+    Class-conditional (ADM, Dhariwal & Nichol 2021, ``class_cond``): a UNet built with
+    ``num_classes`` K is trained on ε_θ(x_t, t, y) with y the batch's labels (a folder's class
+    sub-folders) and sampled for labels asked (default 0, 1, …, K−1 in turn). No label dropout:
+    ADM's conditional models are sampled at the label, guided by a classifier at most
+    (:class:`~diffusion_apps.methods.guided.ClassifierGuidedDDPM`).
 
     Learned variance (Nichol & Dhariwal 2021, ``variance="learned"``): the UNet outputs 2C
     channels [f_θ, v], f_θ the chosen parametrisation and v the interpolation of eq. 15,
@@ -166,6 +185,11 @@ class DDPM(DDPMSampling, DiffusionMethod):
         """Shape of one sample: the network's ``sample_shape``, (C, H, W) for the UNet."""
         return tuple(self.unet.sample_shape)
 
+    @property
+    def class_conditional(self) -> bool:
+        """Whether the network takes class labels y (a UNet built with ``num_classes``)."""
+        return getattr(self.unet, "num_classes", None) is not None
+
     def setup(self, stage: str) -> None:
         data = getattr(self.trainer, "datamodule", None)
         shape = (getattr(data, "channels", None), getattr(data, "image_size", None))
@@ -251,8 +275,11 @@ class DDPM(DDPMSampling, DiffusionMethod):
 
     def conditioning(self, x0: Tensor, batch=None) -> dict[str, Tensor]:
         """The network's inputs besides (x_t, t) for clean data x0 of ``batch`` (images, labels):
-        none for DDPM."""
-        return {}
+        for a class-conditional UNet (``num_classes``: ADM's ``class_cond``) the labels as y,
+        ε_θ(x_t, t, y); none otherwise."""
+        if not self.class_conditional:
+            return {}
+        return {"y": labelled(batch[1], self.unet.num_classes, type(self).__name__)}
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x0 = self.diffused(batch[0])
@@ -273,9 +300,12 @@ class DDPM(DDPMSampling, DiffusionMethod):
             self.log_validation_images(batch[0])
 
     def log_validation_images(self, x0: Tensor) -> None:
-        """TensorBoard pictures of the first validation batch x0: a grid of fixed-seed samples."""
+        """TensorBoard pictures of the first validation batch x0: a grid of fixed-seed samples
+        (of a class-conditional model the classes 0, 1, … in turn, one column each up to K = 16)."""
         gen = torch.Generator(self.device).manual_seed(0)
-        self.log_images("samples", self.sample(self.num_val_samples, generator=gen))
+        k = self.unet.num_classes if self.class_conditional else None
+        nrow = k if k is not None and k <= 16 else None
+        self.log_images("samples", self.sample(self.num_val_samples, generator=gen), nrow)
 
     def test_step(self, batch, batch_idx: int) -> None:
         self.log("test/loss", self._heldout_loss(batch, batch_idx), sync_dist=True)

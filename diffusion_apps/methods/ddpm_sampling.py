@@ -21,8 +21,9 @@ from diffusion_apps.methods.protocol import Generation, SampleRequest
 
 class DDPMSampling:
     """Sampling of a DDPM-like module: it has ``schedule``, ``model_output`` (ε̂, or [ε̂, v]),
-    ``sample_shape`` and the configured ``sampler``, ``sample_steps``, ``eta``,
-    ``timestep_spacing``, ``variance`` and ``clip_x0`` (see :class:`DDPM`'s arguments)."""
+    ``sample_shape``, ``class_conditional``, ``unet`` and the configured ``sampler``,
+    ``sample_steps``, ``eta``, ``timestep_spacing``, ``variance`` and ``clip_x0`` (see
+    :class:`DDPM`'s arguments)."""
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """One sample per item of the batch, item i of the predict set drawn on its own
@@ -34,8 +35,10 @@ class DDPMSampling:
 
     def predict_item(self, index: int) -> Tensor:
         """Item ``index`` of ``predict``: one sample (1, C, H, W) from a generator seeded
-        ``index``."""
-        return self.sample(1, generator=torch.Generator(self.device).manual_seed(index))
+        ``index``; a class-conditional model's of class ``index`` mod K, so the classes cycle over
+        the predict set."""
+        gen = torch.Generator(self.device).manual_seed(index)
+        return self.sample(1, generator=gen, **self.generation.inputs_for(index, 1))
 
     def timesteps(
         self, steps: int, spacing: Spacing | None = None, sampler: Sampler | None = None
@@ -59,10 +62,18 @@ class DDPMSampling:
 
     @property
     def generation(self) -> Generation:
-        """Unconditional samples of the three samplers (:mod:`~diffusion_apps.methods.protocol`)."""
+        """Samples of the three samplers (:mod:`~diffusion_apps.methods.protocol`): unconditional,
+        or of a class-conditional network each asked for a class label (default 0, 1, …, K−1)."""
+        if not self.class_conditional:
+            return Generation(
+                SAMPLERS, self.sampler, self.sample_steps, inputs=("x_T",),
+                max_steps=self.schedule.num_timesteps,
+            )  # fmt: skip
         return Generation(
-            SAMPLERS, self.sampler, self.sample_steps, inputs=("x_T",),
-            max_steps=self.schedule.num_timesteps,
+            SAMPLERS, self.sampler, self.sample_steps, inputs=("labels", "x_T"),
+            num_classes=self.unet.num_classes, max_steps=self.schedule.num_timesteps,
+            note=f"Class-conditional rows ({type(self).__name__}): asked for the classes 0, 1, …, "
+            "K−1 in turn; accuracy is the share classified as asked.",
         )  # fmt: skip
 
     def nfe(self, sampler: str, steps: int) -> int:
@@ -71,11 +82,21 @@ class DDPMSampling:
         return steps
 
     def generate(self, num_samples: int, request: SampleRequest) -> Tensor:
-        """:meth:`draw` of the request, clamped to [−1, 1]."""
+        """:meth:`draw` of the request, clamped to [−1, 1]; sample i of a class-conditional model
+        of class ``labels[i]`` (:meth:`label_inputs`)."""
         r = request
         x0 = self.draw(num_samples, r.sampler, r.steps, r.eta, r.generator, r.progress,
-                       x_T=r.x_T, spacing=r.spacing)  # fmt: skip
+                       x_T=r.x_T, spacing=r.spacing,
+                       **self.label_inputs(num_samples, r.labels))  # fmt: skip
         return x0.clamp(-1, 1)
+
+    def label_inputs(self, num_samples: int, labels=None) -> dict[str, Tensor]:
+        """The network's y for ``num_samples`` samples of a class-conditional model: ``labels``
+        cycled (default 0, 1, …, K−1); {} for an unconditional one."""
+        if not self.class_conditional:
+            return {}
+        chosen = self.generation.inputs_for(0, num_samples, labels)["labels"]
+        return {"y": torch.tensor(chosen, dtype=torch.long, device=self.device)}
 
     @torch.no_grad()
     def draw(

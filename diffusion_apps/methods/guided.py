@@ -120,7 +120,10 @@ class NoisyClassifier(DiffusionMethod):
 
 
 class ClassifierGuidedDDPM(Generates, LightningModule):
-    """Class-conditional samples of a frozen unconditional DDPM, guided by a noisy classifier.
+    """Class-conditional samples of a frozen DDPM, guided by a noisy classifier: of an
+    unconditional DDPM (the paper's ADM-G on LSUN), or of a class-conditional one, ε_θ(x_t, t, y)
+    asked for the guided class y (ADM-G on ImageNet, guided-diffusion's ``model_fn`` with
+    ``class_cond``).
 
     With g = ∇_{x_t} log p_φ(y | x_t) (computed on a detached x_t, the DDPM never sees a
     gradient) and gradient scale s:
@@ -136,7 +139,8 @@ class ClassifierGuidedDDPM(Generates, LightningModule):
     ``device`` of both parts, which the DDPM's sampling loop draws x_T on.
 
     Args:
-        ddpm: the unconditional model (frozen here: no gradients, eval mode).
+        ddpm: the diffusion model (frozen here: no gradients, eval mode); a class-conditional
+            one must have the classifier's classes.
         classifier: a :class:`NoisyClassifier` trained on the same schedule.
     """
 
@@ -152,6 +156,12 @@ class ClassifierGuidedDDPM(Generates, LightningModule):
         if tuple(ddpm.sample_shape) != shape:
             raise ValueError(
                 f"the classifier takes {shape} images, the DDPM draws {tuple(ddpm.sample_shape)}"
+            )
+        k = ddpm.unet.num_classes if ddpm.class_conditional else classifier.num_classes
+        if k != classifier.num_classes:
+            raise ValueError(
+                f"the classifier tells {classifier.num_classes} classes, the class-conditional "
+                f"DDPM takes {k}"
             )
         self.ddpm = ddpm.requires_grad_(False).eval()
         self.classifier = classifier.requires_grad_(False).eval()
@@ -175,7 +185,7 @@ class ClassifierGuidedDDPM(Generates, LightningModule):
         clipped = ddpm.sampling_eps()
 
         def eps(x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
-            return clipped(x_t, t)
+            return clipped(x_t, t, y=y) if ddpm.class_conditional else clipped(x_t, t)
 
         if scale == 0:
             return eps

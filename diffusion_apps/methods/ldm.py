@@ -15,7 +15,7 @@ from diffusion_apps.data.captions import DIGIT_DATASETS, DIGITS, WORDS, describe
 from diffusion_apps.diffusion import NoiseSchedule, Sampler, classifier_free_guidance
 from diffusion_apps.distributed import pooled_mean_std
 from diffusion_apps.methods.autoencoder_kl import AutoencoderKL
-from diffusion_apps.methods.ddpm import DDPM
+from diffusion_apps.methods.ddpm import DDPM, labelled
 from diffusion_apps.methods.protocol import Generation, SampleRequest
 from diffusion_apps.nn import CaptionEncoder, ClassEmbedder, UNet
 
@@ -181,12 +181,7 @@ class LatentDiffusion(DDPM):
         labels = batch[1]
         if isinstance(self.condition, CaptionEncoder):
             return self.condition.tokenize(self.captions(batch), labels.device)
-        if labels.min() < 0:
-            raise ValueError(
-                "a class-conditional LDM needs labelled data (a folder: one sub-folder per "
-                "class); this dataset has label -1"
-            )
-        return labels
+        return labelled(labels, self.condition.num_classes, type(self).__name__)
 
     def conditioning(self, x0: Tensor, batch) -> dict[str, Tensor]:
         """{"context": τ_θ(y)}, y replaced by ∅ for a fraction ``cond_drop`` in training."""
@@ -279,14 +274,6 @@ class LatentDiffusion(DDPM):
             eps_fn = classifier_free_guidance(self.eps, w, {"context": null})
         x0 = self.draw(num_samples, r.sampler, r.steps, r.eta, eps_fn=eps_fn, context=context, **kw)
         return self.decode(x0)
-
-    def predict_item(self, index: int) -> Tensor:
-        """Item ``index`` of ``predict``: as a DDPM's, conditioned on class (or digit name)
-        ``index`` mod the number of classes, so the classes cycle over the predict set."""
-        if self.condition is None:
-            return super().predict_item(index)
-        gen = torch.Generator(self.device).manual_seed(index)
-        return self.sample(1, generator=gen, **self.generation.inputs_for(index, 1))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         if batch_idx == 0 and self.byte_captions:

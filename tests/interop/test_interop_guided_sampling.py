@@ -1,7 +1,8 @@
 """Sampling an imported guided-diffusion model (and its imported classifier) with our samplers
 equals the official sampling loops from the same x_T: DDIM η = 0 on 25 respaced steps, and
 classifier-guided DDIM (10 steps) with the ``cond_fn`` of guided-diffusion's
-``classifier_sample.py``."""
+``classifier_sample.py``; both for an unconditional model and for a class-conditional one with a
+learned Σ (ADM's ImageNet setting: ``model_fn`` passes y to the model)."""
 
 import warnings
 
@@ -31,38 +32,56 @@ MODEL_FLAGS = (
     "--learn_sigma False --noise_schedule cosine --num_channels 32 --num_head_channels 8 "
     "--num_res_blocks 1 --resblock_updown True --use_new_attention_order True"
 )
+CONDITIONAL_FLAGS = MODEL_FLAGS.replace("--class_cond False", "--class_cond True").replace(
+    "--learn_sigma False", "--learn_sigma True"
+)
 CLASSIFIER_FLAGS = (
     "--classifier_attention_resolutions 16,8 --classifier_depth 1 --classifier_width 64"
 )
 
 
+def imported(root, flags: str, seed: int):
+    """The official model of ``flags`` (random weights, norms around one) and ours imported."""
+    parsed = parse_flags(flags, GUIDED_DEFAULTS)
+    names = parsed.keys() & set(script_util.create_model.__code__.co_varnames)
+    model = script_util.create_model(**{k: parsed[k] for k in names})
+    model = randomize_norms_around_one_(model, seed)
+    torch.save(model.state_dict(), root / f"model{seed}.pt")
+    main(["import", "--source", "guided-diffusion", "--weights", str(root / f"model{seed}.pt"),
+          "--flags", flags, "--out", str(root / f"ddpm{seed}.ckpt")])  # fmt: skip
+    return model, load_module(root / f"ddpm{seed}.ckpt", DDPM)
+
+
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
-    """The official model and classifier, and ours imported from them."""
+    """The official unconditional and class-conditional models and classifier, and ours imported
+    from them: {"unconditional" | "conditional": (model, ddpm, guided)}, classifier."""
     root = tmp_path_factory.mktemp("guided_sampling")
-    flags = parse_flags(MODEL_FLAGS, GUIDED_DEFAULTS)
-    names = flags.keys() & set(script_util.create_model.__code__.co_varnames)
-    model = randomize_norms_around_one_(script_util.create_model(**{k: flags[k] for k in names}), 0)
     c_flags = parse_flags(CLASSIFIER_FLAGS, CLASSIFIER_DEFAULTS)
     classifier = randomize_norms_around_one_(script_util.create_classifier(**c_flags), 1)
-    torch.save(model.state_dict(), root / "model.pt")
     torch.save(classifier.state_dict(), root / "classifier.pt")
-    source = ["import", "--source", "guided-diffusion"]
-    main([*source, "--weights", str(root / "model.pt"), "--flags", MODEL_FLAGS,
-          "--out", str(root / "ddpm.ckpt")])  # fmt: skip
-    main([*source, "--weights", str(root / "classifier.pt"), "--flags", CLASSIFIER_FLAGS,
-          "--diffusion", str(root / "ddpm.ckpt"),
+    models = {}
+    for seed, (kind, flags) in enumerate(
+        [("unconditional", MODEL_FLAGS), ("conditional", CONDITIONAL_FLAGS)], start=2
+    ):
+        model, ddpm = imported(root, flags, seed)
+        models[kind] = model, ddpm
+    main(["import", "--source", "guided-diffusion", "--weights", str(root / "classifier.pt"),
+          "--flags", CLASSIFIER_FLAGS, "--diffusion", str(root / "ddpm2.ckpt"),
           "--out", str(root / "classifier.ckpt")])  # fmt: skip
-    ddpm = load_module(root / "ddpm.ckpt", DDPM)
-    guided = ClassifierGuidedDDPM(ddpm, load_module(root / "classifier.ckpt", NoisyClassifier))
-    return model, classifier, ddpm, guided
+    ours_classifier = load_module(root / "classifier.ckpt", NoisyClassifier)
+    return {
+        kind: (model, ddpm, ClassifierGuidedDDPM(ddpm, ours_classifier))
+        for kind, (model, ddpm) in models.items()
+    }, classifier
 
 
-def respaced(steps: int):
+def respaced(steps: int, learn_sigma: bool = False):
     """The official diffusion respaced to ``steps`` DDIM steps."""
     return script_util.create_gaussian_diffusion(
-        steps=T, learn_sigma=False, noise_schedule="cosine", timestep_respacing=f"ddim{steps}"
-    )
+        steps=T, learn_sigma=learn_sigma, noise_schedule="cosine",
+        timestep_respacing=f"ddim{steps}",
+    )  # fmt: skip
 
 
 def x_T(n: int = 2) -> torch.Tensor:
@@ -78,19 +97,36 @@ def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 RTOL = 5e-4
 
 
-def test_ddim_equals_the_official_respaced_ddim_loop(official):
-    model, _, ddpm, _ = official
+LABELS = torch.tensor([3, 871])
+KINDS = ["unconditional", "conditional"]
+
+
+def model_kwargs(kind: str) -> dict:
+    return {"y": LABELS} if kind == "conditional" else {}
+
+
+def ours_kwargs(kind: str) -> dict:
+    return {"labels": LABELS} if kind == "conditional" else {}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ddim_equals_the_official_respaced_ddim_loop(official, kind):
+    model, ddpm, _ = official[0][kind]
     with torch.no_grad():
-        theirs = respaced(STEPS).ddim_sample_loop(
-            model, (2, 3, 64, 64), noise=x_T(), clip_denoised=True
+        theirs = respaced(STEPS, kind == "conditional").ddim_sample_loop(
+            model, (2, 3, 64, 64), noise=x_T(), clip_denoised=True, model_kwargs=model_kwargs(kind)
         )
-    ours = ddpm.sample(2, sampler="ddim", steps=STEPS, eta=0.0, x_T=x_T())
+    kw = dict(sampler="ddim", steps=STEPS, eta=0.0, x_T=x_T())
+    ours = ddpm.sample(2, **kw, **ours_kwargs(kind))
     assert relative(ours, theirs.clamp(-1, 1)) < RTOL
+    if kind == "conditional":  # the labels reach the network
+        assert relative(ddpm.sample(2, labels=[0, 0], **kw), theirs.clamp(-1, 1)) > 1e-2
 
 
-def test_classifier_guided_ddim_equals_the_official_loop_with_its_cond_fn(official):
-    model, classifier, _, guided = official
-    labels, scale = torch.tensor([3, 871]), 4.0
+@pytest.mark.parametrize("kind", KINDS)
+def test_classifier_guided_ddim_equals_the_official_loop_with_its_cond_fn(official, kind):
+    (model, _, guided), classifier = official[0][kind], official[1]
+    scale = 4.0
 
     def cond_fn(x, t, y=None):  # classifier_sample.py's
         with torch.enable_grad():
@@ -99,14 +135,14 @@ def test_classifier_guided_ddim_equals_the_official_loop_with_its_cond_fn(offici
             selected = log_probs[range(len(log_probs)), y.view(-1)]
             return torch.autograd.grad(selected.sum(), x_in)[0] * scale
 
-    def model_fn(x, t, y=None):  # classifier_sample.py's, for an unconditional model
-        return model(x, t, None)
+    def model_fn(x, t, y=None):  # classifier_sample.py's: y reaches a class_cond model only
+        return model(x, t, y if kind == "conditional" else None)
 
-    theirs = respaced(GUIDED_STEPS).ddim_sample_loop(
+    theirs = respaced(GUIDED_STEPS, kind == "conditional").ddim_sample_loop(
         model_fn, (2, 3, 64, 64), noise=x_T(), clip_denoised=True, cond_fn=cond_fn, device="cpu",
-        model_kwargs={"y": labels},
+        model_kwargs={"y": LABELS},
     )  # fmt: skip
-    kw = dict(labels=labels, sampler="ddim", steps=GUIDED_STEPS, x_T=x_T())
+    kw = dict(labels=LABELS, sampler="ddim", steps=GUIDED_STEPS, x_T=x_T())
     unguided = guided.sample(2, scale=0.0, **kw)
     ours = guided.sample(2, scale=scale, **kw)
     assert relative(ours, theirs.clamp(-1, 1)) < RTOL

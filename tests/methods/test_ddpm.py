@@ -25,9 +25,13 @@ class GaussianOracle(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(()))  # so the module has something to optimise
 
     def forward(self, x_t, t):
+        return self.optimum(x_t, t, MU)
+
+    def optimum(self, x_t, t, mu):
+        """The optimal prediction for x0 ~ N(mu, SIGMA² I)."""
         a = self.schedule.alphas_cumprod[t].view(-1, 1, 1, 1).double()
         x = x_t.double()
-        eps = (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * SIGMA**2 + 1 - a)
+        eps = (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * SIGMA**2 + 1 - a)
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
         out = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[self.prediction]
         return out.float() + 0 * self.dummy
