@@ -7,8 +7,8 @@ the checkpoint's own data (:mod:`diffusion_apps.evaluation.protocol`,
 (one that declares an ``autoencoding``): the val split reconstructed, scored by MSE/PSNR/SSIM
 (LPIPS when its weights are local), and a linear probe of its codes
 (:mod:`diffusion_apps.evaluation.autoencoding`). ``--samples DIR|file.npz`` scores images made
-elsewhere. Each reference's rows follow its floor row: that data's real val against its real
-train.
+elsewhere, ``--samples_out DIR`` keeps the drawn ones (to be scored so again). Each reference's
+rows follow its floor row: that data's real val against its real train.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def evaluate(
     feature_extractor_weights_path: str | None = None,
     reference: str | None = None,
     samples: str | None = None,
+    samples_out: str | None = None,
 ) -> Path:
     """Evaluate checkpoints (or samples) and write ``<out_dir>/eval.md``, ``eval.json`` and grids.
 
@@ -45,9 +46,10 @@ def evaluate(
     weights, and scored by what its method declares: generation metrics for each sampler setting
     (a ``generation``), reconstruction metrics on the val split (an ``autoencoding``), against
     the train split of the checkpoint's own data module, beside that data's floor row (its val
-    split against its train split). Under ``torchrun`` (or an initialised process group) the
-    ranks take the sample batches in turn, each batch with its own seed drawn from ``seed`` (the
-    same samples as one process draws); rank 0 writes the report.
+    split against its train split). Under ``torchrun`` (or an initialised process group) each
+    rank draws a contiguous run of the sample batches, each batch with its own seed drawn from
+    ``seed`` (the same samples as one process draws), and the metric gathers every rank's
+    features, in sample order, before the statistics are computed; rank 0 writes the report.
 
     Args:
         run_dir: searched recursively for ``*.ckpt`` (one per run version, ``last.ckpt`` first).
@@ -71,18 +73,26 @@ def evaluate(
             checkpoint's data; it has no floor row.
         samples: a folder or npz of images made elsewhere, scored against ``reference`` (then
             ``run_dir`` is not searched; checkpoints named by ``ckpt_paths`` still are).
+        samples_out: keep the samples: each rank writes its batches as they are drawn into
+            ``<samples_out>/<checkpoint>_<sampler><steps>_<precision>_n<N>_seed<seed>/`` (one
+            folder per checkpoint and sampler setting), as ``sample`` does: ``000000.png``…
+            named by sample index, each whole or absent, and ``samples.npz`` (the ADM
+            evaluator's layout) once the setting is done. Stopped (SIGTERM, Ctrl-C), the PNGs
+            written stay; ``--samples`` scores a folder or npz again.
 
     Returns:
         The path of ``eval.md``.
     """
     from diffusion_apps.checkpoint import CheckpointError, load_module, read_checkpoint
     from diffusion_apps.commands.common import (
+        check_disk_room,
         checkpoint_data,
         checkpoint_paths,
         device_and_precision,
         parse_samplers,
         writable_folder,
     )
+    from diffusion_apps.commands.sample import SampleFiles, disk_need
     from diffusion_apps.distributed import process_group
     from diffusion_apps.evaluation import FeatureStats
     from diffusion_apps.evaluation.autoencoding import probe_row, reconstruction_rows
@@ -125,6 +135,8 @@ def evaluate(
         )
     dev, precision = device_and_precision(device, precision)
     out = writable_folder(out_dir) if rank == 0 else Path(out_dir)
+    if samples_out is not None and rank == 0:
+        writable_folder(samples_out, "--samples_out")
     args = dict(space=space, num_samples=num_samples, seed=seed, batch_size=batch_size,
                 precision=precision)  # fmt: skip
     given = samples_set(samples, "--samples") if samples is not None else None
@@ -172,6 +184,23 @@ def evaluate(
         source = repr(sorted(hparams.items())) if hparams else module.sample_shape
         return use_reference(source, lambda: data_reference(metric, data, progress=rank == 0))
 
+    def sample_files(name, module):
+        """``files(setting)`` for :func:`generation_rows`: the setting's folder under
+        ``samples_out``, made and checked for room, and its :class:`SampleFiles`."""
+        shape = module.sample_shape
+        labelled = "labels" in generation_of(module).inputs_for(0, 1, None, None)
+
+        def files(setting):
+            stem = f"{slug(setting.label)}{setting.steps}_{precision}_n{num_samples}_seed{seed}"
+            folder = writable_folder(Path(samples_out) / f"{slug(name)}_{stem}", "--samples_out")
+            if rank == 0:
+                check_disk_room(folder, *disk_need(num_samples, shape, True, True, labelled))
+            written.append(folder)
+            return SampleFiles(folder, num_samples, shape, labelled, rank=rank, world=world)
+
+        return None if samples_out is None else files
+
+    written: list[Path] = []  # the folders of samples_out
     if given is not None:
         c, s = given.channels, min(given.size)
         ref = use_reference((c, s), lambda: user_reference(c, s))
@@ -199,7 +228,10 @@ def evaluate(
         ref = checkpoint_reference(name, ckpt, module, data)
         new: list[Row] = []
         if generation is not None:
-            drawn, grids = generation_rows(module, name, step, settings, metric, args, rank, world)
+            files = sample_files(name, module)
+            drawn, grids = generation_rows(
+                module, name, step, settings, metric, args, rank, world, files
+            )
             new += drawn
             notes += [generation.note] if generation.note else []
             for stem, grid in grids if rank == 0 else ():
@@ -211,8 +243,13 @@ def evaluate(
     rows = [row for group in groups.values() for row in group]
     if not any(row.method != "FLOOR" for row in rows):
         sys.exit(f"eval: none of the {len(paths)} checkpoint(s) could be evaluated")
+    if written:
+        notes.append(f"Samples kept under {samples_out}: {len(written)} folder(s) of PNGs and "
+                     "samples.npz, one per checkpoint and sampler setting.")  # fmt: skip
     md = out / "eval.md"
     if rank == 0:
+        for folder in written:
+            print(f"eval: wrote {num_samples} samples (PNGs, samples.npz) to {folder}")
         network = f"{precision} network precision on {dev}" if loaded else "no checkpoint sampled"
         header = eval_header(rows, space, seed, network, notes)
         md, js = write_report(rows, header, out)

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from diffusion_apps import stop
-from diffusion_apps.distributed import first_images, max_over_ranks, rank_batches
+from diffusion_apps.distributed import block_batches, first_images, max_over_ranks
 from diffusion_apps.evaluation.report import Row
 from diffusion_apps.methods.protocol import Generation, generation_of
 from diffusion_apps.precision import autocast
@@ -111,11 +112,22 @@ def sample_batches(
             raise
 
 
-def generation_rows(module, name, step, settings, metric, args, rank, world) -> tuple[list, list]:
+def generation_rows(
+    module, name, step, settings, metric, args, rank, world,
+    files: Callable[[SamplerSetting], AbstractContextManager] | None = None,
+) -> tuple[list, list]:  # fmt: skip
     """One row per sampler setting the module offers (its own default when it offers none of
     them), and the (file stem, grid) of each. Every setting draws its batches with the same
     seeds, so the samplers are compared on the same x_T (common random numbers), and the
-    samples are the same whatever the number of processes."""
+    samples are the same whatever the number of processes. Each rank draws a contiguous run of
+    the batches (:func:`~diffusion_apps.distributed.block_batches`): ``metric``'s features,
+    gathered in rank order when it computes, are in sample order, so that KID's subsets and
+    IS's splits are those of one process; every rank computes the statistics once, over all
+    the ranks' samples (the same numbers on each).
+
+    ``files(setting)``: a context manager whose ``write(start, images, labels)`` takes each
+    batch as it is drawn (:class:`~diffusion_apps.commands.sample.SampleFiles`), so that no
+    rank holds more than a batch of images."""
     from tqdm.auto import tqdm
 
     generation, method = generation_of(module), type(module).__name__
@@ -125,7 +137,7 @@ def generation_rows(module, name, step, settings, metric, args, rank, world) -> 
         print(f"eval: {name}: {method} has no sampler of {skipped}; not run")
     own = own or [SamplerSetting(generation.sampler, generation.steps)]
     metric = metric.to(module.device)
-    batches = rank_batches(args["num_samples"], args["batch_size"], args["seed"], rank, world)
+    batches = block_batches(args["num_samples"], args["batch_size"], args["seed"], rank, world)
     rows, grids = [], []
     for setting in own:
         kept, seconds = [], 0.0  # kept: (start, images) of the grid's batches
@@ -135,14 +147,17 @@ def generation_rows(module, name, step, settings, metric, args, rank, world) -> 
         drawn = sample_batches(
             module, batches, args["precision"], sampler=setting.name, steps=setting.steps, **extra
         )
-        for start, x, inputs, spent in drawn:
-            seconds += spent
-            labels = inputs.get("labels") if args["space"] == "digits" else None
-            labels = None if labels is None else torch.tensor(labels, device=x.device)
-            metric.update(x, real=False, labels=labels)
-            if start < GRID_SIZE:
-                kept.append((start, x[: GRID_SIZE - start].cpu()))
-            bar.update(len(x))
+        with files(setting) if files else nullcontext() as writer:
+            for start, x, inputs, spent in drawn:
+                seconds += spent
+                if writer is not None:
+                    writer.write(start, x, inputs.get("labels"))
+                labels = inputs.get("labels") if args["space"] == "digits" else None
+                labels = None if labels is None else torch.tensor(labels, device=x.device)
+                metric.update(x, real=False, labels=labels)
+                if start < GRID_SIZE:
+                    kept.append((start, x[: GRID_SIZE - start].cpu()))
+                bar.update(len(x))
         bar.close()
         grids.append((f"{setting.label}{setting.steps}", first_images(kept, world)))
         metrics = plain_metrics(metric.compute())

@@ -5,13 +5,18 @@ split (:func:`split_set`), a folder of image files (:func:`folder_set`) or an np
 images (:func:`npz_set`, ADM's reference-batch layout). :func:`reference_of` gives a
 :class:`Reference`: the features of such a set, computed once and cached on disk under the
 sha256 of the extractor's inputs and weights, so a changed file or extractor computes anew.
+A folder or npz also records that key under a fingerprint of its files' names, sizes and
+modification times, so that a later run (every rank of a ``torchrun`` launch) loads the
+features without reading an image.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +49,10 @@ class ImageSet:
         num, channels, size: how many, their channels and (height, width).
         tag: the cache file's middle name ("train", "val", "folder", "npz").
         digits: whether they are grayscale digits the classifier was made for, labelled 0..9.
+        listing: gives the files the images are read from and how, as they are now (their
+            names, sizes, modification times, the size and channels read at), which any change
+            to a file changes; None: not files (a data module's split), the cache key is always
+            computed from the pixels.
     """
 
     name: str
@@ -53,6 +62,7 @@ class ImageSet:
     tag: str
     digits: bool
     read: Callable[[int], Batches]
+    listing: Callable[[], str] | None = None
 
     def batches(self, batch_size: int) -> Batches:
         return self.read(batch_size)
@@ -107,7 +117,10 @@ def folder_set(path: str | Path, image_size: int, channels: int, flag: str) -> I
 
     size = f"{image_size} px, {channels} channel{'s' * (channels != 1)}"
     name = f"image folder {path} read at {size}"
-    return ImageSet(name, len(files), channels, (image_size, image_size), "folder", False, read)
+    how = f"folder {path.resolve()} read at {size}"
+    square = (image_size, image_size)
+    listing = partial(_listing, files.paths, how)
+    return ImageSet(name, len(files), channels, square, "folder", False, read, listing)
 
 
 def npz_set(path: str | Path, flag: str) -> ImageSet:
@@ -130,7 +143,19 @@ def npz_set(path: str | Path, flag: str) -> ImageSet:
 
     size = f"{info.height}x{info.width} px, {info.channels} channel{'s' * (info.channels != 1)}"
     name = f"npz {path} ({size}, as stored)"
-    return ImageSet(name, info.num, info.channels, (info.height, info.width), "npz", False, read)
+    listing = partial(_listing, [path.resolve()], "npz, as stored")
+    shape = (info.height, info.width)
+    return ImageSet(name, info.num, info.channels, shape, "npz", False, read, listing)
+
+
+def _listing(paths, how: str) -> str:
+    """``how``, then each file's path, size and modification time (ns): what a changed, added,
+    removed or renamed file changes (``make``'s and rsync's test for a changed file)."""
+    lines = [how]
+    for path in paths:
+        stat = os.stat(path)
+        lines.append(f"{path} {stat.st_size} {stat.st_mtime_ns}")
+    return "\n".join(lines)
 
 
 def image_set(path: str | Path, flag: str, image_size: int, channels: int) -> ImageSet:
@@ -175,27 +200,50 @@ def features_of(
     it sees) and of its weights (:func:`~.metrics.state_hash`); the features live in
     ``<cache_dir>/reference-<space>-<tag>-<key[:16]>.pt`` (read with ``weights_only=True``). A
     first pass reads the images for the key; only a miss reads them again for the features.
+    Images with a ``listing`` skip both passes when ``reference-<space>-<tag>-listing-<h>.txt``
+    (h: the sha256 of the listing and the weights) names the key of features still cached.
+    Files are written whole or not at all, so that concurrent ranks never read half a file.
     """
     from tqdm.auto import tqdm
 
+    cache, weights = resolve_cache_dir(cache_dir), state_hash(extractor)
+    index = None
+    if images.listing is not None:
+        listed = hashlib.sha256(f"{images.listing()}\n{weights}".encode()).hexdigest()[:16]
+        index = cache / f"reference-{space}-{images.tag}-listing-{listed}.txt"
+        key = index.read_text().strip() if index.is_file() else None
+        features = _cached(cache / f"reference-{space}-{images.tag}-{key}.pt") if key else None
+        if features is not None:
+            return features, key
     batch = batch_size_of(space)
     h = hashlib.sha256()
     for x, _ in images.batches(batch):
         h.update(space_input(x, space).contiguous().numpy().tobytes())
-    h.update(state_hash(extractor).encode())
+    h.update(weights.encode())
     key = h.hexdigest()[:16]
-    path = resolve_cache_dir(cache_dir) / f"reference-{space}-{images.tag}-{key}.pt"
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)["features"], key
-    batches = tqdm(
-        images.batches(batch),
-        total=-(-images.num // batch),
-        desc=f"{space} features of the {images.name} (once, then cached)",
-        disable=not progress,
-    )
-    features = torch.cat([extract(extractor, x, space)[0] for x, _ in batches])
-    save_atomic({"features": features, "space": space, "name": images.name}, path)
+    path = cache / f"reference-{space}-{images.tag}-{key}.pt"
+    features = _cached(path)
+    if features is None:
+        batches = tqdm(
+            images.batches(batch),
+            total=-(-images.num // batch),
+            desc=f"{space} features of the {images.name} (once, then cached)",
+            disable=not progress,
+        )
+        features = torch.cat([extract(extractor, x, space)[0] for x, _ in batches])
+        save_atomic({"features": features, "space": space, "name": images.name}, path)
+    if index is not None:
+        written = index.with_name(f"{index.name}.{os.getpid()}.tmp")
+        written.write_text(key)
+        written.replace(index)
     return features, key
+
+
+def _cached(path: Path) -> Tensor | None:
+    """The features saved at ``path``, or None when there are none."""
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)["features"]
 
 
 @dataclass(frozen=True)
