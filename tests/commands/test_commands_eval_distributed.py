@@ -6,7 +6,6 @@ stopped eval leaves only whole files."""
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 
 from diffusion_apps.cli import main
+from diffusion_apps.commands.sample import SampleFiles
 from diffusion_apps.data import files as files_module
 from diffusion_apps.distributed import block_batches, rank_batches
 from diffusion_apps.evaluation.inception import inception_feature_extractor
@@ -28,7 +28,6 @@ from tests.evaluation.test_eval_inception import (
     weights_file,  # noqa: F401 (a fixture)
 )
 from tests.evaluation.test_eval_reference import blobs, write_folder
-from tests.test_stopping import signal_and_wait, start, wait_for
 
 DDPM = "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -120,18 +119,28 @@ def test_two_ranks_score_and_write_what_one_process_does(root, calibrated, tmp_p
     assert np.array_equal(arrays["arr_0"][..., 0], written["two"][..., 0])  # the PNGs' pixels
 
 
-def test_a_stopped_eval_leaves_whole_pngs_and_no_npz(root, tmp_path):
-    args = ["eval", "--ckpt_paths", str(root / DDPM), "--samplers", "ddim:50", "--device", "cpu"]
-    args += ["--num_samples", "2048", "--batch_size", "32", "--precision", "32"]
-    run = start(tmp_path, *args, "--out_dir", "out", "--samples_out", "kept")
-    folder = tmp_path / "kept" / f"{slug(str(root / DDPM))}_ddim50_32_n2048_seed0"
-    wait_for((folder / "000000.png").exists, run, "a sample")
-    code, _, line = signal_and_wait(run, signal.SIGTERM, tmp_path)
-    assert code == 128 + signal.SIGTERM, line
+def test_a_stopped_eval_leaves_whole_pngs_and_no_npz(root, tmp_path, monkeypatch, capsys):
+    """SIGTERM once the first batch is on disk: eval stops at its next sampler step, exits 143,
+    and leaves that batch's PNGs, whole, and no ``samples.npz`` or temporary file."""
+    write = SampleFiles.write
+
+    def write_then_sigterm(self, *args):
+        write(self, *args)
+        os.kill(os.getpid(), signal.SIGTERM)  # a preempted job
+
+    monkeypatch.setattr(SampleFiles, "write", write_then_sigterm)
+    np.savez(tmp_path / "real.npz", arr_0=blobs(4, 1, seed=1))
+    args = ["eval", "--ckpt_paths", str(root / DDPM), "--samplers", "ddim:2", "--device", "cpu"]
+    args += ["--num_samples", "64", "--batch_size", "8", "--precision", "32", "--reference"]
+    args += [str(tmp_path / "real.npz"), "--out_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--samples_out", str(tmp_path / "kept")])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM: 8 of 64 samples drawn" in capsys.readouterr().err
+    folder = tmp_path / "kept" / f"{slug(str(root / DDPM))}_ddim2_32_n64_seed0"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == [f"{i:06d}.png" for i in range(len(names))]  # no npz, no partial file
-    assert 32 <= len(names) < 2048 and len(names) % 32 == 0
-    assert re.fullmatch(rf"stopped by SIGTERM: {len(names)} of 2048 samples drawn, .*", line)
+    assert names == [f"{i:06d}.png" for i in range(8)]  # no npz, no partial file
     for name in names:
         with Image.open(folder / name) as image:
             image.verify()  # whole
+    assert not (tmp_path / "out" / "eval.json").exists()
