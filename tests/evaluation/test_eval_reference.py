@@ -1,6 +1,7 @@
 """Reference sets: a checkpoint is scored against its own data (floor and header included), and
 ``eval --samples/--reference`` against the user's folder or npz; features cached by content."""
 
+import copy
 import json
 import os
 
@@ -12,6 +13,7 @@ from PIL import Image
 
 from diffusion_apps.cli import DiffusionCLI, main
 from diffusion_apps.data import ImageDataModule
+from diffusion_apps.data import files as files_module
 from diffusion_apps.evaluation import FeatureStats, real_floor
 from diffusion_apps.evaluation import reference as reference_module
 from diffusion_apps.evaluation.reference import (
@@ -183,13 +185,29 @@ def no_extraction(*args, **kwargs):
 
 
 def test_the_cache_is_hit_then_invalidated_by_a_changed_file(tmp_path, monkeypatch):
+    read = []  # the files decoded
+    load_images = files_module.load_images
+
+    def reading(files, *args):
+        read.extend(files.paths)
+        return load_images(files, *args)
+
+    monkeypatch.setattr(files_module, "load_images", reading)
     folder = write_folder(tmp_path / "gray", blobs(6, 1, seed=4))
     metric = FeatureStats("digits")
     images = folder_set(folder, 16, 1, "--reference")
     first, key = features_of(images, metric.extractor, "digits", tmp_path, progress=False)
+    assert len(read) == 12  # one pass for the key, one for the features
     monkeypatch.setattr(reference_module, "extract", no_extraction)
+    read.clear()
     hit, same_key = features_of(images, metric.extractor, "digits", tmp_path, progress=False)
     assert same_key == key and torch.equal(hit, first)
+    assert read == []  # the files' listing named the key: no image decoded
+    other = copy.deepcopy(metric.extractor)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    with pytest.raises(AssertionError, match="features were extracted"):  # other weights
+        features_of(images, other, "digits", tmp_path, progress=False)
     Image.fromarray(blobs(1, 1, seed=5)[0, ..., 0]).save(folder / "3.png")  # new content
     with pytest.raises(AssertionError, match="features were extracted"):
         features_of(images, metric.extractor, "digits", tmp_path, progress=False)
