@@ -8,6 +8,7 @@ A new command is a module here with one typed function, added to :data:`COMMANDS
 from collections.abc import Callable
 
 from diffusion_apps.commands.autoencode import autoencode
+from diffusion_apps.commands.data import Data
 from diffusion_apps.commands.evaluate import evaluate
 from diffusion_apps.commands.export import export
 from diffusion_apps.commands.import_checkpoint import import_checkpoint
@@ -19,6 +20,7 @@ COMMANDS: dict[str, Callable] = {
     "autoencode": autoencode,
     "import": import_checkpoint,
     "export": export,
+    "data": Data,
 }
 
 __all__ = ["COMMANDS", "autoencode", "evaluate", "export", "import_checkpoint", "sample"]
