@@ -1,5 +1,6 @@
 """ImageDataModule: one LightningDataModule for the embedded digits, torchvision sets, folders."""
 
+import functools
 import warnings
 from typing import Literal
 
@@ -7,15 +8,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion_apps.data import index, sources
+from diffusion_apps.data import index, shards, sources
 from diffusion_apps.data.sampler import ResumableSampler
 
-Source = Literal["digits", "mnist", "fashion_mnist", "cifar10", "celeba", "folder"]
-# how a worker's UnreadableImage ends the message torch re-raises it with
-_WRAPPED = f"{sources.UnreadableImage.__module__}.{sources.UnreadableImage.__qualname__}: "
+Source = Literal["digits", "mnist", "fashion_mnist", "cifar10", "celeba", "folder", "shards"]
 
 
-class ImageLoader(DataLoader):
+class NamesUnreadable:
     """A DataLoader whose unreadable image, found in a worker process, still stops the run with
     its own one-line message: torch re-raises a worker's error with the worker's traceback as
     its message, which ends with the original one. With ``bad_images="skip"``, each pass that
@@ -26,8 +25,7 @@ class ImageLoader(DataLoader):
         try:
             yield from super().__iter__()
         except sources.UnreadableImage as err:
-            message = str(err).splitlines()[-1].removeprefix(_WRAPPED)
-            raise sources.UnreadableImage(message) from None
+            raise sources.worker_error(err) or err from None
         finally:
             skipped = getattr(self.dataset, "skipped", 0) - before
             if skipped:
@@ -36,6 +34,17 @@ class ImageLoader(DataLoader):
                     f"skipped in this pass over {len(self.dataset)} images (each named above)",
                     stacklevel=2,
                 )
+
+
+class ImageLoader(NamesUnreadable, DataLoader):
+    """The loader of a map-style image dataset (:class:`NamesUnreadable`)."""
+
+
+@functools.cache
+def shard_loader() -> type:
+    """litdata's StreamingDataLoader, which saves and restores its place mid-epoch in its state
+    dict (Lightning's fit loop keeps it in checkpoints), with :class:`NamesUnreadable`."""
+    return type("ShardLoader", (NamesUnreadable, shards.litdata().StreamingDataLoader), {})
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -51,7 +60,12 @@ class ImageDataModule(L.LightningDataModule):
             ``val_fraction``). "mnist", "fashion_mnist", "cifar10" use torchvision's train/test
             splits and "celeba" its train/valid splits as train/val (``val_fraction`` unused).
             "folder" is every image under ``root``, recursively, split by ``val_fraction``.
-        root: where torchvision keeps its files, or the image folder.
+            "shards" streams the litdata pack ``root`` (a path or an object store URL) that
+            ``python -m diffusion_apps data pack`` wrote from a folder: the folder's images,
+            labels and split (``val_fraction`` unused), each rank of a DDP job reading its own
+            share, resumed mid-epoch from the loader's state in the checkpoint
+            (:mod:`~diffusion_apps.data.shards`; needs ``diffusion_apps[stream]``).
+        root: where torchvision keeps its files, the image folder, or the pack.
         image_size: output height and width (>= 8): resized on the shorter side, center-cropped.
         channels: 1 (grayscale) or 3 (RGB), converted from the source as needed.
         batch_size: per loader; the train loader drops the last incomplete batch.
@@ -62,12 +76,12 @@ class ImageDataModule(L.LightningDataModule):
         download: let torchvision download missing files.
         pin_memory: pin batches in page-locked memory for fast host-to-GPU copies; by default
             (None) exactly when the trainer runs on a CUDA device.
-        bad_images: for "folder", what a file that cannot be read faithfully (corrupt or
-            truncated data, float pixels that are NaN or outside [0, 1] and [0, 255]) does:
-            "stop" with an error naming it, or "skip" it with a warning naming it (files found
-            by the check in ``setup`` are left out and counted; one that breaks later is
-            replaced by the next file), each pass's count in a warning at its end and the total
-            in :attr:`skipped_images`.
+        bad_images: for "folder" (a pack's images are checked as they are packed), what a file
+            that cannot be read faithfully (corrupt or truncated data, float pixels that are NaN
+            or outside [0, 1] and [0, 255]) does: "stop" with an error naming it, or "skip" it:
+            replaced by the next file, with a warning naming it, each pass's count in a warning
+            at its end and the total in :attr:`skipped_images` (with ``verify="setup"``, files
+            found by the check are left out instead, in one warning that counts them).
         verify: for "folder", when files are checked: "lazy" as a loader worker decodes each
             (nothing is opened in ``setup``, for folders of millions of files), or "setup":
             all of them up front, in threads, so a bad file stops the run before training.
@@ -128,7 +142,11 @@ class ImageDataModule(L.LightningDataModule):
     def num_classes(self) -> int | None:
         """10 for digits/mnist/fashion_mnist/cifar10, None for celeba; for "folder" the number of
         first-level sub-folders when every image sits in one, else None (lists ``root`` if
-        ``setup`` has not run yet)."""
+        ``setup`` has not run yet); for "shards" that of the packed folder."""
+        if self.dataset == "shards":
+            if self.train_set is None:
+                self.class_names = shards.read_meta(self.root)["class_names"]
+            return len(self.class_names) if self.class_names else None
         if self.dataset == "folder":
             names = self._scan_folder()[2]
             return len(names) if names else None
@@ -162,6 +180,11 @@ class ImageDataModule(L.LightningDataModule):
         if self.dataset == "digits":
             self.train_set, self.val_set = sources.embedded_digits(
                 size, ch, self.val_fraction, self.seed
+            )
+            return
+        if self.dataset == "shards":
+            self.train_set, self.val_set, self.class_names = shards.shard_sets(
+                self.root, size, ch, self.seed
             )
             return
         if self.dataset == "folder":
@@ -201,16 +224,21 @@ class ImageDataModule(L.LightningDataModule):
         return device is not None and device.type == "cuda"
 
     def _loader(self, dataset: Dataset, sampler: ResumableSampler | None = None) -> DataLoader:
+        options = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self._pin_memory(),
+            # the workers' seeds come from here, not from the global stream
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
+        if self.dataset == "shards":  # its order, rank split and resume are litdata's
+            return shard_loader()(dataset, drop_last=dataset is self.train_set, **options)
         return ImageLoader(
             dataset,
-            batch_size=self.batch_size,
             sampler=sampler,
             drop_last=sampler is not None,
-            num_workers=self.num_workers,
-            pin_memory=self._pin_memory(),
             persistent_workers=self.num_workers > 0,
-            # the workers' seeds come from here, not from the global stream
-            generator=torch.Generator().manual_seed(self.seed),
+            **options,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -220,6 +248,8 @@ class ImageDataModule(L.LightningDataModule):
                 f"ImageDataModule: batch_size={self.batch_size} exceeds the "
                 f"{len(self.train_set)} training images of dataset={self.dataset!r}"
             )
+        if self.dataset == "shards":
+            return self._loader(self.train_set)
         trainer = self.trainer
         ranks = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         epoch, batches = self._resume_at

@@ -8,6 +8,7 @@ imported inside functions because CLI start-up time matters.
 
 import functools
 import importlib.util
+import io
 import multiprocessing
 import os
 import warnings
@@ -155,22 +156,37 @@ def cannot_read(path: Path, err: BaseException) -> UnreadableImage:
     return UnreadableImage(f"dataset='folder': cannot read image file {_named(path, err)}")
 
 
-def read_image(path: Path, mode: str):
-    """The image file ``path`` in ``mode`` (:func:`convert_image`), checked as it is decoded:
-    the whole of its data is decoded, which fails on a truncated or corrupt JPEG or other
-    format, and a PNG's chunk checksums are verified first, since a PNG cut short by a few bytes
-    still decodes. The check of :func:`verify_images`, made lazily in a loader worker.
+_RAISED = f"{UnreadableImage.__module__}.{UnreadableImage.__qualname__}: "
+
+
+def worker_error(err: BaseException) -> UnreadableImage | None:
+    """The :class:`UnreadableImage` that another process raised, from ``err``, the error that
+    reports it here with that process's traceback as its message (torch's loader workers,
+    litdata's packing workers); None when ``err`` reports another error."""
+    lines = [line for line in str(err).splitlines() if line.startswith(_RAISED)]
+    return UnreadableImage(lines[-1].removeprefix(_RAISED)) if lines else None
+
+
+def read_image(path: Path | str, mode: str, data: bytes | None = None):
+    """The image file ``path`` (or its bytes ``data``) in ``mode`` (:func:`convert_image`),
+    checked as it is decoded: the whole of its data is decoded, which fails on a truncated or
+    corrupt JPEG or other format, and a PNG's chunk checksums are verified first, since a PNG
+    cut short by a few bytes still decodes. The check of :func:`verify_images`, made lazily in
+    a loader worker.
 
     Raises:
         UnreadableImage: naming ``path`` and why.
     """
     from PIL import Image
 
+    def opened():
+        return Image.open(path if data is None else io.BytesIO(data))
+
     try:
-        with Image.open(path) as image:
+        with opened() as image:
             if image.format == "PNG":
                 image.verify()  # leaves the image unusable: it is opened again below
-        with Image.open(path) as image:  # closes the file of lazily opened images
+        with opened() as image:  # closes the file of lazily opened images
             return convert_image(image, mode)  # a converted copy: every pixel decoded
     except Exception as err:  # truncated or corrupt data, pixels without a colour
         raise cannot_read(path, err) from err
