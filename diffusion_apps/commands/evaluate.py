@@ -7,8 +7,8 @@ the checkpoint's own data (:mod:`diffusion_apps.evaluation.protocol`,
 (one that declares an ``autoencoding``): the val split reconstructed, scored by MSE/PSNR/SSIM
 (LPIPS when its weights are local), and a linear probe of its codes
 (:mod:`diffusion_apps.evaluation.autoencoding`). ``--samples DIR|file.npz`` scores images made
-elsewhere, ``--samples_out DIR`` keeps the drawn ones (to be scored so again). Each reference's
-rows follow its floor row: that data's real val against its real train.
+elsewhere; ``--samples_out DIR`` keeps the drawn ones, for ``--samples`` to score again. Each
+reference's rows follow its floor row: that data's real val against its real train.
 """
 
 from __future__ import annotations
@@ -184,6 +184,8 @@ def evaluate(
         source = repr(sorted(hparams.items())) if hparams else module.sample_shape
         return use_reference(source, lambda: data_reference(metric, data, progress=rank == 0))
 
+    written: list[Path] = []  # the folders of samples_out
+
     def sample_files(name, module):
         """``files(setting)`` for :func:`generation_rows`: the setting's folder under
         ``samples_out``, made and checked for room, and its :class:`SampleFiles`."""
@@ -200,7 +202,6 @@ def evaluate(
 
         return None if samples_out is None else files
 
-    written: list[Path] = []  # the folders of samples_out
     if given is not None:
         c, s = given.channels, min(given.size)
         ref = use_reference((c, s), lambda: user_reference(c, s))
