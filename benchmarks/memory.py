@@ -57,13 +57,24 @@ def kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def conditioning(model: UNet, batch: int) -> dict[str, torch.Tensor]:
+    """Random inputs for what the UNet was built to take: labels, a vector, a context."""
+    cond = {}
+    if model.num_classes:
+        cond["y"] = torch.randint(0, model.num_classes, (batch,))
+    if model.cond_dim:
+        cond["cond"] = torch.randn(batch, model.cond_dim)
+    if model.context_dim:
+        cond["context"] = torch.randn(batch, 77, model.context_dim)
+    return cond
+
+
 def step(model: UNet, batch: int, saved: dict[int, int] | None = None) -> None:
     """Forward, MSE against noise, backward; with ``saved``, record the distinct non-parameter
     storages autograd saves (data pointer → bytes)."""
     size = model.image_size
     x, noise = torch.randn(2, batch, model.in_channels, size, size)
     t = torch.randint(0, 1000, (batch,))
-    y = torch.randint(0, model.num_classes, (batch,)) if model.num_classes else None
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -73,7 +84,7 @@ def step(model: UNet, batch: int, saved: dict[int, int] | None = None) -> None:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = model(x, t, y)
+        out = model(x, t, **conditioning(model, batch))
     F.mse_loss(out[:, : model.in_channels], noise).backward()
 
 
