@@ -99,7 +99,8 @@ def unet_options(flags: Mapping, source: Source = "guided-diffusion") -> dict:
 
     ``attention_resolutions`` are pixel resolutions in both; ``num_head_channels`` (a head
     width) wins over ``num_heads`` (a head count) as in the official code; class-conditional
-    models get exactly the official 1,000 label rows (no null label).
+    models get exactly the official 1,000 label rows (no null label); ``use_checkpoint`` is our
+    ``gradient_checkpointing``.
     """
     f = flags
     if f.get("num_head_channels", -1) != -1:
@@ -126,6 +127,8 @@ def unet_options(flags: Mapping, source: Source = "guided-diffusion") -> dict:
         options["time_scale"] = 1000 / f["diffusion_steps"]
     if f["class_cond"]:
         options |= dict(num_classes=NUM_CLASSES, null_label=False)
+    if f["use_checkpoint"]:  # a training-memory option: the outputs are the same
+        options["gradient_checkpointing"] = True
     return options
 
 

@@ -11,6 +11,7 @@ import torch
 from diffusion_apps.interop.guided_diffusion import (
     CLASSIFIER_DEFAULTS,
     GUIDED_DEFAULTS,
+    IMPROVED_DEFAULTS,
     classifier_options,
     convert_classifier,
     convert_unet,
@@ -69,6 +70,14 @@ def assert_close_relative(ours: torch.Tensor, theirs: torch.Tensor, tol: float =
 def test_our_defaults_are_the_official_ones():
     assert script_util.model_and_diffusion_defaults() == GUIDED_DEFAULTS
     assert script_util.classifier_defaults() == CLASSIFIER_DEFAULTS
+
+
+@pytest.mark.parametrize("source", ["guided-diffusion", "improved-diffusion"])
+def test_use_checkpoint_is_our_gradient_checkpointing(source):
+    defaults = GUIDED_DEFAULTS if source == "guided-diffusion" else IMPROVED_DEFAULTS
+    on = unet_options(parse_flags("--use_checkpoint True", defaults), source)
+    off = unet_options(parse_flags("--use_checkpoint False", defaults), source)
+    assert on.pop("gradient_checkpointing") is True and on == off
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
