@@ -1,6 +1,5 @@
 """ImageDataModule: one LightningDataModule for the embedded digits, torchvision sets, folders."""
 
-import functools
 import warnings
 from typing import Literal
 
@@ -38,13 +37,6 @@ class NamesUnreadable:
 
 class ImageLoader(NamesUnreadable, DataLoader):
     """The loader of a map-style image dataset (:class:`NamesUnreadable`)."""
-
-
-@functools.cache
-def shard_loader() -> type:
-    """litdata's StreamingDataLoader, which saves and restores its place mid-epoch in its state
-    dict (Lightning's fit loop keeps it in checkpoints), with :class:`NamesUnreadable`."""
-    return type("ShardLoader", (NamesUnreadable, shards.litdata().StreamingDataLoader), {})
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -232,7 +224,8 @@ class ImageDataModule(L.LightningDataModule):
             "generator": torch.Generator().manual_seed(self.seed),
         }
         if self.dataset == "shards":  # its order, rank split and resume are litdata's
-            return shard_loader()(dataset, drop_last=dataset is self.train_set, **options)
+            loader = shards.loader_class(NamesUnreadable)
+            return loader(dataset, drop_last=dataset is self.train_set, **options)
         return ImageLoader(
             dataset,
             sampler=sampler,

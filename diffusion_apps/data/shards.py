@@ -19,6 +19,7 @@ then read only at that size and channel count. The train/val split is the folder
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -194,6 +195,32 @@ class _Decoder:
         x = self.transform(image).expand(self.channels, -1, -1)
         label = int(item["label"]) if self.labelled else -1
         return x, torch.tensor(label, dtype=torch.int64)
+
+
+class _OncePerResume:
+    """A restored place applies to the first pass after ``load_state_dict`` only.
+
+    litdata replays a restored state at every ``iter()`` until one pass runs to its end, but
+    Lightning ends an epoch at its batch count without exhausting the iterator, so every later
+    epoch of a resumed run would repeat the tail of the resumed one."""
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._resuming = True
+
+    def __iter__(self):
+        if not getattr(self, "_resuming", False):
+            self.restore = False
+        self._resuming = False
+        return super().__iter__()
+
+
+@functools.cache
+def loader_class(*mixins: type) -> type:
+    """litdata's StreamingDataLoader, whose place mid-epoch is in its state dict (Lightning's
+    fit loop keeps it in checkpoints and restores it), with :class:`_OncePerResume` and
+    ``mixins``."""
+    return type("ShardLoader", (*mixins, _OncePerResume, litdata().StreamingDataLoader), {})
 
 
 def shard_sets(root: str, image_size: int, channels: int, seed: int):

@@ -3,6 +3,7 @@ resumed mid-epoch from the loader's state, and errors that say what is wrong."""
 
 import sys
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -125,3 +126,52 @@ def test_without_litdata_the_error_says_what_to_install(monkeypatch, packed):
     monkeypatch.setitem(sys.modules, "litdata", None)  # import litdata raises
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'diffusion_apps\[stream\]'"):
         ImageDataModule("shards", root=str(packed / "raw")).setup()
+
+
+class Recorder(L.LightningModule):
+    """Records each training batch as rows of (pixels, label)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen.append(torch.cat([x.flatten(1), y[:, None]], 1))
+        return self.w * x.mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SaveAt(L.Callback):
+    """Saves a checkpoint during training, after ``step`` steps, as ModelCheckpoint would."""
+
+    def __init__(self, step: int, path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def fit(packed, max_steps: int, ckpt_path=None, callbacks=()) -> Recorder:
+    model, trainer = Recorder(), L.Trainer(
+        max_steps=max_steps, logger=False, enable_checkpointing=False, callbacks=list(callbacks),
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+    )  # fmt: skip
+    dm = ImageDataModule("shards", root=str(packed / "raw"), image_size=SIZE, batch_size=BATCH)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.mark.parametrize("step", [1, 3, 5])  # 4 batches an epoch
+def test_a_run_resumed_mid_epoch_trains_on_the_remaining_batches(packed, tmp_path, step):
+    """Lightning keeps the loader's litdata state in the checkpoint and restores it."""
+    ckpt = tmp_path / "mid.ckpt"
+    whole = fit(packed, max_steps=7, callbacks=[SaveAt(step, ckpt)])
+    resumed = fit(packed, max_steps=7, ckpt_path=ckpt)
+    assert len(resumed.seen) == 7 - step
+    for a, b in zip(resumed.seen, whole.seen[step:], strict=True):
+        assert torch.equal(a, b)
