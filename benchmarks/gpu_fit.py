@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,18 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def compile_stats() -> dict:
+    """Graphs compiled and graph breaks since the last call (TorchDynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    stats = {
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
+    counters.clear()
+    return stats
 
 
 def write_images(root: Path, n: int, size: int = 32) -> None:
@@ -168,12 +181,15 @@ def rates(flops_fwd: int, steps: int, seconds: float, args, peak: dict) -> dict:
 
 
 def loader_rate(datamodule, batches: int) -> dict:
-    """images/s of the training loader alone (after its first batch: the workers' start)."""
-    loader = iter(datamodule.train_dataloader())
-    next(loader)
+    """images/s of the training loader alone over up to ``batches`` batches of one epoch, after
+    its first (the workers' start)."""
+    loader = datamodule.train_dataloader()
+    batches = min(batches, len(loader) - 1)
+    it = iter(loader)
+    next(it)
     tic, n = time.perf_counter(), 0
     for _ in range(batches):
-        n += len(next(loader)[0])
+        n += len(next(it)[0])
     return {"images_per_s": n / (time.perf_counter() - tic), "batches": batches}
 
 
@@ -207,9 +223,10 @@ def lightning_fit(args, root: Path, peak: dict, state: dict) -> dict:
         "pin_memory": cli.datamodule._pin_memory(),
         "callbacks": [type(c).__name__ for c in cli.trainer.callbacks],
         "precision": str(cli.trainer.precision),
+        **compile_stats(),
     }
     say(f"  {row['images_per_s']:.0f} images/s; timing the loader alone")
-    row["loader_alone"] = loader_rate(cli.datamodule, 20)
+    row["loader_alone"] = loader_rate(cli.datamodule, 40)
     return row
 
 
@@ -248,6 +265,7 @@ def sampling(args, state: dict, out: Path) -> dict:
         "ms_per_network_call_per_image": 1e3 * seconds / args.samples / args.sample_steps,
         "peak_memory": peak_memory(device),
         "grid": grid.name,
+        **compile_stats(),
     }
 
 
@@ -296,6 +314,7 @@ def plain_loop(net: nn.Module, name: str, args, state: dict, peak: dict) -> dict
         "timed_s": timed_s,
         **rates(flops, args.steps - args.warmup, timed_s, args, peak),
         "peak_memory": peak_memory(device),
+        **compile_stats(),
     }
     say(f"  {row['images_per_s']:.0f} images/s")
     return row
@@ -335,21 +354,24 @@ def markdown(result: dict) -> str:
         "GEMM share: of the measured GEMM in the run's dtype (both above, in GFLOP/s).",
         "",
         "| run | loop | params (M) | GFLOP/img fwd | first step (s) | img/s | TFLOP/s | MFU | "
-        "GEMM share | peak memory (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "GEMM share | peak memory (GiB) | graphs (breaks) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in ("lightning", "diffusers", "ours_plain"):
         r = stages.get(key)
         if r is None:
-            lines.append(f"| {key} | not run | | | | | | | | |")
+            lines.append(f"| {key} | not run | | | | | | | | | |")
         elif "error" in r:
-            lines.append(f"| {key} | failed: {r['error'].splitlines()[-1][:120]} | | | | | | | | |")
+            lines.append(
+                f"| {key} | failed: {r['error'].splitlines()[-1][:120]} | | | | | | | | | |"
+            )
         else:
             lines.append(
                 f"| {r['network']} | {r['loop']} | {r['params'] / 1e6:.2f} | "
                 f"{r['flops_forward'] / 1e9:.2f} | {r['first_step_s']:.1f} | "
                 f"{r['images_per_s']:.0f} | {r['tflops']:.1f} | {_num(r['mfu'], '.1%')} | "
-                f"{_num(r['gemm_share'], '.1%')} | {_num(r['peak_memory'], '.2f', 2**-30)} |"
+                f"{_num(r['gemm_share'], '.1%')} | {_num(r['peak_memory'], '.2f', 2**-30)} | "
+                f"{r['unique_graphs']} ({r['graph_breaks']}) |"
             )
     fit = stages.get("lightning", {})
     if "loader_alone" in fit:
@@ -402,6 +424,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.warmup = min(args.warmup, args.steps // 2)
     args.out.mkdir(parents=True, exist_ok=True)
+    # Lightning only logs a SIGTERM and trains on: `timeout` must end the run (the finished
+    # stages are saved).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     device = torch.device(args.device)
     try:
         info = machine(args.device)
