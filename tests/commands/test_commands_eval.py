@@ -70,6 +70,14 @@ def test_named_checkpoints_and_a_list_of_samplers(run_dir, tmp_path):
     assert row["checkpoint"] == ckpt and row["sampler"] == "ddim" and row["nfe"] == 1
 
 
+def test_samples_out_a_file_is_refused_before_sampling(run_dir, tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    args = ["eval", "--run_dir", str(run_dir), "--samples_out", str(tmp_path / "taken")]
+    with pytest.raises(SystemExit, match=r"error: --samples_out \S*taken is a file, not a folder"):
+        main([*args, "--num_samples", "4", "--out_dir", str(tmp_path / "out")])
+    assert (tmp_path / "taken").read_text() == "not a folder"
+
+
 def test_unknown_sampler_is_named(run_dir, tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint has a sampler 'heun' .*ddpm, ddim"):
         main(["eval", "--run_dir", str(run_dir), "--samplers", "heun:2", "--num_samples", "4"])
