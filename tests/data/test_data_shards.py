@@ -175,3 +175,24 @@ def test_a_run_resumed_mid_epoch_trains_on_the_remaining_batches(packed, tmp_pat
     assert len(resumed.seen) == 7 - step
     for a, b in zip(resumed.seen, whole.seen[step:], strict=True):
         assert torch.equal(a, b)
+
+
+def _rank_items(rank: int, packed, out) -> None:
+    """One rank of a 2-process gloo group: the training items its StreamingDataset yields."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/group", rank=rank, world_size=2)
+    try:
+        dm = module("shards", packed / "raw")
+        torch.save(sorted_items(dm.train_set), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_read_disjoint_halves_of_the_training_set(folder, packed, tmp_path):
+    torch.multiprocessing.start_processes(
+        _rank_items, args=(packed, tmp_path), nprocs=2, start_method="fork"
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 9
+    assert sorted(ranks[0] + ranks[1]) == sorted_items(module("folder", folder).train_set)
