@@ -89,6 +89,7 @@ def test_two_ranks_score_and_write_what_one_process_does(root, calibrated, tmp_p
     assert done.returncode == 0, done.stderr[-4000:]
     (cached,) = cache.glob("reference-inception-folder-*.pt")  # one rank wrote it, once
     (listed,) = cache.glob("reference-inception-folder-listing-*.txt")
+    assert not list(cache.glob("*.tmp"))  # written aside and renamed: nothing half-written
     before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (cached, listed)]
 
     read = []  # the files load_images decodes in this process
@@ -105,6 +106,7 @@ def test_two_ranks_score_and_write_what_one_process_does(root, calibrated, tmp_p
     assert read == []  # no reference image decoded: its features came from the cache
     assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (cached, listed)] == before
     alone = ["--num_samples", "11", "--batch_size", "3", "--sampler", "ddim", "--steps", "2"]
+    alone += ["--device", "cpu", "--precision", "32"]
     main(["sample", "--ckpt_path", str(root / DDPM), *alone, "--out_dir", str(tmp_path / "one")])
 
     (two,) = json.loads((tmp_path / "two" / "eval.json").read_text())["rows"]
