@@ -69,7 +69,8 @@ bench-avx2: $(BENCH_STAMP)
 
 ## gpu-wheels: the contenders' wheels for benchmarks/gpu.sh on a lent GPU (its image lacks them)
 GPU_WHEELS := diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 \
-	denoising-diffusion-pytorch==2.3.4 ema-pytorch==0.8.3 pytorch-fid==0.3.0
+	denoising-diffusion-pytorch==2.3.4 ema-pytorch==0.8.3 pytorch-fid==0.3.0 \
+	jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0  # our CLI (gpu_fit.py)
 gpu-wheels:
 	grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

@@ -126,8 +126,9 @@ class StepTimer(Callback):
             say(f"  step {step}/{trainer.max_steps}")
 
 
-def cli_args(args: argparse.Namespace, root: Path) -> list[str]:
-    """The config, and the overrides of a short speed run on the generated folder."""
+def cli_args(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """The config, and the overrides of a short speed run on the folder ``tmp``/images (the
+    saved config goes to ``tmp``/run)."""
     ema = [{"class_path": "diffusion_apps.callbacks.EMA", "init_args": {"decay": 0.9999}}]
     overrides = {
         "trainer.accelerator": "gpu" if args.device == "cuda" else args.device,
@@ -138,10 +139,11 @@ def cli_args(args: argparse.Namespace, root: Path) -> list[str]:
         "trainer.logger": False,
         "trainer.enable_checkpointing": False,
         "trainer.enable_progress_bar": False,
+        "trainer.default_root_dir": str(tmp / "run"),
         "trainer.callbacks": json.dumps(ema),  # the config's less Checkpoint and progress bar
         "model.init_args.compile": args.compile,
         "data.init_args.dataset": "folder",
-        "data.init_args.root": str(root),
+        "data.init_args.root": str(tmp / "images"),
         "data.init_args.batch_size": args.batch,
         "data.init_args.num_workers": args.workers,
         "data.init_args.val_fraction": 0.01,
@@ -193,10 +195,10 @@ def loader_rate(datamodule, batches: int) -> dict:
     return {"images_per_s": n / (time.perf_counter() - tic), "batches": batches}
 
 
-def lightning_fit(args, root: Path, peak: dict, state: dict) -> dict:
+def lightning_fit(args, tmp: Path, peak: dict, state: dict) -> dict:
     from diffusion_apps.cli import DiffusionCLI
 
-    cli = DiffusionCLI(args=cli_args(args, root), run=False)
+    cli = DiffusionCLI(args=cli_args(args, tmp), run=False)
     unet_args = cli.config.model.init_args.unet.init_args
     shape = layout(unet_args)
     state.update(module=cli.model, shape=shape)
@@ -424,9 +426,16 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.warmup = min(args.warmup, args.steps // 2)
     args.out.mkdir(parents=True, exist_ok=True)
-    # Lightning only logs a SIGTERM and trains on: `timeout` must end the run (the finished
-    # stages are saved).
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # Lightning only logs a SIGTERM and trains on: `timeout` must end the run, the finished
+    # stages saved. The stage's own error may be what surfaces (a loader worker killed by the
+    # same signal), so the stage wrapper exits too.
+    stopped: list[int] = []
+
+    def on_sigterm(signum, frame) -> None:
+        stopped.append(signum)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     device = torch.device(args.device)
     try:
         info = machine(args.device)
@@ -446,11 +455,19 @@ def main(argv: list[str] | None = None) -> None:
         except Exception:
             result["stages"][key] = {"error": traceback.format_exc()}
             say(f"{key} failed:\n{result['stages'][key]['error']}")
-        save(result, args.out, args.name)
+        except SystemExit:
+            result["stages"][key] = {"error": "stopped by a signal (the timeout) in this stage"}
+            raise
+        finally:
+            save(result, args.out, args.name)
+        if stopped:
+            say(f"stopped by signal {stopped[0]}")
+            sys.exit(128 + stopped[0])
 
     with tempfile.TemporaryDirectory(prefix="gpu-fit-") as tmp:
         tic = time.perf_counter()
-        write_images(Path(tmp), args.images)
+        (Path(tmp) / "images").mkdir()
+        write_images(Path(tmp) / "images", args.images)
         say(f"wrote {args.images} PNGs in {time.perf_counter() - tic:.1f} s")
         stage("lightning", lambda: lightning_fit(args, Path(tmp), info["gemm_peak"], state))
     if "module" in state:
