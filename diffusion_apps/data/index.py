@@ -29,12 +29,17 @@ VERSION = 1  # of the file's layout
 SETTLE_NS = 2_000_000_000
 
 
+def cache_root() -> Path:
+    """$DIFFUSION_APPS_CACHE, else ~/.cache/diffusion_apps: the variable and default of
+    :func:`diffusion_apps.evaluation.digits.resolve_cache_dir`, a layer above data."""
+    cache = os.environ.get("DIFFUSION_APPS_CACHE") or Path.home() / ".cache" / "diffusion_apps"
+    return Path(cache).expanduser()
+
+
 def cache_file(base: Path) -> Path:
     """Where the index of the folder ``base`` is kept (the folder itself is not written to)."""
-    # the same variable and default as diffusion_apps.evaluation's caches (a layer above data)
-    cache = os.environ.get("DIFFUSION_APPS_CACHE") or Path.home() / ".cache" / "diffusion_apps"
     key = hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:32]
-    return Path(cache).expanduser() / "folder_index" / f"{key}.json"
+    return cache_root() / "folder_index" / f"{key}.json"
 
 
 def _read(path: Path, base: Path) -> dict | None:
