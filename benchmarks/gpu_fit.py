@@ -192,7 +192,9 @@ def loader_rate(datamodule, batches: int) -> dict:
     tic, n = time.perf_counter(), 0
     for _ in range(batches):
         n += len(next(it)[0])
-    return {"images_per_s": n / (time.perf_counter() - tic), "batches": batches}
+    seconds = time.perf_counter() - tic
+    return {"images_per_s": n / seconds, "batches": batches, "workers": loader.num_workers,
+            "pin_memory": loader.pin_memory}  # fmt: skip
 
 
 def lightning_fit(args, tmp: Path, peak: dict, state: dict) -> dict:
@@ -202,7 +204,8 @@ def lightning_fit(args, tmp: Path, peak: dict, state: dict) -> dict:
     unet_args = cli.config.model.init_args.unet.init_args
     shape = layout(unet_args)
     state.update(module=cli.model, shape=shape)
-    state["unet"] = copy.deepcopy(cli.model.unet)  # before configure_model compiles it
+    eager = copy.deepcopy(cli.model)  # before configure_model compiles the UNet in place
+    state["unet"] = copy.deepcopy(cli.model.unet)
     flops = forward_flops(copy.deepcopy(cli.model.unet), shape)
     timer = StepTimer(args.warmup)
     cli.trainer.callbacks.append(timer)
@@ -210,6 +213,8 @@ def lightning_fit(args, tmp: Path, peak: dict, state: dict) -> dict:
     reset_peak(device)
     say(f"Lightning: fit {args.steps} steps at batch {args.batch} on {device}")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    eager.load_state_dict(cli.model.state_dict())  # the EMA weights, since the fit's end
+    state["eager"] = eager
     timed = args.steps - args.warmup
     row = {
         "loop": "Lightning Trainer (our CLI's)",
@@ -221,8 +226,6 @@ def lightning_fit(args, tmp: Path, peak: dict, state: dict) -> dict:
         "timed_s": timer.timed_s,
         **rates(flops, timed, timer.timed_s, args, peak),
         "peak_memory": peak_memory(device),
-        "loader_workers": cli.datamodule.num_workers,
-        "pin_memory": cli.datamodule._pin_memory(),
         "callbacks": [type(c).__name__ for c in cli.trainer.callbacks],
         "precision": str(cli.trainer.precision),
         **compile_stats(),
@@ -232,18 +235,22 @@ def lightning_fit(args, tmp: Path, peak: dict, state: dict) -> dict:
     return row
 
 
-def sampling(args, state: dict, out: Path) -> dict:
-    """DDIM-``--sample-steps`` draws through the sample command's ``sample_batches``."""
+def sampling(module, compiled: bool, args, grid: Path | None = None) -> dict:
+    """DDIM-``--sample-steps`` draws of the trained ``module`` through the sample command's
+    ``sample_batches``; the first 256 saved as ``grid`` when given."""
     from diffusion_apps.distributed import rank_batches
     from diffusion_apps.evaluation.protocol import sample_batches
     from diffusion_apps.images import save_grid
 
     device = torch.device(args.device)
-    module = state["module"].to(device).eval()  # Lightning's teardown left it on the CPU
+    module = module.to(device).eval()  # Lightning's teardown left it on the CPU
     precision = "bf16" if args.precision.startswith("bf16") else "32"
     settings = {"sampler": "ddim", "steps": args.sample_steps}
     batches = rank_batches(args.samples, args.sample_batch, 0, 0, 1)
-    say(f"sampling: {args.samples} images, DDIM-{args.sample_steps}, batch {args.sample_batch}")
+    say(
+        f"sampling: {args.samples} images, DDIM-{args.sample_steps}, batch {args.sample_batch}, "
+        f"compiled {compiled}"
+    )
     tic = time.perf_counter()
     for _ in sample_batches(module, batches[:1], precision, **settings):
         pass
@@ -254,19 +261,20 @@ def sampling(args, state: dict, out: Path) -> dict:
         seconds += s
         if start < GRID:
             shown.append(images[: GRID - start].cpu())
-    grid = save_grid(torch.cat(shown), out / f"{args.name}-grid.png")
+    if grid is not None:
+        save_grid(torch.cat(shown), grid)
     return {
         "sampler": f"ddim-{args.sample_steps}",
         "precision": precision,
         "batch": args.sample_batch,
         "samples": args.samples,
         "ema_weights": True,
-        "compiled": args.compile,
+        "compiled": compiled,
         "warmup_batch_s": warm_s,
         "ms_per_image": 1e3 * seconds / args.samples,
         "ms_per_network_call_per_image": 1e3 * seconds / args.samples / args.sample_steps,
         "peak_memory": peak_memory(device),
-        "grid": grid.name,
+        "grid": grid and grid.name,
         **compile_stats(),
     }
 
@@ -353,7 +361,12 @@ def markdown(result: dict) -> str:
         "",
         "Images/s over the steps after the warm-up, synchronised; FLOPs of a step = 3 x the "
         "forward's (FlopCounterMode) x batch; MFU: of the nominal dense bf16 peak (bf16 runs); "
-        "GEMM share: of the measured GEMM in the run's dtype (both above, in GFLOP/s).",
+        "GEMM share: of the measured GEMM in the run's dtype (both above, in GFLOP/s). "
+        "Lightning: our CLI's Trainer on the config, fed by the loader from a folder of "
+        "generated PNGs (random smooth images: their content does not change the compute), "
+        "with EMA, gradient clipping and the FiniteLoss check; plain loop: batches resident on "
+        "the device, AdamW and clipping only. diffusers' UNet2DModel in the config's layout "
+        "(one attention head), without the config's dropout 0.1.",
         "",
         "| run | loop | params (M) | GFLOP/img fwd | first step (s) | img/s | TFLOP/s | MFU | "
         "GEMM share | peak memory (GiB) | graphs (breaks) |",
@@ -379,24 +392,25 @@ def markdown(result: dict) -> str:
     if "loader_alone" in fit:
         lines += [
             "",
-            f"Lightning: {fit['loader_workers']} loader workers (pin_memory "
-            f"{fit['pin_memory']}); the loader alone gave "
+            f"Lightning: {fit['loader_alone']['workers']} loader workers (pin_memory "
+            f"{fit['loader_alone']['pin_memory']}); the loader alone gave "
             f"{fit['loader_alone']['images_per_s']:.0f} images/s against the fit's "
             f"{fit['images_per_s']:.0f}. Precision {fit['precision']}; callbacks: "
             f"{', '.join(fit['callbacks'])}.",
         ]
-    r = stages.get("sampling")
-    if r is not None:
-        lines += ["", "## Sampling", ""]
+    runs = [stages[k] for k in ("sampling", "sampling_compiled") if k in stages]
+    lines += ["", "## Sampling", ""] if runs else []
+    for r in runs:
         if "error" in r:
-            lines.append(f"Failed: {r['error'].splitlines()[-1]}")
+            lines.append(f"- failed: {r['error'].splitlines()[-1]}")
         else:
             lines.append(
-                f"{r['samples']} images, {r['sampler']}, {r['precision']}, batch {r['batch']}, "
+                f"- {r['samples']} images, {r['sampler']}, {r['precision']}, batch {r['batch']}, "
                 f"EMA weights, compiled {r['compiled']}: **{r['ms_per_image']:.2f} ms/image** "
                 f"({r['ms_per_network_call_per_image'] * 1e3:.1f} µs per network call and "
                 f"image), after a warm-up batch of {r['warmup_batch_s']:.1f} s; peak memory "
-                f"{_num(r['peak_memory'], '.2f', 2**-30)} GiB; grid `{r['grid']}`."
+                f"{_num(r['peak_memory'], '.2f', 2**-30)} GiB"
+                + (f"; grid `{r['grid']}`." if r["grid"] else ".")
             )
     return "\n".join(lines) + "\n"
 
@@ -470,9 +484,10 @@ def main(argv: list[str] | None = None) -> None:
         write_images(Path(tmp) / "images", args.images)
         say(f"wrote {args.images} PNGs in {time.perf_counter() - tic:.1f} s")
         stage("lightning", lambda: lightning_fit(args, Path(tmp), info["gemm_peak"], state))
-    if "module" in state:
-        stage("sampling", lambda: sampling(args, state, args.out))
-        torch._dynamo.reset()  # the next networks compile afresh, not under the old guards
+    if "eager" in state:  # as `python -m diffusion_apps sample` runs it: not compiled
+        grid = args.out / f"{args.name}-grid.png"
+        stage("sampling", lambda: sampling(state["eager"], False, args, grid))
+    torch._dynamo.reset()  # the next networks compile afresh, not under the old guards
     if "shape" in state:
         s, peak = state["shape"], info["gemm_peak"]
         stage(
@@ -480,6 +495,8 @@ def main(argv: list[str] | None = None) -> None:
             lambda: plain_loop(Diffusers(s), "diffusers UNet2DModel", args, state, peak),
         )
         stage("ours_plain", lambda: plain_loop(state["unet"], "ours (config)", args, state, peak))
+    if "eager" in state and args.compile:  # the fit's module, its UNet compiled in place
+        stage("sampling_compiled", lambda: sampling(state["module"], True, args))
     print(markdown(result), flush=True)
     say(f"wrote {args.out / args.name}.md and .json")
     sys.exit(int(any("error" in r for r in result["stages"].values())))
