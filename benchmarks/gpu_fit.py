@@ -9,13 +9,15 @@ the results rewritten after each one so that a timeout keeps the finished stages
    content does not change the compute), ``--steps`` steps at ``--batch``, bf16-mixed,
    ``model.compile`` on, no validation, no checkpoints, no logger; EMA, gradient clipping and
    the FiniteLoss check as configured. The loader alone is timed too, with the same workers.
-2. **sampling**: ``--samples`` images with DDIM-50 from the trained module (its EMA weights)
-   through ``sample_batches``, what ``python -m diffusion_apps sample`` calls, in bf16; one
-   warm-up batch (which compiles the inference graph) first; a grid of the first 256.
+2. **sampling**: ``--samples`` images with DDIM-50 from the trained module's EMA weights
+   through ``sample_batches``, what ``python -m diffusion_apps sample`` calls, in bf16 and not
+   compiled (as that command runs), after one warm-up batch; a grid of the first 256.
 3. **plain loop**, diffusers' ``UNet2DModel`` in the same layout (``speed.Diffusers``, one head
    as in the config) and then our UNet of the config: the same eps MSE at random t, AdamW,
    gradient clipping at 1, bf16 autocast and ``torch.compile``, on batches resident on the
    device (no loader, no EMA, no FiniteLoss): like against like.
+4. **compiled sampling** (with compile on): stage 2 with the fit's module, its UNet compiled in
+   place; the warm-up batch compiles the inference graph.
 
 Each training row: time to the first step (compilation), images/s over the steps after
 ``--warmup`` (synchronised), FLOPs of a step = 3 x the forward's FLOPs (``speed.forward_flops``,
@@ -44,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch import Callback
 from speed import RESULTS, Diffusers, Shape, forward_flops, gemm_peak, machine, machine_line
 from torch import nn
@@ -129,7 +132,9 @@ class StepTimer(Callback):
 def cli_args(args: argparse.Namespace, tmp: Path) -> list[str]:
     """The config, and the overrides of a short speed run on the folder ``tmp``/images (the
     saved config goes to ``tmp``/run)."""
-    ema = [{"class_path": "diffusion_apps.callbacks.EMA", "init_args": {"decay": 0.9999}}]
+    dropped = ("Checkpoint", "RichProgressBar")
+    callbacks = yaml.safe_load(CONFIG.read_text())["trainer"]["callbacks"]
+    kept = [c for c in callbacks if c["class_path"].rpartition(".")[2] not in dropped]
     overrides = {
         "trainer.accelerator": "gpu" if args.device == "cuda" else args.device,
         "trainer.devices": 1,
@@ -140,7 +145,7 @@ def cli_args(args: argparse.Namespace, tmp: Path) -> list[str]:
         "trainer.enable_checkpointing": False,
         "trainer.enable_progress_bar": False,
         "trainer.default_root_dir": str(tmp / "run"),
-        "trainer.callbacks": json.dumps(ema),  # the config's less Checkpoint and progress bar
+        "trainer.callbacks": json.dumps(kept),
         "model.init_args.compile": args.compile,
         "data.init_args.dataset": "folder",
         "data.init_args.root": str(tmp / "images"),
