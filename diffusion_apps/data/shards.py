@@ -124,7 +124,7 @@ def pack(
     litdata()
     target = Path(out)
     if target.exists() and any(target.iterdir()):
-        raise FileExistsError(f"data pack: --out {target} exists and is not empty")
+        raise ValueError(f"data pack: --out {target} exists and is not empty")
     checks = [
         ("channels", channels, channels in (1, 3)),
         ("image_size", image_size, image_size is None or image_size >= 8),

@@ -17,6 +17,14 @@ pytest.importorskip("litdata")
 SIZE, BATCH = 8, 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    """Folder indexes in a temporary cache, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFFUSION_APPS_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """Two classes of 12 distinct images each, of varied sizes (the resize matters)."""
@@ -103,7 +111,7 @@ def test_a_sized_pack_is_read_at_its_size_only(packed):
 
 
 def test_pack_refuses_a_folder_that_is_not_empty(folder, packed):
-    with pytest.raises(FileExistsError, match="exists and is not empty"):
+    with pytest.raises(ValueError, match="exists and is not empty"):
         shards.pack(str(folder), str(packed / "raw"))
 
 
