@@ -255,12 +255,16 @@ def test_an_unknown_option_in_fit_is_one_short_line(in_tmp):
     assert len(message.splitlines()) == 1 and "Subtypes" not in message, message
 
 
-def test_a_run_that_fails_before_saving_leaves_no_version_folder(in_tmp):
-    """The data fails at setup, after the logger has named the version folder."""
+@pytest.mark.parametrize("verify", ["setup", "lazy"])
+def test_a_run_that_fails_before_saving_leaves_no_version_folder(in_tmp, verify):
+    """The data fails after the logger has named the version folder: at setup, or (verified
+    lazily) as the first batch is decoded."""
     Path("images").mkdir()
-    Path("images/broken.png").write_bytes(b"not a png")
-    data = ["--data.init_args.dataset", "folder", "--data.init_args.root", "images"]
-    fails(["fit", "--config", TINY, *data], "broken.png")
+    for i in range(10):
+        Path(f"images/broken{i}.png").write_bytes(b"not a png")
+    data = ["--data.init_args.dataset", "folder", "--data.init_args.root", "images",
+            "--data.init_args.verify", verify]  # fmt: skip
+    fails(["fit", "--config", TINY, *data], r"broken\d\.png")
     assert not Path("runs/tiny_ddpm/version_0").exists()
 
 

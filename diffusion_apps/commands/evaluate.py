@@ -92,7 +92,7 @@ def evaluate(
         parse_samplers,
         writable_folder,
     )
-    from diffusion_apps.commands.sample import SampleFiles, disk_need
+    from diffusion_apps.commands.sample import SampleFiles, disk_need, probe
     from diffusion_apps.distributed import process_group
     from diffusion_apps.evaluation import FeatureStats
     from diffusion_apps.evaluation.autoencoding import probe_row, reconstruction_rows
@@ -189,12 +189,13 @@ def evaluate(
     def sample_files(name, module):
         """``files(setting)`` for :func:`generation_rows`: the setting's folder under
         ``samples_out``, made and checked for room, and its :class:`SampleFiles`."""
-        shape = module.sample_shape
-        labelled = "labels" in generation_of(module).inputs_for(0, 1, None, None)
+        inputs = generation_of(module).inputs_for(0, 1, None, None)
 
         def files(setting):
             stem = f"{slug(setting.label)}{setting.steps}_{precision}_n{num_samples}_seed{seed}"
             folder = writable_folder(Path(samples_out) / f"{slug(name)}_{stem}", "--samples_out")
+            spacing = {} if setting.spacing is None else {"spacing": setting.spacing}
+            shape, labelled = probe(module, inputs, {"sampler": setting.name, **spacing})
             if rank == 0:
                 check_disk_room(folder, *disk_need(num_samples, shape, True, True, labelled))
             written.append(folder)

@@ -144,8 +144,9 @@ def sample(
     mine = rank_batches(num_samples, batch_size, seed, rank, world)
     batches = sample_batches(module, mine, precision, labels, prompts, **settings)
     files = SampleFiles(out, num_samples, shape, labelled, png, npz, rank, world)
-    bar = tqdm(total=len(mine), desc=f"{sampler}-{steps}", unit="batch", disable=rank != 0)
-    with files, bar:
+    # The files first: a refusal to preallocate them is said on a line of its own, not the bar's.
+    with files, tqdm(total=len(mine), desc=f"{sampler}-{steps}", unit="batch",
+                     disable=rank != 0) as bar:  # fmt: skip
         for start, batch, inputs, _ in batches:
             files.write(start, batch, inputs.get("labels"))
             if start < GRID_MAX:
