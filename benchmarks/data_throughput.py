@@ -14,7 +14,8 @@ incomplete one dropped).
 no GPU training rate of ours is measured yet (benchmarks/gpu.sh prints it when a device is
 lent); a job whose GPUs each train at R img/s is fed by ``images/s / R`` GPUs' worth.
 
-Run ``python benchmarks/data_throughput.py`` (about 3.5 minutes on 2 busy cores); results go to
+Run ``python benchmarks/data_throughput.py`` (about 1 minute on 2 quiet cores, 3.5 on busy
+ones); results go to
 ``benchmarks/results/data_throughput.md`` and ``.json``.
 """
 
@@ -162,6 +163,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
+        "load_average": os.getloadavg()[0],  # at the end: what else ran on the cores
         "images_per_size": args.images,
         "batch": BATCH,
         "rows": rows,
@@ -178,7 +180,8 @@ def markdown(record: dict) -> str:
         "# Data throughput: decoded images/s, folder vs litdata shards",
         "",
         f"{record['date']}; `python benchmarks/data_throughput.py`; {record['cpu']}, "
-        f"{record['cores']} cores shared with other jobs. {record['images_per_size']} JPEGs "
+        f"{record['cores']} cores, load average {record['load_average']:.1f} at the end (its own "
+        f"loader workers included). {record['images_per_size']} JPEGs "
         f"(quality 90, photo-like) per size, batches of {record['batch']}, best of the timed "
         "epochs, each from its first batch. GPUs fed = images/s ÷ 1,000: the GPUs a loader "
         "feeds if each trains at 1,000 img/s (scale by 1,000/R for R img/s per GPU; no GPU "
