@@ -44,10 +44,11 @@ MODEL = "--model.init_args."
 UNET = MODEL + "unet.init_args."
 
 # name -> overrides of configs/ddpm.yaml, as `fit` takes them ("new" is the config itself).
-# The config before min-SNR gamma 3 was "beta2_0.99"; before Adam's beta2 = 0.99 "importance";
+# The config before min-SNR gamma 1.5 was "gamma3"; before gamma 3 "beta2_0.99"; before Adam's
+# beta2 = 0.99 "importance";
 # before importance-sampled t "p2_attn4"; before 2x2 patches "v_min_snr_rb1"; before that "old".
 # Pilots in benchmarks/results/demo_recipe/ keep these names.
-GAMMA5 = [MODEL + "min_snr_gamma", "5.0"]  # every recipe before "gamma3"
+GAMMA5 = [MODEL + "min_snr_gamma", "5.0"]  # every recipe before "gamma3" and "gamma1.5"
 BETA2_999 = GAMMA5 + [MODEL + "adam_betas", "[0.9,0.999]"]  # every recipe before "beta2_0.99"
 UNIFORM_T = BETA2_999 + [MODEL + "timestep_sampling", "uniform"]  # these drew t uniformly
 PIXELS = UNIFORM_T + [UNET + "patch_size", "1", UNET + "attention_resolutions", "[8]"]
@@ -83,9 +84,11 @@ RECIPES: dict[str, list[str]] = {
     "beta2_0.99": GAMMA5,  # Adam's second moment over ~100 steps
     "beta2_0.95": GAMMA5 + [MODEL + "adam_betas", "[0.9,0.95]"],
     "lr1.5e-3": GAMMA5 + [MODEL + "lr", "1.5e-3"],
-    "gamma3": [],  # the pilots' name of "new"
+    "gamma3": [MODEL + "min_snr_gamma", "3.0"],
     "gamma10": [MODEL + "min_snr_gamma", "10.0"],
     "gamma2": [MODEL + "min_snr_gamma", "2.0"],
+    "gamma1.5": [],  # the pilots' name of "new"
+    "gamma1": [MODEL + "min_snr_gamma", "1.0"],
     "p4": UNIFORM_T + [UNET + "patch_size", "4", UNET + "channel_mult", "[1,2]",
                 UNET + "attention_resolutions", "[8]"],
 }  # fmt: skip
@@ -97,7 +100,7 @@ SAME_STEP = {
     "cosine": "new", "linear_lr2e-3": "new", "importance": "new",
     "importance_linear_lr2e-3": "new", "noclip": "new", "beta2_0.99": "new",
     "beta2_0.95": "new", "lr1.5e-3": "new", "gamma3": "new", "gamma10": "new",
-    "gamma2": "new",
+    "gamma2": "new", "gamma1.5": "new", "gamma1": "new",
 }  # fmt: skip
 
 EMULATION = {
