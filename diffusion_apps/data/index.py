@@ -29,10 +29,13 @@ VERSION = 1  # of the file's layout
 SETTLE_NS = 2_000_000_000
 
 
+CACHE_ENV = "DIFFUSION_APPS_CACHE"
+
+
 def cache_root() -> Path:
-    """$DIFFUSION_APPS_CACHE, else ~/.cache/diffusion_apps: the variable and default of
-    :func:`diffusion_apps.evaluation.digits.resolve_cache_dir`, a layer above data."""
-    cache = os.environ.get("DIFFUSION_APPS_CACHE") or Path.home() / ".cache" / "diffusion_apps"
+    """$DIFFUSION_APPS_CACHE, else ~/.cache/diffusion_apps: every cache of the package (the
+    folder indexes, evaluation's features and classifier) lives under it."""
+    cache = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "diffusion_apps"
     return Path(cache).expanduser()
 
 

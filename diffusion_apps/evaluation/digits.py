@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_apps.data import sources
+from diffusion_apps.data.index import cache_root
 
-CACHE_ENV = "DIFFUSION_APPS_CACHE"
 # The split every metric's reference set comes from: the ImageDataModule defaults.
 IMAGE_SIZE, VAL_FRACTION, SPLIT_SEED = 32, 0.1, 0
 
@@ -46,9 +46,7 @@ RECIPE = Recipe()
 
 def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
     """``cache_dir``, else $DIFFUSION_APPS_CACHE, else ~/.cache/diffusion_apps (created)."""
-    if cache_dir is None:
-        cache_dir = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "diffusion_apps"
-    path = Path(cache_dir).expanduser()
+    path = cache_root() if cache_dir is None else Path(cache_dir).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

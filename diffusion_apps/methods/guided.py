@@ -157,11 +157,10 @@ class ClassifierGuidedDDPM(Generates, LightningModule):
             raise ValueError(
                 f"the classifier takes {shape} images, the DDPM draws {tuple(ddpm.sample_shape)}"
             )
-        k = ddpm.unet.num_classes if ddpm.class_conditional else classifier.num_classes
-        if k != classifier.num_classes:
+        if ddpm.class_conditional and ddpm.unet.num_classes != classifier.num_classes:
             raise ValueError(
                 f"the classifier tells {classifier.num_classes} classes, the class-conditional "
-                f"DDPM takes {k}"
+                f"DDPM takes {ddpm.unet.num_classes}"
             )
         self.ddpm = ddpm.requires_grad_(False).eval()
         self.classifier = classifier.requires_grad_(False).eval()

@@ -12,7 +12,7 @@ from diffusion_apps.cli import main
 from diffusion_apps.methods import DDPM, ClassifierGuidedDDPM, NoisyClassifier
 from diffusion_apps.methods.guided import NOISE_LEVELS, noise_level_range
 from tests.conftest import CONFIGS, run_cli_in
-from tests.factories import tiny_encoder
+from tests.factories import tiny_encoder, tiny_unet
 
 DDPM_CKPT = "runs/tiny_ddpm/version_0/checkpoints/last.ckpt"
 CLASSIFIER_CKPT = "runs/tiny_guided_classifier/version_0/checkpoints/last.ckpt"
@@ -147,6 +147,9 @@ def test_bad_input_is_named(guided, run_dir, tmp_path):
     other.schedule.alphas_cumprod.mul_(0.5)
     with pytest.raises(ValueError, match="another noise schedule"):
         ClassifierGuidedDDPM(guided.ddpm, other)
+    three = DDPM(tiny_unet(num_classes=3), guided.ddpm.schedule)  # class-conditional, 3 classes
+    with pytest.raises(ValueError, match="classifier tells 10 classes.*DDPM takes 3"):
+        ClassifierGuidedDDPM(three, guided.classifier)
     ckpt, out = str(run_dir / DDPM_CKPT), ["--out_dir", str(tmp_path)]
     with pytest.raises(SystemExit, match="--labels needs --classifier_path"):
         main(["sample", "--ckpt_path", ckpt, "--labels", "[3]", *out])
