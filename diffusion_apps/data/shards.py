@@ -49,10 +49,6 @@ def litdata():
     return litdata
 
 
-def _mode(channels: int) -> str:
-    return "L" if channels == 1 else "RGB"
-
-
 def _encoded(image) -> bytes:
     """``image`` losslessly: PNG for 8-bit modes, TIFF for mode "F" (float pixels)."""
     buffer = io.BytesIO()
@@ -72,7 +68,8 @@ class _Packer:
         name, label = entry
         path = self.base / name
         try:
-            image = sources.read_image(path, _mode(self.channels))  # decodes: the check
+            mode = sources.image_mode(self.channels)
+            image = sources.read_image(path, mode)  # decodes: the check
         except sources.UnreadableImage as err:
             return err
         if self.image_size is None:
@@ -191,7 +188,8 @@ class _Decoder:
     labelled: bool
 
     def __call__(self, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        image = sources.read_image(item["name"], _mode(self.channels), bytes(item["image"]))
+        mode = sources.image_mode(self.channels)
+        image = sources.read_image(item["name"], mode, bytes(item["image"]))
         x = self.transform(image).expand(self.channels, -1, -1)
         label = int(item["label"]) if self.labelled else -1
         return x, torch.tensor(label, dtype=torch.int64)

@@ -113,6 +113,11 @@ def pil_transform(image_size: int, pad: int = 0) -> Callable:
     return T.Compose(steps)
 
 
+def image_mode(channels: int) -> str:
+    """The PIL mode images of ``channels`` (1 or 3) are converted to."""
+    return "L" if channels == 1 else "RGB"
+
+
 def convert_image(image, mode: str):
     """``image`` in the 8-bit PIL ``mode`` ("L" or "RGB"), or as mode "F" in [0, 1] when its
     pixels are 16-bit, 32-bit integer or float (single-band in PIL), which keeps their precision.
@@ -222,7 +227,7 @@ class PILImageDataset(Dataset):
     ):
         self.base, self.transform, self.labelled = base, transform, labelled
         self.channels, self.skip_bad = channels, skip_bad
-        self.mode = "L" if channels == 1 else "RGB"
+        self.mode = image_mode(channels)
         self._skipped = multiprocessing.Value("q", 0) if skip_bad else None
 
     @property
