@@ -7,6 +7,7 @@ A network's blocks are built by one :class:`BlockSpec` and run as :class:`CondSe
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -68,17 +69,31 @@ class TimeEmbedding(nn.Sequential):
         return super().forward(emb.to(self[0].weight.dtype))
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later): bf16 matrix units."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", bool)())
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(QKᵀ/√d)·V by ``F.scaled_dot_product_attention`` on (B, heads, L, d) tensors.
 
-    On CPU, bf16 inputs (autocast) are attended in fp32 and the result cast back: PyTorch's bf16
-    CPU flash-attention kernel is 1.2–3x slower than its fp32 one (forward + backward), while the
-    surrounding convolutions still gain from bf16. bf16 matmuls with a materialised score matrix
-    beat both in isolation for L ≤ 256 on CPUs with native bf16, but not inside the UNet, whose
-    q, k, v are strided views of one projection (benchmarks/results/attention-*.md).
+    The kernel is chosen by what benchmarks/results/attention-*.md measured on each CPU kind:
+    - bf16 inputs (autocast) on CPU are attended in fp32 and the result cast back: PyTorch's
+      bf16 CPU flash-attention kernel is 1.2–3x slower than its fp32 one in forward + backward
+      on every CPU we met, while the surrounding convolutions still gain from bf16;
+    - except without gradients (sampling) on a CPU with AMX, where the bf16 flash kernel runs
+      the forward 1.2–2x faster than the fp32 one (our UNet's sampling call at batch 64: 1.17x),
+      so bf16 stays bf16. On AMD's AVX512-BF16 CPUs the two tie in the forward: fp32 kept.
+    bf16 matmuls with a materialised score matrix beat both in isolation for L ≤ 256 on CPUs
+    with native bf16, but not inside the UNet, whose q, k, v are strided views of one
+    projection.
     """
     if q.device.type == "cpu" and (q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
         with torch.autocast("cpu", enabled=False):
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            if q.dtype == torch.bfloat16 and not grad and cpu_has_amx():
+                return F.scaled_dot_product_attention(q, k, v)
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v)
 

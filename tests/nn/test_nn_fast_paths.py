@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion_apps.nn import EncoderUNet, UNet
+from diffusion_apps.nn import EncoderUNet, UNet, layers
 from diffusion_apps.nn.layers import GroupNorm, attention, group_norm
 from tests.factories import CONDITIONINGS, TINY_NN, randomize_, unet_inputs
 
@@ -45,6 +45,29 @@ def test_attention_matches_softmax_formula_in_fp32_and_under_bf16_autocast():
     # Only the bf16 rounding of q, k, v and of the output remains: the product runs in fp32.
     rounded = softmax_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
     torch.testing.assert_close(low.double(), rounded, atol=2 * BF16_EPS, rtol=2 * BF16_EPS)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_bf16_attention_kernel_is_chosen_by_gradients_and_amx(monkeypatch, amx):
+    """Sampling on an AMX CPU keeps bf16 in SDPA's bf16 kernel; training, or a CPU without AMX,
+    attends in fp32. Either way the result is softmax(QKᵀ/√d)V of the bf16-rounded inputs to
+    bf16 accuracy (the bf16 kernel also rounds its probabilities: a few units of 2⁻⁸)."""
+    monkeypatch.setattr(layers, "cpu_has_amx", lambda: amx)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 8, generator=g).bfloat16() for _ in range(3))
+    exact = softmax_attention(q, k, v)
+    bf16_kernel = F.scaled_dot_product_attention(q, k, v)
+    fp32_kernel = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).bfloat16()
+    assert not torch.equal(bf16_kernel, fp32_kernel)  # the two kernels are told apart
+    with torch.autocast("cpu", torch.bfloat16):
+        with torch.no_grad():
+            sampling = attention(q, k, v)
+        training = attention(*(t.clone().requires_grad_() for t in (q, k, v)))
+    torch.testing.assert_close(sampling, bf16_kernel if amx else fp32_kernel, atol=0, rtol=0)
+    torch.testing.assert_close(training.detach(), fp32_kernel, atol=0, rtol=0)
+    for out in (sampling, training):
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), exact, atol=4 * BF16_EPS, rtol=4 * BF16_EPS)
 
 
 def test_group_norm_keeps_bf16_under_autocast_and_matches_the_definition():
