@@ -3,6 +3,7 @@
 from diffusion_apps.methods.autoencoder_kl import AutoencoderKL
 from diffusion_apps.methods.base import DiffusionMethod
 from diffusion_apps.methods.consistency import ConsistencyDistillation
+from diffusion_apps.methods.consistency_training import ConsistencyTraining
 from diffusion_apps.methods.ddpm import DDPM
 from diffusion_apps.methods.diffae import DiffAE
 from diffusion_apps.methods.guided import ClassifierGuidedDDPM, NoisyClassifier
@@ -14,6 +15,7 @@ __all__ = [
     "AutoencoderKL",
     "ClassifierGuidedDDPM",
     "ConsistencyDistillation",
+    "ConsistencyTraining",
     "DDPM",
     "DiffAE",
     "DiffusionMethod",

@@ -1,37 +1,38 @@
-"""Consistency distillation (Song et al., ICML 2023, Algorithm 2) of a trained DDPM, and one-step
-and multistep consistency sampling (Algorithm 1)."""
+"""Consistency distillation (Song et al., ICML 2023, Algorithm 2) of a trained DDPM; one-step
+and multistep sampling (Algorithm 1) and the parametrisation are the shared
+:class:`~diffusion_apps.methods.consistency_core.ConsistencyModel`'s."""
 
 from __future__ import annotations
 
 import copy
-import math
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from diffusion_apps.methods.base import DiffusionMethod
+from diffusion_apps.methods.consistency_core import (
+    ConsistencyModel,
+    Distance,
+    karras_sigmas,
+    spread,
+)
 from diffusion_apps.methods.ddpm import DDPM
-from diffusion_apps.methods.protocol import Generation, SampleRequest
 
 TeacherSolver = Literal["ddim", "heun"]
-Distance = Literal["l2", "pseudo_huber"]
 
 
 def karras_timesteps(sigmas: Tensor, num_scales: int, rho: float = 7.0) -> Tensor:
     """The discretisation t_1 < … < t_N of a discrete schedule with noise levels ``sigmas``
     (σ_t, increasing in t): the indices nearest (in log σ) to the Karras et al. points
-    σ_i = (σ_min^{1/ρ} + (i−1)/(N−1)·(σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ (CM's choice, ρ = 7), with
+    (:func:`~diffusion_apps.methods.consistency_core.karras_sigmas`, ρ = 7) with
     σ_min = σ_0 and σ_max the last σ given; repeats dropped (int64, at most N)."""
-    if num_scales < 2:
-        raise ValueError(f"num_scales must be >= 2, got {num_scales}")
     log_sigma = sigmas.detach().cpu().double().log()
-    lo, hi = (log_sigma[[0, -1]] / rho).exp().tolist()
-    wanted = torch.linspace(lo, hi, num_scales, dtype=torch.float64).log() * rho
+    lo, hi = log_sigma[[0, -1]].exp().tolist()
+    wanted = karras_sigmas(lo, hi, num_scales, rho).log()
     return (log_sigma[None, :] - wanted[:, None]).abs().argmin(1).unique()
 
 
-class ConsistencyDistillation(DiffusionMethod):
+class ConsistencyDistillation(ConsistencyModel):
     """A consistency model f_θ distilled from a frozen DDPM teacher ε̂_φ.
 
     The teacher's discrete schedule in variance-exploding form: σ_t = √((1 − ᾱ_t)/ᾱ_t) and
@@ -40,12 +41,10 @@ class ConsistencyDistillation(DiffusionMethod):
         x̂_{t_n} = x̄_{t_{n+1}} + (σ_{t_n} − σ_{t_{n+1}}) ε̂_φ(x_{t_{n+1}}, t_{n+1});
     ``heun`` adds the trapezoidal correction with ε̂_φ at that Euler point (CM's EDM teacher).
 
-    Consistency function, with the boundary condition f_θ(x̄, σ_min) = x̄ (CM, Appendix C):
-        f_θ(x̄, σ) = c_skip(σ) x̄ + c_out(σ) F_θ(x̄, σ),
-        c_skip = σ_d²/((σ − σ_min)² + σ_d²),   c_out = σ_d (σ − σ_min)/√(σ² + σ_d²),
-    σ_d = 0.5, σ_min = σ_{t_1} (t_1 = 0). F_θ is the student UNet, initialised from the teacher's
-    and read as EDM's raw network: the teacher's x̂_0 = x̄ − σ ε̂ is EDM's denoiser c_skip x̄ +
-    c_out F at σ_min = 0, so
+    Consistency function: :class:`~diffusion_apps.methods.consistency_core.ConsistencyModel`'s
+    f_θ(x̄, σ) = c_skip(σ) x̄ + c_out(σ) F_θ(x̄, σ) with σ_min = σ_{t_1} (t_1 = 0), σ_d = 0.5.
+    F_θ is the student UNet, initialised from the teacher's and read as EDM's raw network: the
+    teacher's x̂_0 = x̄ − σ ε̂ is EDM's denoiser c_skip x̄ + c_out F at σ_min = 0, so
         F_θ = (σ x̄/√(σ² + σ_d²) − √(σ² + σ_d²) ε̂_θ)/σ_d,
     and at initialisation f_θ is the teacher's x̂_0 (as with CM's EDM teacher, whose F the
     student copies).
@@ -58,7 +57,7 @@ class ConsistencyDistillation(DiffusionMethod):
 
     Precision: x̂_0 = x̄ − σ ε̂ multiplies ε̂'s rounding by σ (157 at t = 999 of DDPM's schedule),
     and bf16 rounds ε̂ ≈ x_t to 2⁻⁸ (an error of 0.35 in the teacher's x̂_0 at t = 999): every
-    network call here runs in fp32, under mixed precision too.
+    network call here runs in fp32, under mixed precision too (teacher steps included).
 
     Args:
         teacher: path of a trained (unconditional, pixel-space) DDPM checkpoint, read with
@@ -77,7 +76,6 @@ class ConsistencyDistillation(DiffusionMethod):
         lr, weight_decay, warmup_steps, adam_betas, compile: see :class:`DiffusionMethod`.
     """
 
-    sampler = "consistency"
     timesteps: Tensor
     sigmas: Tensor
 
@@ -98,14 +96,14 @@ class ConsistencyDistillation(DiffusionMethod):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         compile: bool = False,
     ) -> None:
-        super().__init__(lr, weight_decay, warmup_steps, adam_betas, compile)
+        super().__init__(
+            distance, sigma_data, sample_steps, num_val_samples, lr, weight_decay, warmup_steps,
+            adam_betas, compile,
+        )  # fmt: skip
         self.save_config()
         for name, value, ok in [
             ("teacher_solver", teacher_solver, teacher_solver in ("ddim", "heun")),
-            ("distance", distance, distance in ("l2", "pseudo_huber")),
             ("target_decay", target_decay, 0 <= target_decay < 1),
-            ("sigma_data", sigma_data, sigma_data > 0),
-            ("sample_steps", sample_steps, sample_steps >= 1),
         ]:
             if not ok:
                 raise ValueError(f"{name}: {value!r} is not allowed")
@@ -127,9 +125,7 @@ class ConsistencyDistillation(DiffusionMethod):
         self.register_buffer("timesteps", ts, persistent=False)  # t_1 < … < t_N
         self.register_buffer("sigmas", sigmas, persistent=False)
         self.sigma_min = float(sigmas[ts[0]])
-        self.teacher_solver, self.distance = teacher_solver, distance
-        self.target_decay, self.sigma_data = target_decay, sigma_data
-        self.sample_steps, self.num_val_samples = sample_steps, num_val_samples
+        self.teacher_solver, self.target_decay = teacher_solver, target_decay
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -137,6 +133,10 @@ class ConsistencyDistillation(DiffusionMethod):
 
     def networks(self):
         return [self.student]
+
+    @property
+    def sampling_network(self) -> DDPM:
+        return self.student
 
     # -- the consistency function ----------------------------------------------------------------
 
@@ -148,14 +148,11 @@ class ConsistencyDistillation(DiffusionMethod):
         with torch.autocast(x_bar.device.type, enabled=False):
             return net.eps(x_bar.float() * (1 + self._sigma(t, x_bar) ** 2).rsqrt(), t)
 
-    def consistency(self, net: DDPM, x_bar: Tensor, t: Tensor) -> Tensor:
-        """f(x̄, σ_t) = c_skip x̄ + c_out F with ``net``'s ε̂ (see the class docstring)."""
+    def raw(self, net: DDPM, x_bar: Tensor, t: Tensor) -> Tensor:
+        """F = (σ x̄/√(σ² + σ_d²) − √(σ² + σ_d²) ε̂)/σ_d with ``net``'s ε̂ (class docstring)."""
         sigma, sd = self._sigma(t, x_bar), self.sigma_data
         norm = (sigma**2 + sd**2).sqrt()
-        raw = (sigma * x_bar / norm - norm * self._eps(net, x_bar, t)) / sd  # F
-        c_skip = sd**2 / ((sigma - self.sigma_min) ** 2 + sd**2)
-        c_out = sd * (sigma - self.sigma_min) / norm
-        return c_skip * x_bar + c_out * raw
+        return (sigma * x_bar / norm - norm * self._eps(net, x_bar, t)) / sd
 
     @torch.no_grad()
     def teacher_step(self, x_bar: Tensor, t_from: Tensor, t_to: Tensor) -> Tensor:
@@ -166,14 +163,6 @@ class ConsistencyDistillation(DiffusionMethod):
         if self.teacher_solver == "ddim":
             return euler
         return x_bar + d_sigma * (slope + self._eps(self.teacher, euler, t_to)) / 2
-
-    def distance_fn(self, a: Tensor, b: Tensor) -> Tensor:
-        """Mean over the batch of d(a, b): ‖a − b‖²/dim (``l2``) or √(‖a − b‖² + c²) − c with
-        c = 0.00054·√dim (``pseudo_huber``)."""
-        if self.distance == "l2":
-            return (a - b).square().mean()
-        c = 0.00054 * math.sqrt(a[0].numel())
-        return ((a - b).square().flatten(1).sum(1) + c**2).sqrt().sub(c).mean()
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -187,13 +176,7 @@ class ConsistencyDistillation(DiffusionMethod):
         x_now = self.teacher_step(x_next, t_next, t_now)
         with torch.no_grad():
             target = self.consistency(self.target, x_now, t_now)
-        return self.distance_fn(self.consistency(self.student, x_next, t_next), target)
-
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss = self.consistency_loss(batch[0])
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        return loss
+        return self.distance_fn(self.consistency(self.student, x_next, t_next), target).mean()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The step of θ, then θ⁻'s: here rather than at batch end, where the checkpoint
@@ -207,51 +190,13 @@ class ConsistencyDistillation(DiffusionMethod):
             target, student = list(self.target.parameters()), list(self.student.parameters())
             torch._foreach_lerp_(target, student, 1 - self.target_decay)
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        gen = torch.Generator(self.device).manual_seed(batch_idx)
-        loss = self.consistency_loss(batch[0], gen)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        if batch_idx == 0 and self.num_val_samples > 0 and self.trainer.is_global_zero:
-            for steps in sorted({1, 2, self.sample_steps}):
-                gen = torch.Generator(self.device).manual_seed(0)
-                self.log_images(
-                    f"samples ({steps} step)",
-                    self.sample(self.num_val_samples, steps=steps, generator=gen),
-                )
-
     # -- sampling ----------------------------------------------------------------------------------
 
-    def sampling_timesteps(self, steps: int) -> list[int]:
-        """The S points of multistep sampling: t_{n_k} with n_k = N − ⌊k(N − 1)/S⌋, k < S (1-based
-        n; S ≤ N − 1), evenly spread over the discretisation the model was trained at, from
-        t_N down, above σ_min (where f is the identity)."""
-        N = len(self.timesteps)
-        if not 1 <= steps < N:
-            raise ValueError(f"consistency steps must be in [1, {N - 1}], got {steps}")
-        return [int(self.timesteps[N - 1 - k * (N - 1) // steps]) for k in range(steps)]
+    def sampling_points(self, steps: int) -> Tensor:
+        """The S timesteps t_{n_k} of multistep sampling, evenly spread over the discretisation
+        the model was trained at (:func:`~diffusion_apps.methods.consistency_core.spread`)."""
+        return self.timesteps[spread(len(self.timesteps), steps)]
 
     @property
-    def generation(self) -> Generation:
-        """Unconditional samples of multistep consistency sampling, one network call a step."""
-        return Generation(
-            ("consistency",), "consistency", self.sample_steps, options=(),
-            max_steps=len(self.timesteps) - 1,
-            note="Consistency rows: the student's EMA weights, in fp32 whatever the network "
-            "precision (x̂_0 = x̄ − σ ε̂ would multiply bf16 rounding by σ); NFE = consistency steps.",
-        )  # fmt: skip
-
-    def generate(self, num_samples: int, request: SampleRequest) -> Tensor:
-        """Samples in [−1, 1] (Algorithm 1): x̄ = σ_{τ_1} z, x = f_θ(x̄, τ_1); then for each later
-        point τ_k, x̄ = x + √(σ_{τ_k}² − σ_min²) z and x = f_θ(x̄, τ_k), clamped to [−1, 1]."""
-        steps, generator = request.steps, request.generator
-        points = self.sampling_timesteps(steps or self.sample_steps)
-        x = None
-        for t in points:
-            z = torch.randn(
-                (num_samples, *self.sample_shape), generator=generator, device=self.device
-            )
-            tt = torch.full((num_samples,), t, device=self.device, dtype=torch.long)
-            sigma = float(self.sigmas[t])
-            x_bar = z * sigma if x is None else x + z * math.sqrt(sigma**2 - self.sigma_min**2)
-            x = self.consistency(self.student, x_bar, tt).clamp(-1, 1)
-        return x
+    def max_sample_steps(self) -> int:
+        return len(self.timesteps) - 1

@@ -161,10 +161,10 @@ def test_training_keeps_the_teacher_and_logs(run_dir, model):
 def test_sampling_points_and_arguments(model):
     ts = model.timesteps.tolist()  # the tiny config's 6 scales, T = 100
     assert ts[0] == 0 and ts[-1] == 99 and len(ts) == 6
-    assert model.sampling_timesteps(1) == [99]
-    assert model.sampling_timesteps(2) == [99, ts[3]]  # n = 6 − ⌊5/2⌋ (1-based)
-    assert model.sampling_timesteps(5) == ts[:0:-1]  # every point above σ_min
-    assert model.sampling_timesteps(3) == [99, ts[4], ts[2]]
+    assert model.sampling_points(1).tolist() == [99]
+    assert model.sampling_points(2).tolist() == [99, ts[3]]  # n = 6 − ⌊5/2⌋ (1-based)
+    assert model.sampling_points(5).tolist() == ts[:0:-1]  # every point above σ_min
+    assert model.sampling_points(3).tolist() == [99, ts[4], ts[2]]
     assert model.nfe("consistency", 4) == 4
     with pytest.raises(ValueError, match=r"steps must be in \[1, 5\]"):
         model.sample(2, steps=6)
@@ -178,7 +178,7 @@ def test_max_timestep_caps_the_discretisation(run_dir):
     teacher = str(run_dir / "runs/tiny_ddpm/version_0/checkpoints/last.ckpt")
     capped = ConsistencyDistillation(teacher, num_scales=6, max_timestep=50)
     assert capped.timesteps[0] == 0 and capped.timesteps[-1] == 50
-    assert capped.sampling_timesteps(1) == [50]
+    assert capped.sampling_points(1).tolist() == [50]
     with pytest.raises(ValueError, match=r"max_timestep must be in \[1, 99\]"):
         ConsistencyDistillation(teacher, max_timestep=100)
 
