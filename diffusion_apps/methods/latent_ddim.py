@@ -17,6 +17,7 @@ from tqdm import tqdm
 from diffusion_apps.diffusion import NoiseSchedule, Sampler
 from diffusion_apps.distributed import pooled_mean_std
 from diffusion_apps.methods.ddpm import DDPM
+from diffusion_apps.methods.pdae import PDAE
 from diffusion_apps.methods.protocol import Generation, SampleRequest, has_stochastic_code
 from diffusion_apps.nn import SkipMLP
 
@@ -41,6 +42,9 @@ class LatentDDIM(DDPM):
             loads without that file.
         schedule: the latent forward process; default constant β = 0.008.
         decode_steps: DDIM steps of the image decoder (default: the autoencoder's own).
+        unshifted_fraction: PDAE only: the share p of the last (low-noise) decoding steps run
+            without PDAE's learned shift (:meth:`PDAE.decode`); the official code's 0.3 is set
+            by configs/pdae_latent.yaml, 0 keeps the shift on at every step.
         stats_batches: train batches (of each rank, under DDP) used for μ and σ (default: the
             whole train split).
         Other arguments: see :class:`DDPM`.
@@ -54,6 +58,7 @@ class LatentDDIM(DDPM):
         sampler: Sampler = "ddim",
         sample_steps: int = 50,
         decode_steps: int | None = None,
+        unshifted_fraction: float = 0.0,
         stats_batches: int | None = None,
         num_val_samples: int = 64,
         loss: Literal["mse", "l1"] = "l1",
@@ -81,7 +86,13 @@ class LatentDDIM(DDPM):
                 f"the latent net's dim={net.dim} must equal the autoencoder's z_sem width "
                 f"{self.autoencoder.encoder.out_dim}"
             )
+        if unshifted_fraction and not isinstance(self.autoencoder, PDAE):
+            raise ValueError(
+                f"unshifted_fraction={unshifted_fraction} turns off PDAE's learned shift, but "
+                f"autoencoder={autoencoder!r} holds a {type(self.autoencoder).__name__}"
+            )
         self.decode_steps, self.stats_batches = decode_steps, stats_batches
+        self.unshifted_fraction = unshifted_fraction
         self.register_buffer("z_mean", torch.zeros(net.dim))
         self.register_buffer("z_std", torch.ones(net.dim))
         self.register_buffer("stats_ready", torch.tensor(False))
@@ -152,4 +163,6 @@ class LatentDDIM(DDPM):
         )
         shape = (num_samples, *self.autoencoder.sample_shape)
         x_T = torch.randn(shape, generator=r.generator, device=z.device)
+        if self.unshifted_fraction:
+            return self.autoencoder.decode(z, x_T, self.decode_steps, self.unshifted_fraction)
         return self.autoencoder.decode(z, x_T, self.decode_steps)

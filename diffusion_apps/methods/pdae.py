@@ -57,9 +57,12 @@ class PDAE(DiffusionAutoencoder, DDPM):
     :func:`~diffusion_apps.diffusion.eps_shift_guidance`. ε_θ and G_ψ share the frozen down path:
     it runs once per step. :meth:`interpolate_trajectory` mixes the G of two codes.
 
-    Differences from the official code: x̂_0 is not clamped while decoding (``clip_x0``, as in
-    our DiffAE: decoding then inverts the unclamped DDIM encoder), and latent samples are decoded
-    with the shift on at every step (the official code turns it off for the last 30%).
+    Latent samples (:class:`~diffusion_apps.methods.LatentDDIM`) decode with the shift off for
+    the last low-noise steps, as the official code does (``unshifted_fraction`` of
+    :meth:`decode`; configs/pdae_latent.yaml sets its 0.3).
+
+    Difference from the official code: x̂_0 is not clamped while decoding (``clip_x0``, as in
+    our DiffAE: decoding then inverts the unclamped DDIM encoder).
 
     Args:
         encoder: E_φ, built with ``time_conditioned=False`` (512-d in the paper).
@@ -135,11 +138,14 @@ class PDAE(DiffusionAutoencoder, DDPM):
         out = self.unet.up_from(features).float()
         return convert_prediction(self.schedule, self.prediction, x_t, t, out, "eps")
 
-    def code_eps(self, mix: float | None = None, decoding: bool = False) -> EpsFn:
-        """ε'(x_t, t, z) = ε_θ(x_t, t) − √(1−ᾱ_t)·G_ψ(x_t, z, t). With ``mix`` = w the eps
-        takes a second code ``z_b`` and G = (1 − w)·G_ψ(x_t, z, t) + w·G_ψ(x_t, z_b, t)
-        (PDAE's trajectory interpolation). ``decoding`` with ``clip_x0``: ε_θ's x̂_0 is clamped
-        before the shift, as classifier guidance does in guided-diffusion."""
+    def code_eps(
+        self, mix: float | None = None, decoding: bool = False, shift_from: int = 0
+    ) -> EpsFn:
+        """ε'(x_t, t, z) = ε_θ(x_t, t) − √(1−ᾱ_t)·G_ψ(x_t, z, t) at t ≥ ``shift_from``, ε_θ alone
+        below it. With ``mix`` = w the eps takes a second code ``z_b`` and
+        G = (1 − w)·G_ψ(x_t, z, t) + w·G_ψ(x_t, z_b, t) (PDAE's trajectory interpolation).
+        ``decoding`` with ``clip_x0``: ε_θ's x̂_0 is clamped before the shift, as classifier
+        guidance does in guided-diffusion."""
         last: dict = {}
 
         def features(x_t: Tensor, t: Tensor):
@@ -157,7 +163,36 @@ class PDAE(DiffusionAutoencoder, DDPM):
                 return g
             return torch.lerp(g, self.estimator(features(x_t, t), z_b).float(), mix)
 
-        return eps_shift_guidance(self.sampling_eps(eps) if decoding else eps, shift, self.schedule)
+        unshifted = self.sampling_eps(eps) if decoding else eps
+        shifted = eps_shift_guidance(unshifted, shift, self.schedule)
+        if not shift_from:
+            return shifted
+
+        def switched(x_t: Tensor, t: Tensor, **cond) -> Tensor:
+            on = t >= shift_from
+            if not (on.all() or not on.any()):  # a sampler's call has one t for all samples
+                raise ValueError(f"t {t.tolist()} lies on both sides of shift_from={shift_from}")
+            return (shifted if on.all() else unshifted)(x_t, t, **cond)
+
+        return switched
+
+    @torch.no_grad()
+    def decode(
+        self, z: Tensor, x_T: Tensor, steps: int | None = None, unshifted_fraction: float = 0.0
+    ) -> Tensor:
+        """x_0 in [−1, 1] from (z, x_T) by DDIM (η = 0) over S = ``steps`` steps, the shift off
+        in the last (lowest-noise) ones: numbering the steps i = S, …, 1 as they run, the
+        official code (``shift_ddim_sample_loop``'s ``stop_percent`` p, 0.3 for latent
+        samples) shifts while i ≥ ⌊p·S⌋, so ⌊p·S⌋ − 1 steps decode with ε_θ alone; p = 0 is
+        :meth:`DiffusionAutoencoder.decode`."""
+        if not 0 <= unshifted_fraction < 1:
+            raise ValueError(f"unshifted_fraction must be in [0, 1), got {unshifted_fraction}")
+        if not unshifted_fraction:
+            return super().decode(z, x_T, steps)
+        ts = self.timesteps(steps or self.sample_steps, sampler="ddim")  # t_0 < … < t_{S−1}
+        first_shifted = ts[max(int(unshifted_fraction * len(ts)) - 1, 0)]  # i = ⌊p·S⌋
+        eps = self.code_eps(decoding=True, shift_from=int(first_shifted))
+        return self.draw(len(z), "ddim", steps, 0.0, x_T=x_T, z=z, eps_fn=eps).clamp(-1, 1)
 
     @torch.no_grad()
     def interpolate_trajectory(

@@ -166,6 +166,14 @@ def test_an_autoencoder_that_cannot_encode_is_refused(in_tmp):
         LatentDDIM(SkipMLP(dim=16, hidden=16, num_layers=2), ddpm)
 
 
+def test_turning_off_a_shift_a_diffae_does_not_have_is_refused(latent_run, monkeypatch):
+    monkeypatch.chdir(latent_run)
+    net = SkipMLP(dim=16, hidden=16, num_layers=2)
+    diffae = "runs/tiny_diffae/version_0/checkpoints/last.ckpt"
+    with pytest.raises(ValueError, match="turns off PDAE.s learned shift, but .* holds a DiffAE"):
+        LatentDDIM(net, diffae, unshifted_fraction=0.3)
+
+
 def test_fast_dev_run_of_the_tiny_latent_config(latent_run, monkeypatch):
     monkeypatch.chdir(latent_run)
     config = str(CONFIGS / "tiny" / "diffae_latent.yaml")

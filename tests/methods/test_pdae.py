@@ -163,6 +163,34 @@ def test_the_sampling_eps_is_the_ddpm_eps_shifted_by_g(shifted, run_dir):
         assert (expected - ddpm.eps(x_t, t)).abs().mean() > 1e-3  # G moves it
 
 
+@pytest.mark.parametrize("fraction, unshifted_steps", [(0.3, 2), (0.5, 4), (0.0, 0)])
+def test_latent_decoding_drops_the_shift_in_the_last_steps(
+    shifted, run_dir, fraction, unshifted_steps
+):
+    """PDAE.decode(p) is DDIM written out over S = 10 steps i = S, …, 1 with ε' while
+    i ≥ ⌊p·S⌋ and ε_θ alone after (the official ``stop_percent``): ⌊p·S⌋ − 1 steps unshifted."""
+    ddpm = load_module(run_dir / DDPM_CKPT, DDPM)
+    abar, _ = alpha_bars(shifted.schedule)
+    ts = shifted.timesteps(10).tolist()
+    z, x_T = shifted.encode(digits(2)), torch.randn(2, 1, 16, 16)
+    x = x_T
+    with torch.no_grad():
+        decoded = shifted.decode(z, x_T, 10, unshifted_fraction=fraction)
+        guided = written_out_eps(shifted, ddpm, [z], [1.0])
+        for i, t in zip(range(10, 0, -1), reversed(ts), strict=True):
+            tt = torch.full((2,), t)
+            eps = guided(x, tt) if i >= int(fraction * 10) else ddpm.eps(x, tt)
+            x0 = (x - (1 - abar[t]).sqrt().float() * eps) / abar[t].sqrt().float()
+            prev = abar[ts[ts.index(t) - 1]].float() if t != ts[0] else torch.tensor(1.0)
+            x = prev.sqrt() * x0 + (1 - prev).sqrt() * eps
+    assert sum(i < int(fraction * 10) for i in range(1, 11)) == unshifted_steps
+    torch.testing.assert_close(decoded, x.clamp(-1, 1), atol=1e-5, rtol=1e-4)
+    if unshifted_steps:  # G moves the last steps too: the switch changes the decoding
+        assert (decoded - shifted.decode(z, x_T, 10)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="unshifted_fraction must be in"):
+        shifted.decode(z, x_T, 10, unshifted_fraction=1.0)
+
+
 def test_the_loss_with_a_nonzero_estimator_is_pdaes_weighted_error(shifted):
     """λ_t ‖ε − ε_θ(x_t, t) − c_t·G_ψ(x_t, z, t)‖², c_t = −√α_t (1 − ᾱ_{t−1})/√(1 − ᾱ_t) and
     λ_t = ᾱ_t^γ (1 − ᾱ_t)^{1−γ}, written out from the betas and the same draws."""
