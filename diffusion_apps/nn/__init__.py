@@ -2,9 +2,15 @@
 
 from diffusion_apps.nn.conditioning import CaptionEncoder, ClassEmbedder
 from diffusion_apps.nn.encoders import EncoderUNet, GradientEstimator
-from diffusion_apps.nn.first_stage import Autoencoder, DiagonalGaussian, PatchDiscriminator
+from diffusion_apps.nn.first_stage import (
+    Autoencoder,
+    DiagonalGaussian,
+    PatchDiscriminator,
+    PointMass,
+)
 from diffusion_apps.nn.layers import timestep_embedding
 from diffusion_apps.nn.mlp import SkipMLP
+from diffusion_apps.nn.quantize import Quantized, VectorQuantizer, codebook_usage
 from diffusion_apps.nn.unet import UNet
 
 __all__ = [
@@ -15,7 +21,11 @@ __all__ = [
     "EncoderUNet",
     "GradientEstimator",
     "PatchDiscriminator",
+    "PointMass",
+    "Quantized",
     "SkipMLP",
     "UNet",
+    "VectorQuantizer",
+    "codebook_usage",
     "timestep_embedding",
 ]

@@ -2,8 +2,10 @@
 
 An encoder x (B, C, H, W) → q(z | x) = N(μ, diag σ²) with z of shape (B, c, H/f, W/f), a decoder
 z → x̂, and pix2pix's patch discriminator (its hinge loss, training logic, is in
-methods/autoencoder_kl.py). The encoder is the UNet's :class:`DownPath` without time embedding
-(its ResBlocks, attention and middle block); the decoder mirrors it without skip connections.
+methods/autoencoder_kl.py). With a :class:`~diffusion_apps.nn.VectorQuantizer` the latent is
+regularised by a codebook instead (LDM's VQ-reg, ``VQModel``; nn/quantize.py). The encoder is
+the UNet's :class:`DownPath` without time embedding (its ResBlocks, attention and middle block);
+the decoder mirrors it without skip connections.
 
 With ``norm_eps=1e-6, downsample_padding="asymmetric"`` and one attention head in the middle
 blocks it is CompVis's / diffusers' ``AutoencoderKL`` layer for layer (Stable Diffusion's VAE:
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 
 from diffusion_apps.nn.checks import check_x
 from diffusion_apps.nn.layers import BlockSpec, GroupNorm, Upsample
+from diffusion_apps.nn.quantize import Quantized, VectorQuantizer
 from diffusion_apps.nn.unet import DownPath
 
 
@@ -45,8 +48,29 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.square() + self.logvar.exp() - 1.0 - self.logvar).sum((1, 2, 3))
 
 
+class PointMass:
+    """q(z | x) = δ(z − z_e(x)): a VQ encoder's pre-quantisation latent z_e (fp32), with the
+    posterior's interface (``sample`` and ``mode`` both give z_e)."""
+
+    def __init__(self, z: Tensor) -> None:
+        self.mean = z.float()
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        return self.mean
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+
 class Autoencoder(nn.Module):
-    """LDM's KL-regularised autoencoder ("AutoencoderKL"): x → q(z | x), z → x̂.
+    """LDM's first stage: x → q(z | x), z → x̂, KL- or VQ-regularised.
+
+    Without ``quantizer`` it is LDM's ``AutoencoderKL``: the encoder gives [μ, log σ²] (2c
+    channels) of a diagonal Gaussian. With one it is LDM's ``VQModel`` (VQ-reg): the encoder gives
+    z_e (c channels) and the quantisation is the decoder's first layer (LDM Sec. 3.1, "a vector
+    quantization layer within the decoder"; the official ``VQModelInterface``): ``encode`` gives
+    the pre-quantisation z_e, which a stage 2 diffuses, and ``decode`` snaps any z to its nearest
+    codes before decoding.
 
     Downsampling factor f = 2^(len(channel_mult) − 1); the 1×1 ``quant_conv`` /
     ``post_quant_conv`` around the latent are LDM's.
@@ -63,6 +87,8 @@ class Autoencoder(nn.Module):
             side ("symmetric", the UNet's) or only at the bottom and right ("asymmetric", LDM's).
         middle_attention: the encoder's and decoder's middle blocks have attention (else two
             ResBlocks each: diffusers' ``mid_block_add_attention=False``).
+        quantizer: the codebook of a VQ-regularised first stage (its ``embedding_dim`` must be
+            ``latent_channels``); None: KL-regularised.
     """
 
     def __init__(
@@ -80,10 +106,16 @@ class Autoencoder(nn.Module):
         norm_eps: float = 1e-5,
         downsample_padding: Literal["symmetric", "asymmetric"] = "symmetric",
         middle_attention: bool = True,
+        quantizer: VectorQuantizer | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(latent_channels, int) or latent_channels < 1:
             raise ValueError(f"latent_channels={latent_channels!r} must be a positive integer")
+        if quantizer is not None and quantizer.embedding_dim != latent_channels:
+            raise ValueError(
+                f"the quantizer's embedding_dim={quantizer.embedding_dim} must equal "
+                f"latent_channels={latent_channels} (its codes are the latent vectors)"
+            )
         self.in_channels, self.image_size = in_channels, image_size
         self.latent_channels = latent_channels
         self.encoder = DownPath(
@@ -93,12 +125,14 @@ class Autoencoder(nn.Module):
             downsample_padding=downsample_padding, middle_attention=middle_attention,
         )  # fmt: skip
         ch = self.encoder.out_channels
+        moments = latent_channels * (1 if quantizer is not None else 2)  # z_e, or [μ, log σ²]
         self.encoder_out = nn.Sequential(
             GroupNorm(num_groups, ch, norm_eps),
             nn.SiLU(),
-            nn.Conv2d(ch, 2 * latent_channels, 3, padding=1),
+            nn.Conv2d(ch, moments, 3, padding=1),
         )
-        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.quant_conv = nn.Conv2d(moments, moments, 1)
+        self.quantizer = quantizer
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
         self.decoder = Decoder(self.encoder, latent_channels, in_channels)
 
@@ -113,17 +147,35 @@ class Autoencoder(nn.Module):
         size = self.image_size // self.factor
         return (self.latent_channels, size, size)
 
-    def encode(self, x: Tensor) -> DiagonalGaussian:
-        """q(z | x) for images x (B, C, H, W) in [−1, 1]."""
+    def encode(self, x: Tensor) -> DiagonalGaussian | PointMass:
+        """q(z | x) for images x (B, C, H, W) in [−1, 1]: the Gaussian (KL) or δ at z_e (VQ)."""
         check_x(x, self.in_channels, self.image_size)
         x = x.to(self.quant_conv.weight.dtype)  # the weights' dtype (bf16-true)
-        return DiagonalGaussian(self.quant_conv(self.encoder_out(self.encoder(x))))
+        h = self.quant_conv(self.encoder_out(self.encoder(x)))
+        return DiagonalGaussian(h) if self.quantizer is None else PointMass(h)
 
     def decode(self, z: Tensor) -> Tensor:
-        """x̂ (B, C, H, W) from latents z (B, c, H/f, W/f)."""
+        """x̂ (B, C, H, W) from latents z (B, c, H/f, W/f); a VQ first stage quantises z first."""
         if z.ndim != 4 or tuple(z.shape[1:]) != self.latent_shape:
             raise ValueError(f"expected z of shape (B, {self.latent_shape}), got {tuple(z.shape)}")
+        if self.quantizer is not None:
+            z = self.quantizer(z).z_q
+        return self.decode_code(z)
+
+    def decode_code(self, z: Tensor) -> Tensor:
+        """x̂ from z as the decoder's convolutions take it (for VQ: already quantised)."""
         return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
+
+    def forward(
+        self, x: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, DiagonalGaussian | Quantized]:
+        """The training pass: x̂ and the regulariser's view of z. KL: x̂ = D(z), z ~ q(z | x) (the
+        reparametrisation trick), and q; VQ: x̂ = D(z_q), and the quantisation of z_e."""
+        posterior = self.encode(x)
+        if self.quantizer is None:
+            return self.decode_code(posterior.sample(generator)), posterior
+        quantized = self.quantizer(posterior.mode())
+        return self.decode_code(quantized.z_q), quantized
 
 
 class Decoder(nn.Module):
