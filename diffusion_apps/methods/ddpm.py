@@ -65,9 +65,15 @@ class DDPM(DDPMSampling, DiffusionMethod):
 
     Class-conditional (ADM, Dhariwal & Nichol 2021, ``class_cond``): a UNet built with
     ``num_classes`` K is trained on ε_θ(x_t, t, y) with y the batch's labels (a folder's class
-    sub-folders) and sampled for labels asked (default 0, 1, …, K−1 in turn). No label dropout:
-    ADM's conditional models are sampled at the label, guided by a classifier at most
-    (:class:`~diffusion_apps.methods.guided.ClassifierGuidedDDPM`).
+    sub-folders) and sampled for labels asked (default 0, 1, …, K−1 in turn), guided by a
+    classifier at most (:class:`~diffusion_apps.methods.guided.ClassifierGuidedDDPM`): ADM.
+
+    Classifier-free guidance (Ho & Salimans 2022, Algorithm 1): with ``label_dropout`` p_uncond
+    each training label is replaced by the null label ∅ (the UNet's label K) with probability
+    p_uncond, so one network learns ε_θ(x_t, y) and ε_θ(x_t, ∅) ≈ E[ε | x_t], the unconditional
+    (class-mixture) denoiser. Sampling at guidance weight w (``guidance_weight``; ``scale=`` of
+    ``sample``, :meth:`~DDPMSampling.guided_eps`) uses their Algorithm 2's
+        ε̃_θ(x_t, y) = (1 + w)·ε_θ(x_t, y) − w·ε_θ(x_t, ∅).
 
     Learned variance (Nichol & Dhariwal 2021, ``variance="learned"``): the UNet outputs 2C
     channels [f_θ, v], f_θ the chosen parametrisation and v the interpolation of eq. 15,
@@ -101,6 +107,14 @@ class DDPM(DDPMSampling, DiffusionMethod):
             ``min_snr_gamma`` and a fixed ``variance``): see above.
         vlb_weight: λ of L_hybrid (the paper: 0.001), used with ``variance="learned"`` only
             (with a fixed Σ the stop-gradient'ed L_vlb would carry no gradient).
+        label_dropout: p_uncond of classifier-free guidance, the probability that a training
+            label is replaced by ∅ (Ho & Salimans: 0.1 or 0.2); needs a class-conditional UNet
+            with its null label. 0: ADM's conditional training, ∅ never seen.
+        guidance_weight: Ho & Salimans's w of samples drawn without ``scale=`` (validation
+            grids, ``predict``, ``eval``): 0 is the plain conditional model (one network call a
+            step), w > 0 guided, two (ε(y) and ε(∅)); w = −1 gives ε(∅), unconditional.
+            GLIDE's and LDM's scale is s = 1 + w (ε(∅) + s·(ε(y) − ε(∅))); this option and
+            ``scale=`` are w. Needs ``label_dropout``.
         lr, weight_decay, warmup_steps, adam_betas, compile, lr_schedule: see
             :class:`DiffusionMethod`.
     """
@@ -127,6 +141,8 @@ class DDPM(DDPMSampling, DiffusionMethod):
         min_snr_gamma: float | None = None,
         lr_schedule: LRSchedule = "constant",
         timestep_sampling: TimestepSampling = "uniform",
+        label_dropout: float = 0.0,
+        guidance_weight: float = 0.0,
     ) -> None:
         super().__init__(lr, weight_decay, warmup_steps, adam_betas, compile, lr_schedule)
         self.save_config()
@@ -179,6 +195,27 @@ class DDPM(DDPMSampling, DiffusionMethod):
             )
         self.loss, self.vlb_weight, self.min_snr_gamma = loss, vlb_weight, min_snr_gamma
         self.timestep_sampling = timestep_sampling
+        self.label_dropout, self.guidance_weight = label_dropout, guidance_weight
+        self._check_guidance()
+
+    def _check_guidance(self) -> None:
+        """Label dropout needs ∅ (a class-conditional UNet with its null label); the default w,
+        a network that learnt ε(x_t, ∅) (:meth:`~DDPMSampling.guided_eps` refuses it else)."""
+        p = self.label_dropout
+        if not 0 <= p < 1:
+            raise ValueError(f"label_dropout must be in [0, 1), got {p}")
+        if p > 0 and not self.class_conditional:
+            raise ValueError(
+                f"label_dropout={p} drops class labels, but the UNet is unconditional: set "
+                "model.init_args.unet.init_args.num_classes"
+            )
+        if p > 0 and not getattr(self.unet, "null_label", False):
+            raise ValueError(
+                f"label_dropout={p} replaces labels by the null label ∅, but the UNet was built "
+                "with null_label=false (no row for ∅): set model.init_args.unet.init_args."
+                "null_label true"
+            )
+        self.guided_eps(self.guidance_weight)  # refuses a w this model cannot take
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -281,9 +318,18 @@ class DDPM(DDPMSampling, DiffusionMethod):
             return {}
         return {"y": labelled(batch[1], self.unet.num_classes, type(self).__name__)}
 
+    def drop_labels(self, cond: dict[str, Tensor], generator=None) -> dict[str, Tensor]:
+        """Training's ``cond`` with each label y replaced by ∅ = K with probability
+        ``label_dropout`` (Ho & Salimans 2022, Algorithm 1: c ← ∅ with probability p_uncond)."""
+        if not self.label_dropout:
+            return cond
+        y = cond["y"]
+        drop = torch.rand(y.shape, generator=generator, device=y.device) < self.label_dropout
+        return {**cond, "y": y.masked_fill(drop, self.unet.num_classes)}
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x0 = self.diffused(batch[0])
-        loss = self.diffusion_loss(x0, **self.conditioning(x0, batch))
+        loss = self.diffusion_loss(x0, **self.drop_labels(self.conditioning(x0, batch)))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         return loss

@@ -11,6 +11,7 @@ from diffusion_apps.diffusion import (
     EpsFn,
     Sampler,
     Spacing,
+    classifier_free_guidance,
     clip_denoised,
     run_sampler,
     timestep_subsequence,
@@ -22,8 +23,8 @@ from diffusion_apps.methods.protocol import Generation, SampleRequest
 class DDPMSampling:
     """Sampling of a DDPM-like module: it has ``schedule``, ``model_output`` (ε̂, or [ε̂, v]),
     ``sample_shape``, ``class_conditional``, ``unet`` and the configured ``sampler``,
-    ``sample_steps``, ``eta``, ``timestep_spacing``, ``variance`` and ``clip_x0`` (see
-    :class:`DDPM`'s arguments)."""
+    ``sample_steps``, ``eta``, ``timestep_spacing``, ``variance``, ``clip_x0``,
+    ``label_dropout`` and ``guidance_weight`` (see :class:`DDPM`'s arguments)."""
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """One sample per item of the batch, item i of the predict set drawn on its own
@@ -60,6 +61,25 @@ class DDPMSampling:
         eps_fn = eps_fn or self.model_output
         return clip_denoised(eps_fn, self.schedule) if self.clip_x0 else eps_fn
 
+    def guided_eps(self, w: float) -> EpsFn | None:
+        """Classifier-free guidance at Ho & Salimans's weight w (their Algorithm 2, eq. 6):
+            ε̃_θ(x_t, y) = (1 + w)·ε_θ(x_t, y) − w·ε_θ(x_t, ∅),
+        the shared wrapper :func:`~diffusion_apps.diffusion.classifier_free_guidance` at its
+        scale s = 1 + w, both branches in one batched call. The clamp of ``clip_x0`` acts on
+        x̂_0 of the guided ε̃, as GLIDE's sampler clamps its guided model's x̂_0 (w = 0: the plain
+        model, clamped as always). None at w = 0: :meth:`draw`'s own ε, one call a step."""
+        if w == 0:
+            return None
+        if w < -1:
+            raise ValueError(f"the guidance weight w must be >= -1 (-1: ε(∅)), got {w:g}")
+        if not self.label_dropout:
+            raise ValueError(
+                f"classifier-free guidance (w = {w:g}) needs ε(x_t, ∅): this DDPM was trained "
+                "without label_dropout"
+            )
+        null = {"y": self.unet.num_classes}
+        return self.sampling_eps(classifier_free_guidance(self.model_output, 1 + w, null))
+
     @property
     def generation(self) -> Generation:
         """Samples of the three samplers (:mod:`~diffusion_apps.methods.protocol`): unconditional,
@@ -69,24 +89,30 @@ class DDPMSampling:
                 SAMPLERS, self.sampler, self.sample_steps, inputs=("x_T",),
                 max_steps=self.schedule.num_timesteps,
             )  # fmt: skip
+        guided = bool(self.label_dropout)
         return Generation(
             SAMPLERS, self.sampler, self.sample_steps, inputs=("labels", "x_T"),
             num_classes=self.unet.num_classes, max_steps=self.schedule.num_timesteps,
+            scale="classifier-free guidance w (Ho & Salimans; 0: conditional)" if guided else None,
             note=f"Class-conditional rows ({type(self).__name__}): asked for the classes 0, 1, …, "
-            "K−1 in turn; accuracy is the share classified as asked.",
+            "K−1 in turn" + (f", guidance w = {self.guidance_weight:g}" if guided else "")
+            + "; accuracy is the share classified as asked.",
         )  # fmt: skip
 
     def nfe(self, sampler: str, steps: int) -> int:
-        """Network evaluations per sample: one per step (steps ≤ T). DPM-Solver++(2M) too: its
-        second order is multistep, reusing the previous step's x̂_0."""
-        return steps
+        """Network evaluations per sample: one per step (steps ≤ T), two under classifier-free
+        guidance at the default w ≠ 0. DPM-Solver++(2M) one too: its second order is multistep,
+        reusing the previous step's x̂_0."""
+        return steps * (2 if self.guidance_weight else 1)
 
     def generate(self, num_samples: int, request: SampleRequest) -> Tensor:
         """:meth:`draw` of the request, clamped to [−1, 1]; sample i of a class-conditional model
-        of class ``labels[i]`` (:meth:`label_inputs`)."""
+        of class ``labels[i]`` (:meth:`label_inputs`), guided at w = ``scale`` (default
+        ``guidance_weight``: :meth:`guided_eps`)."""
         r = request
+        w = self.guidance_weight if r.scale is None else r.scale
         x0 = self.draw(num_samples, r.sampler, r.steps, r.eta, r.generator, r.progress,
-                       x_T=r.x_T, spacing=r.spacing,
+                       x_T=r.x_T, eps_fn=self.guided_eps(w), spacing=r.spacing,
                        **self.label_inputs(num_samples, r.labels))  # fmt: skip
         return x0.clamp(-1, 1)
 
