@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs
 CKPT ?= $(RUN)/ddpm/version_0/checkpoints/last.ckpt
 
-.PHONY: venv demo test test-all lint format tensorboard eval bench bench-avx2 gpu-wheels bench-diffae bench-pdae bench-guided bench-ldm bench-fast bench-reliability bench-precision clean
+.PHONY: venv demo test test-all lint format tensorboard eval bench bench-avx2 gpu-wheels bench-diffae bench-pdae bench-guided bench-guided-cfg bench-ldm bench-fast bench-reliability bench-precision clean
 
 venv: $(STAMP)
 
@@ -125,6 +125,20 @@ bench-guided: $(STAMP)
 	test -f $(CLASSIFIER) || $(PY) -m diffusion_apps fit --config configs/guided_classifier.yaml \
 		--model.init_args.diffusion $(CKPT) --trainer.logger.init_args.version 0
 	$(PY) benchmarks/guided.py --ddpm $(CKPT) --classifier $(CLASSIFIER) $(GUIDED_ARGS)
+
+## bench-guided-cfg: classifier-free guidance against classifier guidance, one table: trains the
+##   label-dropout DDPM (configs/ddpm_cfg.yaml, 28 min on 2 CPU cores) and the classifier unless
+##   present, then w x scale rows beside the classifier's guidance of $(CKPT) (when it exists)
+##   -> benchmarks/results/guided/guided_cfg.md
+CFG := $(RUN)/ddpm_cfg/version_0/checkpoints/last.ckpt
+CFG_ARGS ?= --per_class 20 --samplers ddim:50 --scales 0,1,5,10 --cfg_scales 0,0.5,1,3
+bench-guided-cfg: $(STAMP)
+	test -f $(CFG) || $(PY) -m diffusion_apps fit --config configs/ddpm_cfg.yaml \
+		--trainer.max_time 00:00:28:00 --trainer.logger.init_args.version 0
+	test -f $(CLASSIFIER) || $(PY) -m diffusion_apps fit --config configs/guided_classifier.yaml \
+		--model.init_args.diffusion $(CFG) --trainer.logger.init_args.version 0
+	$(PY) benchmarks/guided.py --cfg $(CFG) --classifier $(CLASSIFIER) \
+		--ddpm $(if $(wildcard $(CKPT)),$(CKPT),"") $(CFG_ARGS)
 
 ## bench-ldm: latent diffusion: trains the first stage, then the class- and caption-conditional
 ##   LDMs on it, unless present (about 45 min on 2 CPU cores); scores them with the pixel DDPM

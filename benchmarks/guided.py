@@ -1,7 +1,14 @@
-"""Classifier guidance, measured: gradient scale s against sampler, on a frozen DDPM.
+"""Classifier guidance and classifier-free guidance, measured against scale and sampler.
 
     python benchmarks/guided.py --ddpm runs/ddpm/version_0/checkpoints/last.ckpt \
         --classifier runs/guided_classifier/version_0/checkpoints/last.ckpt
+
+``--cfg runs/ddpm_cfg/version_0/checkpoints/last.ckpt`` (a class-conditional DDPM trained with
+label dropout, configs/ddpm_cfg.yaml) adds, in one table ``<out>/guided_cfg.{md,json}``: its
+classifier-free guidance at Ho & Salimans's weights w (``--cfg_scales``; w = 0 the conditional
+model unguided), and the classifier's guidance of it at w = 0 (ADM-G on a conditional model),
+beside the classifier's guidance of the unconditional ``--ddpm`` (``--ddpm ""``: none; the
+classifier is only needed for those rows, ``--classifier ""``: none).
 
 For each sampler setting and scale, N samples per digit class (labels 0..9, the same x_T and
 noise for every scale) are judged by the evaluation's clean digit classifier (not the guiding
@@ -58,25 +65,55 @@ def run(guided, sampler, steps, scale, labels, batch_size, precision, seed, devi
     return torch.cat(images), seconds
 
 
-def write_table(out: Path, header: str, rows: list[dict]) -> None:
+def write_table(out: Path, header: str, rows: list[dict], name: str = "guided") -> None:
+    """``<out>/<name>.{md,json}``; rows of several guided models get a ``model`` column."""
+    models = len({r.get("model") for r in rows}) > 1
     lines = [
-        "# Classifier guidance",
+        "# Classifier guidance" + (" and classifier-free guidance" if models else ""),
         "",
         header,
         "",
-        "| sampler | s | accuracy | fd_digits | fd_digits per class (mean) | precision | recall "
+        ("| model, guidance " if models else "")
+        + "| sampler | s | accuracy | fd_digits | fd_digits per class (mean) | precision | recall "
         "| s/sample |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|" * models + "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['sampler']} | {r['scale']:g} | {r['accuracy']:.1%} | {r['fd_digits']:.1f} | "
+            (f"| {r['model']} " if models else "")
+            + f"| {r['sampler']} | {r['scale']:g} | {r['accuracy']:.1%} | {r['fd_digits']:.1f} | "
             f"{r['fd_digits_per_class']:.1f} | {r['precision_digits']:.3f} | "
             f"{r['recall_digits']:.3f} | {r['seconds_per_sample']:.4f} |"
         )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "guided.md").write_text("\n".join(lines) + "\n")
-    (out / "guided.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
+
+
+def guided_models(args) -> list[tuple[str, str, object, list[float]]]:
+    """(name, file tag, module, scales) of each guided model the arguments ask for: classifier
+    guidance of ``--ddpm`` and of ``--cfg`` (at w = 0), and ``--cfg``'s classifier-free
+    guidance, whose ``sample(scale=w)`` is the DDPM's own."""
+    classifier = load_module(args.classifier, NoisyClassifier) if args.classifier else None
+    cg_scales = [float(s) for s in args.scales.split(",")]
+    models = []
+    if args.ddpm and classifier is not None:
+        ddpm = load_module(args.ddpm, DDPM)
+        kind = "conditional" if ddpm.class_conditional else "unconditional"
+        guided = ClassifierGuidedDDPM(ddpm, classifier)
+        models.append(
+            (f"{kind} DDPM, classifier s", "cfg_uncond_cg_" if args.cfg else "", guided, cg_scales)
+        )
+    if args.cfg:
+        cfg = load_module(args.cfg, DDPM)
+        if classifier is not None:
+            guided = ClassifierGuidedDDPM(cfg, classifier)
+            models.append(("CFG DDPM at w = 0, classifier s", "cfg_cond_cg_", guided, cg_scales))
+        w = [float(w) for w in args.cfg_scales.split(",")]
+        models.append(("CFG DDPM, classifier-free w", "cfg_w_", cfg, w))
+    if not models:
+        raise SystemExit("guided.py: nothing to measure: give --ddpm and --classifier, or --cfg")
+    return models
 
 
 def main() -> None:
@@ -85,7 +122,9 @@ def main() -> None:
     parser.add_argument(
         "--classifier", default="runs/guided_classifier/version_0/checkpoints/last.ckpt"
     )
-    parser.add_argument("--scales", default="0,1,2,5,10")
+    parser.add_argument("--scales", default="0,1,2,5,10", help="classifier guidance s")
+    parser.add_argument("--cfg", default="", help="a DDPM trained with label_dropout")
+    parser.add_argument("--cfg_scales", default="0,1,3", help="Ho & Salimans w (0: unguided)")
     parser.add_argument("--samplers", default="ddim:50,ddpm:1000")
     parser.add_argument(
         "--per_class", type=int, default=150, help="≥ 129 for full-rank per-class FD"
@@ -99,12 +138,16 @@ def main() -> None:
 
     device = resolve_device(args.device)
     args.precision = sampling_precision(args.precision, device)
-    guided = ClassifierGuidedDDPM(
-        load_module(args.ddpm, DDPM), load_module(args.classifier, NoisyClassifier)
-    ).to(device)
+    models = [(n, tag, m.to(device), sc) for n, tag, m, sc in guided_models(args)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
     header = (
-        f"DDPM `{args.ddpm}`, noisy classifier `{args.classifier}`; {args.per_class} samples per "
+        f"DDPM `{args.ddpm or '-'}`, noisy classifier `{args.classifier or '-'}`"
+        + (
+            f", classifier-free-guidance DDPM `{args.cfg}` (scale: Ho & Salimans's w)"
+            if args.cfg
+            else ""
+        )
+        + f"; {args.per_class} samples per "
         f"class (N = {10 * args.per_class}), seed {args.seed}, {args.precision} networks on "
         f"{name}, batches of {args.batch_size}. Judged by the evaluation's digit classifier, "
         "features against the 4,500 real train digits (real val vs train: fd_digits 10.44)."
@@ -114,35 +157,28 @@ def main() -> None:
     real_labels = embedded_split("train")[1]
     metric = FeatureStats("digits")
     metric.set_reference(*mean_cov(real), real)
-    out = Path(args.out)
+    out, table = Path(args.out), "guided_cfg" if args.cfg else "guided"
     rows = []
     for sampler, steps, _ in parse_samplers(args.samplers):
-        for scale in (float(s) for s in args.scales.split(",")):
-            x, seconds = run(
-                guided,
-                sampler,
-                steps,
-                scale,
-                labels,
-                args.batch_size,
-                args.precision,
-                args.seed,
-                device,
-            )
-            metric.update(x, real=False, labels=labels)
-            m = metric.compute()
-            fake = torch.cat(list(metric.fake_features)).cpu()
-            m["fd_digits_per_class"] = per_class_fd(real, real_labels, fake, labels)
-            metric.reset()
-            row = {"sampler": f"{sampler}-{steps}", "scale": scale, **m}
-            row["seconds_per_sample"] = seconds / len(labels)
-            rows.append(row)
-            print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-            rows_of_8 = x.unflatten(0, (10, args.per_class))[:, :8].flatten(0, 1)
-            save_grid(
-                rows_of_8, out / f"{sampler}{steps}_s{scale:g}.png", nrow=min(8, args.per_class)
-            )
-            write_table(out, header, rows)
+        for model_name, tag, guided, scales in models:
+            for scale in scales:
+                x, seconds = run(
+                    guided, sampler, steps, scale, labels, args.batch_size, args.precision,
+                    args.seed, device,
+                )  # fmt: skip
+                metric.update(x, real=False, labels=labels)
+                m = metric.compute()
+                fake = torch.cat(list(metric.fake_features)).cpu()
+                m["fd_digits_per_class"] = per_class_fd(real, real_labels, fake, labels)
+                metric.reset()
+                row = {"model": model_name, "sampler": f"{sampler}-{steps}", "scale": scale, **m}
+                row["seconds_per_sample"] = seconds / len(labels)
+                rows.append(row)
+                print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+                rows_of_8 = x.unflatten(0, (10, args.per_class))[:, :8].flatten(0, 1)
+                grid = out / f"{tag}{sampler}{steps}_s{scale:g}.png"
+                save_grid(rows_of_8, grid, nrow=min(8, args.per_class))
+                write_table(out, header, rows, table)
 
 
 if __name__ == "__main__":

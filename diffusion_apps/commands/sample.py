@@ -65,6 +65,9 @@ def sample(
         prompts: a caption-conditioned LDM: captions ("thick slanted seven"), cycled likewise.
         scale: classifier guidance: the gradient scale s (default 1; 0: unguided). LDM: the
             classifier-free guidance scale w (default: the checkpoint's ``guidance_scale``).
+            A DDPM trained with ``label_dropout``: Ho & Salimans's classifier-free weight w,
+            (1 + w)·ε(y) − w·ε(∅) (0: conditional; default: the checkpoint's
+            ``guidance_weight``).
         png: write one PNG per sample (``grid.png`` is written either way).
         npz: write every sample to ``samples.npz`` in the ADM evaluator's layout (``arr_0`` uint8
             N x H x W x C, the PNGs' pixels; ``arr_1`` the labels asked for, when the model takes
