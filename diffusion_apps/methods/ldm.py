@@ -27,6 +27,11 @@ class LatentDiffusion(DDPM):
     stage that knows its s (``scaling_factor``: an imported VAE's) gives it instead. Samples
     are decoded as D(z_0/s).
 
+    Either first-stage kind, through the same encode/decode: KL, z sampled from the Gaussian;
+    VQ (LDM's VQ-reg), z = z_e the pre-quantisation latent, and D quantises it to its nearest
+    codes (LDM Sec. 3.1: the quantisation "absorbed by the decoder"). LDM's VQ configs keep
+    s = 1; we measure s for both kinds (the std of our z_e is not 1).
+
     Conditioning: τ_θ (class embedding or caption encoder) gives the context of the UNet's
     cross-attention, softmax(QKᵀ/√d)·V with Q = W_q φ(z_t), K = W_k τ_θ(y), V = W_v τ_θ(y).
     Training replaces y by the null condition ∅ for a fraction ``cond_drop`` of the examples;
@@ -39,8 +44,9 @@ class LatentDiffusion(DDPM):
     Args:
         unet: the latent denoiser; ``in_channels``/``image_size`` must match the first stage's
             latent shape, ``context_dim`` the condition encoder's ``dim`` (None without one).
-        first_stage: path of a trained :class:`AutoencoderKL` checkpoint (read with
-            ``weights_only=True``; its config and weights are saved in this module's checkpoint).
+        first_stage: path of a trained :class:`AutoencoderKL` checkpoint, KL- or VQ-regularised
+            (read with ``weights_only=True``; its config and weights are saved in this module's
+            checkpoint).
         condition: τ_θ, or None for an unconditional LDM.
         cond_drop: fraction of training examples whose condition is replaced by ∅ (LDM: 0.1).
         caption_drop: probability of leaving out each property word of a measured digit caption
@@ -159,12 +165,13 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def diffused(self, images: Tensor) -> Tensor:
-        """z_0 = s·z, z ~ q(z | x) (the first stage's posterior sample, as LDM trains)."""
+        """z_0 = s·z, z ~ q(z | x) (the first stage's posterior sample, as LDM trains; for VQ
+        the pre-quantisation z_e)."""
         return self.scale_factor * self.first_stage.encode(images).sample()
 
     @torch.no_grad()
     def decode(self, z0: Tensor) -> Tensor:
-        """Images D(z_0/s) in [−1, 1]."""
+        """Images D(z_0/s) in [−1, 1] (a VQ first stage's D quantises z_0/s first)."""
         return self.first_stage.decode(z0 / self.scale_factor).clamp(-1, 1)
 
     # -- conditions ------------------------------------------------------------------------------
