@@ -66,24 +66,23 @@ def run(guided, sampler, steps, scale, labels, batch_size, precision, seed, devi
 
 
 def write_table(out: Path, header: str, rows: list[dict], name: str = "guided") -> None:
-    """``<out>/<name>.{md,json}``; rows of several guided models get a ``model`` column."""
-    models = len({r.get("model") for r in rows}) > 1
+    """``<out>/<name>.{md,json}``: a row per guided model, sampler and scale."""
+    free = any("classifier-free" in r["model"] for r in rows)
     lines = [
-        "# Classifier guidance" + (" and classifier-free guidance" if models else ""),
+        "# Classifier guidance" + (" and classifier-free guidance" if free else ""),
         "",
         header,
         "",
-        ("| model, guidance " if models else "")
-        + "| sampler | s | accuracy | fd_digits | fd_digits per class (mean) | precision | recall "
-        "| s/sample |",
-        "|---|" * models + "|---|---|---|---|---|---|---|---|",
+        "| model, guidance | sampler | s or w | accuracy | fd_digits | fd_digits per class (mean) "
+        "| precision | recall | s/sample |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            (f"| {r['model']} " if models else "")
-            + f"| {r['sampler']} | {r['scale']:g} | {r['accuracy']:.1%} | {r['fd_digits']:.1f} | "
-            f"{r['fd_digits_per_class']:.1f} | {r['precision_digits']:.3f} | "
-            f"{r['recall_digits']:.3f} | {r['seconds_per_sample']:.4f} |"
+            f"| {r['model']} | {r['sampler']} | {r['scale']:g} | {r['accuracy']:.1%} | "
+            f"{r['fd_digits']:.1f} | {r['fd_digits_per_class']:.1f} | "
+            f"{r['precision_digits']:.3f} | {r['recall_digits']:.3f} | "
+            f"{r['seconds_per_sample']:.4f} |"
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -119,8 +119,8 @@ def sample(
         raise ValueError(f"--{refused[0]}: {type(module).__name__} takes {' or '.join(takes)}")
     if refused:
         raise ValueError(
-            "--labels needs --classifier_path (a NoisyClassifier checkpoint) or a conditional "
-            "LatentDiffusion checkpoint; --prompts a caption-conditioned one"
+            "--labels needs --classifier_path (a NoisyClassifier checkpoint), a class-conditional "
+            "DDPM or a conditional LatentDiffusion checkpoint; --prompts a caption-conditioned one"
         )
     asked = SampleRequest(sampler, steps, eta, spacing, labels=labels, prompts=prompts, scale=scale)
     generation.check(asked, f"sample: {ckpt_path}")
