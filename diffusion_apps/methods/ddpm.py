@@ -23,6 +23,7 @@ from diffusion_apps.diffusion import (
     split_output,
 )
 from diffusion_apps.methods.base import DiffusionMethod, LRSchedule
+from diffusion_apps.methods.ddpm_guidance import ClassifierFreeGuidance
 from diffusion_apps.methods.ddpm_sampling import DDPMSampling
 from diffusion_apps.nn import UNet
 
@@ -42,7 +43,7 @@ def labelled(labels: Tensor, num_classes: int, method: str) -> Tensor:
     return labels
 
 
-class DDPM(DDPMSampling, DiffusionMethod):
+class DDPM(DDPMSampling, ClassifierFreeGuidance, DiffusionMethod):
     """Denoising diffusion probabilistic model with an ε (or x0, v) parametrised UNet.
 
     Training minimises L_simple (Ho et al. eq. 14) with t ~ U{0, …, T−1} (or importance-
@@ -72,7 +73,7 @@ class DDPM(DDPMSampling, DiffusionMethod):
     each training label is replaced by the null label ∅ (the UNet's label K) with probability
     p_uncond, so one network learns ε_θ(x_t, y) and ε_θ(x_t, ∅) ≈ E[ε | x_t], the unconditional
     (class-mixture) denoiser. Sampling at guidance weight w (``guidance_weight``; ``scale=`` of
-    ``sample``, :meth:`~DDPMSampling.guided_eps`) uses their Algorithm 2's
+    ``sample``) uses their Algorithm 2's (:mod:`~diffusion_apps.methods.ddpm_guidance`)
         ε̃_θ(x_t, y) = (1 + w)·ε_θ(x_t, y) − w·ε_θ(x_t, ∅).
 
     Learned variance (Nichol & Dhariwal 2021, ``variance="learned"``): the UNet outputs 2C
@@ -196,26 +197,7 @@ class DDPM(DDPMSampling, DiffusionMethod):
         self.loss, self.vlb_weight, self.min_snr_gamma = loss, vlb_weight, min_snr_gamma
         self.timestep_sampling = timestep_sampling
         self.label_dropout, self.guidance_weight = label_dropout, guidance_weight
-        self._check_guidance()
-
-    def _check_guidance(self) -> None:
-        """Label dropout needs ∅ (a class-conditional UNet with its null label); the default w,
-        a network that learnt ε(x_t, ∅) (:meth:`~DDPMSampling.guided_eps` refuses it else)."""
-        p = self.label_dropout
-        if not 0 <= p < 1:
-            raise ValueError(f"label_dropout must be in [0, 1), got {p}")
-        if p > 0 and not self.class_conditional:
-            raise ValueError(
-                f"label_dropout={p} drops class labels, but the UNet is unconditional: set "
-                "model.init_args.unet.init_args.num_classes"
-            )
-        if p > 0 and not getattr(self.unet, "null_label", False):
-            raise ValueError(
-                f"label_dropout={p} replaces labels by the null label ∅, but the UNet was built "
-                "with null_label=false (no row for ∅): set model.init_args.unet.init_args."
-                "null_label true"
-            )
-        self.guided_eps(self.guidance_weight)  # refuses a w this model cannot take
+        self.check_guidance()
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -317,15 +299,6 @@ class DDPM(DDPMSampling, DiffusionMethod):
         if not self.class_conditional:
             return {}
         return {"y": labelled(batch[1], self.unet.num_classes, type(self).__name__)}
-
-    def drop_labels(self, cond: dict[str, Tensor], generator=None) -> dict[str, Tensor]:
-        """Training's ``cond`` with each label y replaced by ∅ = K with probability
-        ``label_dropout`` (Ho & Salimans 2022, Algorithm 1: c ← ∅ with probability p_uncond)."""
-        if not self.label_dropout:
-            return cond
-        y = cond["y"]
-        drop = torch.rand(y.shape, generator=generator, device=y.device) < self.label_dropout
-        return {**cond, "y": y.masked_fill(drop, self.unet.num_classes)}
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x0 = self.diffused(batch[0])

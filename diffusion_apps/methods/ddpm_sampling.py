@@ -11,7 +11,6 @@ from diffusion_apps.diffusion import (
     EpsFn,
     Sampler,
     Spacing,
-    classifier_free_guidance,
     clip_denoised,
     run_sampler,
     timestep_subsequence,
@@ -24,7 +23,8 @@ class DDPMSampling:
     """Sampling of a DDPM-like module: it has ``schedule``, ``model_output`` (ε̂, or [ε̂, v]),
     ``sample_shape``, ``class_conditional``, ``unet`` and the configured ``sampler``,
     ``sample_steps``, ``eta``, ``timestep_spacing``, ``variance``, ``clip_x0``,
-    ``label_dropout`` and ``guidance_weight`` (see :class:`DDPM`'s arguments)."""
+    ``label_dropout`` and ``guidance_weight`` (see :class:`DDPM`'s arguments), and
+    :class:`~diffusion_apps.methods.ddpm_guidance.ClassifierFreeGuidance`'s ``guided_eps``."""
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """One sample per item of the batch, item i of the predict set drawn on its own
@@ -60,25 +60,6 @@ class DDPMSampling:
         is not repeated after it, as in guided-diffusion."""
         eps_fn = eps_fn or self.model_output
         return clip_denoised(eps_fn, self.schedule) if self.clip_x0 else eps_fn
-
-    def guided_eps(self, w: float) -> EpsFn | None:
-        """Classifier-free guidance at Ho & Salimans's weight w (their Algorithm 2, eq. 6):
-            ε̃_θ(x_t, y) = (1 + w)·ε_θ(x_t, y) − w·ε_θ(x_t, ∅),
-        the shared wrapper :func:`~diffusion_apps.diffusion.classifier_free_guidance` at its
-        scale s = 1 + w, both branches in one batched call. The clamp of ``clip_x0`` acts on
-        x̂_0 of the guided ε̃, as GLIDE's sampler clamps its guided model's x̂_0 (w = 0: the plain
-        model, clamped as always). None at w = 0: :meth:`draw`'s own ε, one call a step."""
-        if w == 0:
-            return None
-        if w < -1:
-            raise ValueError(f"the guidance weight w must be >= -1 (-1: ε(∅)), got {w:g}")
-        if not self.label_dropout:
-            raise ValueError(
-                f"classifier-free guidance (w = {w:g}) needs ε(x_t, ∅): this DDPM was trained "
-                "without label_dropout"
-            )
-        null = {"y": self.unet.num_classes}
-        return self.sampling_eps(classifier_free_guidance(self.model_output, 1 + w, null))
 
     @property
     def generation(self) -> Generation:
