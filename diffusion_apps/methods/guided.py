@@ -140,7 +140,8 @@ class ClassifierGuidedDDPM(Generates, LightningModule):
 
     Args:
         ddpm: the diffusion model (frozen here: no gradients, eval mode); a class-conditional
-            one must have the classifier's classes.
+            one must have the classifier's classes (one trained for classifier-free guidance is
+            guided here from its conditional ε, w = 0).
         classifier: a :class:`NoisyClassifier` trained on the same schedule.
     """
 
