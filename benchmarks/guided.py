@@ -90,26 +90,25 @@ def write_table(out: Path, header: str, rows: list[dict], name: str = "guided") 
 
 
 def guided_models(args) -> list[tuple[str, str, object, list[float]]]:
-    """(name, file tag, module, scales) of each guided model the arguments ask for: classifier
-    guidance of ``--ddpm`` and of ``--cfg`` (at w = 0), and ``--cfg``'s classifier-free
-    guidance, whose ``sample(scale=w)`` is the DDPM's own."""
+    """(name, file tag, module, scales) of each guided model the arguments ask for: ``--cfg``'s
+    classifier-free guidance (its own ``sample(scale=w)``), the classifier's guidance of it at
+    w = 0 and of ``--ddpm``."""
     classifier = load_module(args.classifier, NoisyClassifier) if args.classifier else None
     cg_scales = [float(s) for s in args.scales.split(",")]
     models = []
+    if args.cfg:
+        cfg = load_module(args.cfg, DDPM)
+        w = [float(w) for w in args.cfg_scales.split(",")]
+        models.append(("CFG DDPM, classifier-free w", "cfg_w_", cfg, w))
+        if classifier is not None:  # s = 0 would repeat the w = 0 row
+            guided, scales = ClassifierGuidedDDPM(cfg, classifier), [s for s in cg_scales if s]
+            models.append(("CFG DDPM at w = 0, classifier s", "cfg_cond_cg_", guided, scales))
     if args.ddpm and classifier is not None:
         ddpm = load_module(args.ddpm, DDPM)
         kind = "conditional" if ddpm.class_conditional else "unconditional"
         guided = ClassifierGuidedDDPM(ddpm, classifier)
-        models.append(
-            (f"{kind} DDPM, classifier s", "cfg_uncond_cg_" if args.cfg else "", guided, cg_scales)
-        )
-    if args.cfg:
-        cfg = load_module(args.cfg, DDPM)
-        if classifier is not None:
-            guided = ClassifierGuidedDDPM(cfg, classifier)
-            models.append(("CFG DDPM at w = 0, classifier s", "cfg_cond_cg_", guided, cg_scales))
-        w = [float(w) for w in args.cfg_scales.split(",")]
-        models.append(("CFG DDPM, classifier-free w", "cfg_w_", cfg, w))
+        tag = "cfg_uncond_cg_" if args.cfg else ""
+        models.append((f"{kind} DDPM, classifier s", tag, guided, cg_scales))
     if not models:
         raise SystemExit("guided.py: nothing to measure: give --ddpm and --classifier, or --cfg")
     return models
