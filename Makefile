@@ -131,7 +131,7 @@ bench-guided: $(STAMP)
 ##   present, then w x scale rows beside the classifier's guidance of $(CKPT) (when it exists)
 ##   -> benchmarks/results/guided/guided_cfg.md
 CFG := $(RUN)/ddpm_cfg/version_0/checkpoints/last.ckpt
-CFG_ARGS ?= --per_class 20 --samplers ddim:50 --scales 0,1,5,10 --cfg_scales 0,0.5,1,3
+CFG_ARGS ?= --per_class 25 --samplers ddim:50 --scales 0,1,5,10 --cfg_scales 0,0.5,1,3
 bench-guided-cfg: $(STAMP)
 	test -f $(CFG) || $(PY) -m diffusion_apps fit --config configs/ddpm_cfg.yaml \
 		--trainer.max_time 00:00:28:00 --trainer.logger.init_args.version 0
