@@ -158,14 +158,19 @@ bench-ldm: $(STAMP)
 	$(PY) benchmarks/ldm.py --ldm $(LDM) --caption $(LDM_CAPTION)
 
 ## bench-fast: quality against NFE for the DDPM $(CKPT): distils its consistency model unless present
-##   (about 40 min on 2 CPU cores), then DDPM-1000, DDIM-100…1, DPM-Solver++ 20/10/5 and consistency
-##   1/2/4 steps, N = 500 each (about an hour on 2 CPU cores, mostly DDPM-1000)
+##   (about 40 min on 2 CPU cores), trains one without a teacher (iCT) unless present (70 min at
+##   most), then DDPM-1000, DDIM-100…1, DPM-Solver++ 20/10/5 and both consistency models at 1/2/4
+##   steps, N = 500 each (about an hour on 2 CPU cores, mostly DDPM-1000)
 ##   -> benchmarks/results/fast_sampling/{curve.md,curve.png,eval.md}
 CONSISTENCY := $(RUN)/consistency/version_0/checkpoints/last.ckpt
+CONSISTENCY_TRAINING := $(RUN)/consistency_training/version_0/checkpoints/last.ckpt
 bench-fast: $(STAMP)
 	test -f $(CONSISTENCY) || $(PY) -m diffusion_apps fit --config configs/consistency.yaml \
 		--model.init_args.teacher $(CKPT) --trainer.logger.init_args.version 0
-	$(PY) benchmarks/fast_sampling.py --teacher $(CKPT) --consistency $(CONSISTENCY)
+	test -f $(CONSISTENCY_TRAINING) || $(PY) -m diffusion_apps fit \
+		--config configs/consistency_training.yaml --trainer.logger.init_args.version 0
+	$(PY) benchmarks/fast_sampling.py --teacher $(CKPT) --consistency $(CONSISTENCY) \
+		--consistency_training $(CONSISTENCY_TRAINING)
 
 ## bench-reliability: exact resume and DDP on configs/ddpm.yaml (40 steps, the CPU's precision)
 ##   -> benchmarks/results/reliability/reliability.md

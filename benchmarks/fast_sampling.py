@@ -1,10 +1,12 @@
 """Fast sampling, measured: sample quality against network evaluations (NFE) for one DDPM teacher,
-its ODE solvers, and the consistency model distilled from it.
+its ODE solvers, the consistency model distilled from it, and one trained without a teacher.
 
     python benchmarks/fast_sampling.py --teacher runs/ddpm/version_0/checkpoints/last.ckpt \
-        --consistency runs/consistency/version_0/checkpoints/last.ckpt
+        --consistency runs/consistency/version_0/checkpoints/last.ckpt \
+        --consistency_training runs/consistency_training/version_0/checkpoints/last.ckpt
 
-Runs ``python -m diffusion_apps eval`` on both checkpoints with every setting of ``--samplers``
+Any of the three may be left out. Runs ``python -m diffusion_apps eval`` on the checkpoints with
+every setting of ``--samplers`` that each offers
 (each setting on the same x_T, N samples, scored against the real train digits), then writes
 ``<out>/curve.md`` (the table, with wall seconds per 1,000 samples), ``<out>/curve.json`` and
 ``<out>/curve.png`` (fd_digits against NFE, one line per sampler), next to eval's own report.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 SAMPLERS = (
@@ -24,9 +27,12 @@ SAMPLERS = (
 COLUMNS = ("fd_digits", "precision_digits", "recall_digits", "confidence", "class_entropy")
 
 
+CT_LABEL = "consistency training"  # the sampler column of ConsistencyTraining's rows
+
+
 def family(row: dict) -> str:
-    """The curve a row belongs to: its sampler name without the spacing."""
-    return row["sampler"].split(" ")[0]
+    """The curve a row belongs to: its sampler name without the spacing, "(logsnr)"."""
+    return re.sub(r" \(.*\)$", "", row["sampler"])
 
 
 def table(rows: list[dict], floor: dict) -> list[str]:
@@ -58,6 +64,14 @@ def verdict(rows: list[dict]) -> list[str]:
                 f"- Consistency, 1 step: fd_digits {by['consistency', 1]:.1f} against "
                 f"{best:.1f} for the best DDIM at ≤ 2 NFE ({by['consistency', 1] / best:.2f}x)."
             )
+    ct = [n for n in (1, 2, 4) if (CT_LABEL, n) in by]
+    if ct:
+        cd = [f"{by['consistency', n]:.1f}" for n in ct if ("consistency", n) in by]
+        lines.append(
+            f"- Consistency training, {' / '.join(map(str, ct))} steps: fd_digits "
+            + " / ".join(f"{by[CT_LABEL, n]:.1f}" for n in ct)
+            + (f" (distillation: {' / '.join(cd)})." if cd else ".")
+        )
     if ("ddpm", 1000) in by:
         ref = by["ddpm", 1000]
         for n in (10, 20):
@@ -95,20 +109,29 @@ def plot(rows: list[dict], floor: float, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--teacher", required=True, help="the DDPM checkpoint")
-    p.add_argument("--consistency", required=True, help="the consistency model distilled from it")
+    p.add_argument("--teacher", help="the DDPM checkpoint")
+    p.add_argument("--consistency", help="the consistency model distilled from it")
+    p.add_argument("--consistency_training", help="a consistency model trained without teacher")
     p.add_argument("--samplers", default=SAMPLERS)
     p.add_argument("--num_samples", type=int, default=500)
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--precision", choices=["auto", "32", "bf16"], default="auto")
     p.add_argument("--out", default="benchmarks/results/fast_sampling")
     args = p.parse_args(argv)
+    named = {
+        "teacher": args.teacher,
+        "consistency model": args.consistency,
+        "consistency training": args.consistency_training,
+    }
+    ckpts = [path for path in named.values() if path]
+    if not ckpts:
+        p.error("give at least one of --teacher, --consistency, --consistency_training")
 
     from diffusion_apps.commands import evaluate
 
     out = Path(args.out)
     evaluate(
-        ckpt_paths=[args.teacher, args.consistency],
+        ckpt_paths=ckpts,
         num_samples=args.num_samples,
         samplers=args.samplers,
         out_dir=str(out),
@@ -118,11 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     report = json.loads((out / "eval.json").read_text())
     floor, *rows = report["rows"]
     floor["sampler"] = "real val (floor)"
+    for row in rows:
+        if row["method"] == "ConsistencyTraining":
+            row["sampler"] = CT_LABEL
     md = [
         "# Quality against network evaluations",
         "",
-        f"Teacher `{args.teacher}`, consistency model `{args.consistency}`; N = "
-        f"{args.num_samples} samples per row, the same x_T for every row of a checkpoint. "
+        "; ".join(f"{name} `{path}`" for name, path in named.items() if path)
+        + f"; N = {args.num_samples} samples per row, the same x_T for every row of a checkpoint. "
         "Protocol (from eval.md):",
         "",
         *[f"- {line}" for line in report["header"]],
