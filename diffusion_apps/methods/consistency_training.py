@@ -19,7 +19,7 @@ from diffusion_apps.nn import UNet
 
 
 def num_scales(step: int, total_steps: int, initial: int = 10, final: int = 1280) -> int:
-    """iCT's discretisation curriculum (Song & Dhariwal 2023, eq. 5): N points at step k,
+    """iCT's discretisation curriculum (Song & Dhariwal 2023): N points at step k,
         N(k) = min(s_0·2^⌊k/K'⌋, s_1) + 1,   K' = ⌊K/(log₂⌊s_1/s_0⌋ + 1)⌋,
     doubling from s_0 + 1 to s_1 + 1 in equal stages over K steps."""
     stage = math.floor(total_steps / (math.log2(final // initial) + 1))  # K'
@@ -27,7 +27,7 @@ def num_scales(step: int, total_steps: int, initial: int = 10, final: int = 1280
 
 
 def lognormal_proposal(sigmas: Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
-    """iCT's noise-level sampling (eq. 6): the probability of the interval i (σ_i, σ_{i+1}),
+    """iCT's lognormal noise-level sampling: the probability of the interval i (σ_i, σ_{i+1}),
     i = 1, …, N − 1, of the discretisation ``sigmas`` (N,) is the lognormal mass between them,
         p(σ_i) ∝ erf((ln σ_{i+1} − P_mean)/(√2 P_std)) − erf((ln σ_i − P_mean)/(√2 P_std))."""
     cdf = torch.erf((sigmas.double().log() - p_mean) / (math.sqrt(2) * p_std))
@@ -57,8 +57,8 @@ class ConsistencyTraining(ConsistencyModel):
     gives both points,
         x̄_{σ_{i+1}} = x + σ_{i+1} z,   x̄_{σ_i} = x + σ_i z,
         L = λ(σ_i)·d(f_θ(x̄_{σ_{i+1}}, σ_{i+1}), f_{θ⁻}(x̄_{σ_i}, σ_i)),   λ(σ_i) = 1/(σ_{i+1} − σ_i),
-    θ⁻ = stop-grad(θ) (no EMA target: iCT §3.2), d pseudo-Huber with c = 0.00054·√dim. iCT's
-    Adam/RAdam and batch 512-1024 are not followed: AdamW at our batch size. Sampling and the
+    θ⁻ = stop-grad(θ) (no EMA target), d pseudo-Huber with c = 0.00054·√dim. iCT's optimiser
+    settings and large batches are not followed: AdamW at the config's batch size. Sampling and the
     saved weights are the EMA callback's (iCT evaluates an EMA of θ, 0.99993 on CIFAR-10).
 
     Args:
