@@ -8,7 +8,8 @@ Modes, each a PNG grid ``<mode>.png`` and ``<mode>.json`` (the inputs, how they 
 settings, the numbers):
     reconstruct   rows: originals, inferred x_T, random x_T; every inferred reconstruction as
                   ``reconstruct/NNNN_<file>.png``; MSE/PSNR/SSIM against the inputs
-    encode        ``codes.pt`` (z_sem, x_T, the steps and spacing, the file names)
+    encode        ``codes.pt`` (z_sem, x_T — EDICT's pair with ``--inversion edict`` —, the steps
+                  and spacing, the file names)
     decode        the codes' images (``decode/NNNN_<file>.png``), bit for bit the reconstruction
     interpolate   a, lerp z / slerp x_T strip, b (the first half of the inputs with the second)
     trajectory    as interpolate, mixing the G_ψ of the two codes at every step (PDAE only)
@@ -16,6 +17,8 @@ settings, the numbers):
     manipulate    original, then z moved towards ``attribute`` by each of ``scales`` (the probe:
                   :mod:`diffusion_apps.commands.attribute_probe`)
 Modes after the first two take ``--codes`` as well as images: encode once, edit many times.
+``--inversion edict`` infers x_T by EDICT's exact inversion instead of DDIM's (codes decode as
+they were made: :mod:`diffusion_apps.diffusion.exact_inversion`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from diffusion_apps.diffusion.exact_inversion import EDICT_MIX, Inversion, InversionKind
 
 Mode = Literal[
     "reconstruct", "encode", "decode", "interpolate", "trajectory", "variations", "manipulate"
@@ -52,6 +57,8 @@ def autoencode(
     out_dir: str | None = None,
     device: str = "auto",
     bad_images: Literal["stop", "skip"] = "stop",
+    inversion: InversionKind | None = None,
+    mix: float = EDICT_MIX,
 ) -> Path:
     """Write ``<mode>.png`` (``codes.pt`` for encode) for the diffusion autoencoder in
     ``ckpt_path``.
@@ -88,13 +95,16 @@ def autoencode(
         out_dir: default ``<run dir>/autoencode``.
         device: "auto" (CUDA when available), "cpu", "cuda", …
         bad_images: a file that cannot be read: "stop" naming it, or "skip" it with a warning.
+        inversion: how x_T is inferred: "ddim" (the default: approximate) or "edict" (exact,
+            twice the network calls); with ``codes``, default theirs, and another is an error.
+        mix: EDICT's mixing p in (0, 1] (the paper's 0.93).
 
     Returns:
         The path of the grid (of ``codes.pt`` for encode).
     """
     from diffusion_apps.checkpoint import load_module, resolve_device
     from diffusion_apps.commands.autoencode_inputs import Run, read_inputs
-    from diffusion_apps.commands.codes_file import CodesFile
+    from diffusion_apps.commands.codes_file import CodesFile, inversion_of
     from diffusion_apps.commands.common import writable_folder
     from diffusion_apps.evaluation.metrics import state_hash
     from diffusion_apps.images import save_grid, to_uint8
@@ -130,7 +140,11 @@ def autoencode(
         if target is None:
             raise ValueError(f"manipulate needs --attribute, one of {', '.join(probe.names)}")
         probe.report(folder / "probe.json")
-    source = read_inputs(module, ckpt_path, images, codes, weights, bad_images)
+    asked = Inversion(inversion, mix) if inversion is not None else None
+    source = read_inputs(module, ckpt_path, images, codes, weights, bad_images, asked)
+    module.inversion = inversion_of(source.codes) if source.codes else asked or Inversion()
+    if mode == "trajectory" and module.inversion.kind == "edict":
+        raise ValueError("trajectory interpolation decodes with DDIM only: drop --inversion edict")
     if source.from_val and mode == "manipulate" and probe_images is None:
         source = source.subset(source.labels != target)  # the val images not yet of the class
     n = num_images or (8 if source.from_val else len(source))
@@ -150,7 +164,10 @@ def autoencode(
         "checkpoint": str(ckpt_path), "mode": mode, "inputs": source.where,
         "files": source.names, "recipe": source.recipe, "decode_steps": steps,
         "encode_steps": encode_steps, "spacing": module.timestep_spacing, "seed": seed,
+        "inversion": module.inversion.kind,
     }  # fmt: skip
+    if module.inversion.kind == "edict":
+        record["mix"] = module.inversion.mix
     x = source.images
     if mode == "encode":
         path = Path(out) if out else folder / "codes.pt"

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from diffusion_apps.diffusion.exact_inversion import CoupledCode
+
 if TYPE_CHECKING:
     from diffusion_apps.commands.codes_file import CodesFile
 
@@ -59,25 +61,32 @@ class Run:
             for i in tqdm(starts, desc="autoencode", unit="batch", disable=len(starts) < 2)
         ]
         if isinstance(outs[0], tuple):
-            return type(outs[0])(
-                *(torch.cat([o[k].cpu() for o in outs]) for k in range(len(outs[0])))
-            )
-        return torch.cat([o.cpu() for o in outs])
+            return type(outs[0])(*(_cat([o[k] for o in outs]) for k in range(len(outs[0]))))
+        return _cat(outs)
 
     def codes(self, x: Tensor):
         """Both :class:`Codes` of images x (N, C, H, W), in batches."""
         return self.each(lambda b: self.module.codes(b, self.encode_steps), x)
 
 
-def read_inputs(module, ckpt_path, images, codes, weights: str, bad_images: str) -> Inputs:
-    """The images named by ``--images``, the codes of ``--codes``, else the val split."""
+def _cat(parts: list) -> Tensor | CoupledCode:
+    """Batches of a tensor, or of EDICT's stochastic code, concatenated on the CPU."""
+    parts = [p.cpu() for p in parts]
+    return CoupledCode.cat(parts) if isinstance(parts[0], CoupledCode) else torch.cat(parts)
+
+
+def read_inputs(
+    module, ckpt_path, images, codes, weights: str, bad_images: str, inversion=None
+) -> Inputs:
+    """The images named by ``--images``, the codes of ``--codes`` (made by ``inversion`` when
+    it is given), else the val split."""
     from diffusion_apps.data.files import find_images, load_images, recipe
 
     if codes is not None:
         from diffusion_apps.commands.codes_file import check_codes_match, read_codes
 
         stored = read_codes(codes)
-        check_codes_match(stored, codes, module, weights)
+        check_codes_match(stored, codes, module, weights, inversion)
         unknown = torch.full((len(stored.files),), -1)
         x = stored.images.float() / 127.5 - 1
         return Inputs(x, stored.files, f"the codes in {codes}", stored.recipe, unknown, stored)

@@ -1,5 +1,14 @@
 """Pure-torch diffusion maths: noise schedules, samplers and guidance wrappers (no Lightning)."""
 
+from diffusion_apps.diffusion.exact_inversion import (
+    CoupledCode,
+    Inversion,
+    InversionKind,
+    StochasticCode,
+    edict_invert,
+    edict_sample,
+    slerp_code,
+)
 from diffusion_apps.diffusion.guidance import (
     GradFn,
     classifier_free_guidance,
@@ -38,6 +47,13 @@ from diffusion_apps.diffusion.variance import (
 
 __all__ = [
     "classifier_free_guidance",
+    "CoupledCode",
+    "edict_invert",
+    "edict_sample",
+    "Inversion",
+    "InversionKind",
+    "slerp_code",
+    "StochasticCode",
     "classifier_log_prob_grad",
     "clip_denoised",
     "convert_prediction",

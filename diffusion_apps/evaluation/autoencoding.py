@@ -2,19 +2,21 @@
 
 For a module that declares an ``autoencoding``: MSE, PSNR, SSIM (LPIPS when local) of the val
 split's ``reconstruct(x)``. One with a stochastic code (DiffAE's ``encode`` /
-``encode_stochastic`` / ``decode``) gets two rows, x_T inferred by DDIM inversion and
-x_T ~ N(0, I), each stage timed per batch, and with labelled data a linear-probe row: the
-accuracy of a one-vs-rest logistic probe fitted on the train split's codes, scored on val, next
-to the same probe on raw pixels.
+``encode_stochastic`` / ``decode``) gets a row of x_T inferred by each asked inversion (DDIM's,
+EDICT's exact pair) and one of x_T ~ N(0, I), each stage timed per batch, and with labelled data
+a linear-probe row: the accuracy of a one-vs-rest logistic probe fitted on the train split's
+codes, scored on val, next to the same probe on raw pixels.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
+from diffusion_apps.diffusion.exact_inversion import Inversion
 from diffusion_apps.distributed import batch_seeds, max_over_ranks
 from diffusion_apps.evaluation.protocol import plain_metrics
 from diffusion_apps.evaluation.reconstruction import ReconstructionMetrics
@@ -38,7 +40,7 @@ def _timed_reconstruction(module, x, inferred: bool, generator, times: dict) -> 
         x_T = module.encode_stochastic(x, z_sem)
         times["invert_s"] += (tic := _synced(x.device)) - toc
     else:
-        x_T = torch.randn(x.shape, generator=generator, device=x.device)
+        x_T = module.inversion.noise(x, generator)
         tic = toc
     x_hat = module.decode(z_sem, x_T)
     times["decode_s"] += _synced(x.device) - tic
@@ -46,11 +48,13 @@ def _timed_reconstruction(module, x, inferred: bool, generator, times: dict) -> 
 
 
 def reconstruction_rows(
-    module, data, name, step, rank, world, seed: int = 0, features=None
+    module, data, name, step, rank, world, seed: int = 0, features=None,
+    inversions: Sequence[Inversion] = (Inversion(),),
 ) -> list[Row]:  # fmt: skip
-    """One row per x_T mode (inferred, random) for DiffAE-like modules, else one row of
-    ``reconstruct(x)``. Batches are split across ranks; seconds are each rank's wall time, the
-    slowest rank's reported; ``*_s`` metrics are seconds per val batch of that stage.
+    """One row per x_T mode (inferred by each of ``inversions``, then random, DDIM-decoded) for
+    DiffAE-like modules, else one row of ``reconstruct(x)``. Batches are split across ranks;
+    seconds are each rank's wall time, the slowest rank's reported; ``*_s`` metrics are seconds
+    per val batch of that stage.
 
     ``features``, a FeatureStats holding the train split's reference, adds the generation metrics
     of the reconstructions (fd_digits, and in the digits space the share still classified as
@@ -58,10 +62,14 @@ def reconstruction_rows(
     from tqdm.auto import tqdm
 
     staged = has_stochastic_code(module)
-    modes = [("inferred x_T", True), ("random x_T", False)] if staged else [("", None)]
+    inferred_modes = [(_inferred_label(inv), True, inv) for inv in inversions]
+    modes = [*inferred_modes, ("random x_T", False, Inversion())] if staged else [("", None, None)]
     method = type(module).__name__
     rows = []
-    for label, inferred in modes:
+    kept = getattr(module, "inversion", None)
+    for label, inferred, inversion in modes:
+        if staged:
+            module.inversion = inversion
         metric = ReconstructionMetrics().to(module.device)
         stages = ("encode_s", "invert_s", "decode_s") if inferred else ("encode_s", "decode_s")
         times = dict.fromkeys(stages, 0.0) if staged else {}
@@ -93,16 +101,27 @@ def reconstruction_rows(
             features.reset()
         metrics.update({k: max_over_ranks(v, world) / max(batches, 1) for k, v in times.items()})
         sampler = f"reconstruct, {label}" if label else "reconstruct"
-        nfe = _reconstruction_nfe(module, inferred) if staged else None
+        nfe = _reconstruction_nfe(module, inferred, inversion) if staged else None
         seconds = max_over_ranks(seconds, world)
         rows.append(Row(name, method, step, sampler, nfe, int(metrics["n"]), metrics, seconds))
+    if staged:
+        module.inversion = kept
     return rows
 
 
-def _reconstruction_nfe(module, inferred: bool) -> int:
-    """Network evaluations per image: the decoder's DDIM steps, plus the inversion's."""
+def _inferred_label(inversion: Inversion) -> str:
+    """ "inferred x_T" (DDIM, the rows' old name), "inferred x_T, EDICT p = 0.93"."""
+    if inversion.kind == "ddim":
+        return "inferred x_T"
+    return f"inferred x_T, EDICT p = {inversion.mix:g}"
+
+
+def _reconstruction_nfe(module, inferred: bool, inversion: Inversion) -> int:
+    """Network evaluations per image: the decoder's steps, plus the inversion's (EDICT: two a
+    step each way)."""
     steps = len(module.timesteps(module.sample_steps))
-    return steps + len(module.timesteps(module.encode_steps)) if inferred else steps
+    encode = len(module.timesteps(module.encode_steps)) if inferred else 0
+    return inversion.nfe(steps + encode)
 
 
 def probe_row(module, data, name, step, batch_size: int = 250) -> Row | None:

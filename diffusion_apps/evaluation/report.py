@@ -156,9 +156,11 @@ def eval_header(
     if any(row.sampler.startswith("reconstruct") for row in rows):
         header.append(
             "Reconstruction rows: the val split through the EMA weights in fp32, images on [0, 1] "
-            "(MSE per pixel value, PSNR from it); DiffAE, PDAE: x_T by DDIM inversion (NFE counts "
-            "inversion and decoding) or x_T ~ N(0, I), encode_s/invert_s/decode_s seconds per val "
-            "batch. Linear probe: val accuracy of one-vs-rest logistic regression fitted on the "
+            "(MSE per pixel value, PSNR from it); DiffAE, PDAE: x_T by DDIM inversion, or by "
+            "EDICT's exact inversion and EDICT decoding where the row says so (two network calls "
+            "a step; NFE counts inversion and decoding), or x_T ~ N(0, I) decoded by DDIM; "
+            "encode_s/invert_s/decode_s seconds per val batch. Linear probe: val accuracy of "
+            "one-vs-rest logistic regression fitted on the "
             "train split's codes (probe_acc) and on its raw pixels (probe_acc_pixels). "
             "fd_digits and accuracy of a reconstruction row score the reconstructions as if "
             "generated: accuracy is the share classified as their input's label."

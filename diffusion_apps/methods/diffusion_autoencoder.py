@@ -1,7 +1,9 @@
 """What DiffAE and PDAE share: the inference API of a diffusion autoencoder.
 
-A semantic code z = Enc(x_0) and a stochastic code x_T, the deterministic DDIM inversion of x_0
-given z; decoding runs DDIM (η = 0) with the method's z-conditioned ε (:meth:`code_eps`).
+A semantic code z = Enc(x_0) and a stochastic code x_T, the deterministic inversion of x_0
+given z; decoding runs the matching sampler with the method's z-conditioned ε (:meth:`code_eps`):
+DDIM (η = 0) by default, or EDICT's exact pair (:mod:`~diffusion_apps.diffusion.exact_inversion`)
+when ``inversion`` says so.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from diffusion_apps.diffusion import EpsFn, ddim_invert, slerp
+from diffusion_apps.diffusion import EpsFn
+from diffusion_apps.diffusion.exact_inversion import (
+    CoupledCode,
+    Inversion,
+    StochasticCode,
+    edict_sample,
+    slerp_code,
+)
 from diffusion_apps.methods.probe import LinearProbe, encode_all
 from diffusion_apps.methods.protocol import Autoencoding
 
@@ -21,7 +30,7 @@ class Codes(NamedTuple):
     writes, and what decodes them again."""
 
     z: Tensor  # (B, D): the semantic code
-    x_T: Tensor  # (B, C, H, W): the stochastic code, DDIM-inverted
+    x_T: StochasticCode  # (B, C, H, W) DDIM-inverted, or EDICT's pair (a CoupledCode)
 
 
 LATENT_HINT = (
@@ -52,7 +61,14 @@ class DiffusionAutoencoder:
     ``encode_steps`` (default: ``steps`` when given, else ``encode_steps``): one ``steps`` sets
     the inversion and the decoding alike, so x_T is decoded from the noise level it was
     inverted to.
+
+    ``inversion`` (an :class:`~diffusion_apps.diffusion.exact_inversion.Inversion`, DDIM
+    unless set) picks the stochastic encoder; a code decodes with the sampler its type names
+    (a tensor: DDIM; an EDICT :class:`CoupledCode`: EDICT with the code's p), and random codes
+    are of ``inversion``'s kind.
     """
+
+    inversion: Inversion = Inversion()
 
     generation = None  # x_0 needs a z: LatentDDIM generates
     sample_instead = (
@@ -91,17 +107,23 @@ class DiffusionAutoencoder:
     def encode_stochastic(
         self, x0: Tensor, z: Tensor | None = None, steps: int | None = None
     ) -> Tensor:
-        """x_T by deterministic DDIM inversion of x0 conditioned on z (DiffAE eq. 8), over the
-        subsequence of ``steps`` steps (default ``encode_steps``)."""
+        """x_T by deterministic inversion of x0 conditioned on z (DiffAE eq. 8, DDIM; or EDICT's
+        exact pair, per ``inversion``), over the subsequence of ``steps`` steps (default
+        ``encode_steps``)."""
         z = self.encode(x0) if z is None else z
         ts = self.timesteps(steps or self.encode_steps)
-        return ddim_invert(self.code_eps(), self.schedule, x0, timesteps=ts, z=z)
+        return self.inversion.invert(self.code_eps(), self.schedule, x0, ts, z=z)
 
     @torch.no_grad()
-    def decode(self, z: Tensor, x_T: Tensor, steps: int | None = None) -> Tensor:
-        """x_0 in [−1, 1] from (z, x_T) by deterministic DDIM (η = 0)."""
+    def decode(self, z: Tensor, x_T: StochasticCode, steps: int | None = None) -> Tensor:
+        """x_0 in [−1, 1] from (z, x_T) by deterministic DDIM (η = 0), or by EDICT for its pair
+        (its x_0: :func:`~diffusion_apps.diffusion.exact_inversion.edict_sample`)."""
         if z.shape[0] != x_T.shape[0]:
             raise ValueError(f"z {tuple(z.shape)} and x_T {tuple(x_T.shape)} differ in B")
+        if isinstance(x_T, CoupledCode):
+            ts = self.timesteps(steps or self.sample_steps)
+            pair = edict_sample(self.code_eps(decoding=True), self.schedule, x_T, timesteps=ts, z=z)
+            return pair.x.clamp(-1, 1)
         return self.draw(len(z), "ddim", steps, 0.0, x_T=x_T, z=z).clamp(-1, 1)
 
     @torch.no_grad()
@@ -118,7 +140,7 @@ class DiffusionAutoencoder:
         if inferred:
             x_T = self.encode_stochastic(x0, z, encode_steps or steps)
         else:
-            x_T = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_T = self.inversion.noise(x0, generator)
         return self.decode(z, x_T, steps)
 
     @torch.no_grad()
@@ -164,7 +186,7 @@ class DiffusionAutoencoder:
         if a.z.shape != b.z.shape:
             raise ValueError(f"codes a {tuple(a.z.shape)} and b {tuple(b.z.shape)} differ")
         weights = torch.linspace(0, 1, num).tolist()
-        return torch.stack([frame(a, b, slerp(a.x_T, b.x_T, w), w) for w in weights], dim=1)
+        return torch.stack([frame(a, b, slerp_code(a.x_T, b.x_T, w), w) for w in weights], dim=1)
 
     @torch.no_grad()
     def stochastic_variations(
@@ -178,10 +200,8 @@ class DiffusionAutoencoder:
         what the stochastic code holds (pose, stroke) varies, the semantics stay."""
         z = x0.z if isinstance(x0, Codes) else self.encode(x0)
         like = x0.x_T if isinstance(x0, Codes) else x0
-        frames = []
-        for _ in range(num):
-            x_T = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-            frames.append(self.decode(z, x_T, steps))
+        like = like.x if isinstance(like, CoupledCode) else like
+        frames = [self.decode(z, self.inversion.noise(like, generator), steps) for _ in range(num)]
         return torch.stack(frames, dim=1)
 
     @torch.no_grad()
