@@ -201,3 +201,46 @@ def test_bad_inputs_are_named(runs, folder, tmp_path):
         autoencode(
             runs["diffae"], tmp_path / "o", "--mode", "decode", "--codes", str(runs["diffae"])
         )
+
+
+def test_edict_inversion_is_exact_through_the_autoencoder_api(runs, folder):
+    """A DiffAE's own encode_stochastic/decode with EDICT return its inputs to round-off, also
+    with a network whose DDIM round trip is visibly off; interpolation's ends are the inputs."""
+    from diffusion_apps.diffusion import CoupledCode, Inversion
+    from tests.factories import randomize_
+
+    _, x = folder
+    module = load_module(runs["diffae"]).eval()
+    randomize_(module.unet, 0.1, seed=0)
+    ddim = module.reconstruct(x, steps=5)
+    module.inversion = Inversion("edict")
+    codes = module.codes(x, 5)
+    assert isinstance(codes.x_T, CoupledCode) and codes.x_T.mix == 0.93
+    assert (module.decode(*codes, 5) - x).abs().max() < 1e-5 < (ddim - x).abs().max() / 100
+    strip = module.interpolate(x[:2], x[2:4], num=3, steps=5)
+    torch.testing.assert_close(strip[:, 0], x[:2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(strip[:, -1], x[2:4], atol=1e-5, rtol=0)
+
+
+def test_edict_codes_file_round_trips_and_a_mismatch_is_named(runs, folder, tmp_path):
+    root, _ = folder
+    autoencode(runs["diffae"], tmp_path / "r", "--images", str(root), "--inversion", "edict")
+    record = json.loads((tmp_path / "r/reconstruct.json").read_text())
+    assert record["inversion"] == "edict" and record["mix"] == 0.93
+    assert record["metrics"]["mse"] < 1e-10  # exact, where DDIM's is not necessarily
+    autoencode(runs["diffae"], tmp_path / "e", "--mode", "encode", "--images", str(root),
+               "--inversion", "edict", "--mix", "0.9")  # fmt: skip
+    stored = torch.load(tmp_path / "e/codes.pt", weights_only=True)
+    assert stored["inversion"] == "edict" and stored["mix"] == 0.9
+    assert stored["y_T"].shape == stored["x_T"].shape == (8, 1, 16, 16)
+    codes = str(tmp_path / "e/codes.pt")
+    autoencode(runs["diffae"], tmp_path / "d", "--mode", "decode", "--codes", codes)
+    assert json.loads((tmp_path / "d/decode.json").read_text())["metrics"]["mse"] < 1e-10
+    autoencode(runs["diffae"], tmp_path / "i", "--mode", "interpolate", "--codes", codes)
+    with pytest.raises(
+        SystemExit, match=r"codes of edict \(p = 0.9\) inversion, not of --inversion ddim"
+    ):
+        autoencode(runs["diffae"], tmp_path / "o", "--mode", "decode", "--codes", codes,
+                   "--inversion", "ddim")  # fmt: skip
+    with pytest.raises(SystemExit, match="mixing p must be in"):
+        autoencode(runs["diffae"], tmp_path / "o", "--inversion", "edict", "--mix", "1.5")
