@@ -39,6 +39,7 @@ def evaluate(
     reference: str | None = None,
     samples: str | None = None,
     samples_out: str | None = None,
+    inversions: list[Literal["ddim", "edict"]] | None = None,
 ) -> Path:
     """Evaluate checkpoints (or samples) and write ``<out_dir>/eval.md``, ``eval.json`` and grids.
 
@@ -79,6 +80,9 @@ def evaluate(
             named by sample index, each whole or absent, and ``samples.npz`` (the ADM
             evaluator's layout) once the setting is done. Stopped (SIGTERM, Ctrl-C), the PNGs
             written stay; ``--samples`` scores a folder or npz again.
+        inversions: a diffusion autoencoder's inferred-x_T rows, one per inversion: "ddim"
+            (default) and/or "edict" (exact, p = 0.93:
+            :mod:`diffusion_apps.diffusion.exact_inversion`).
 
     Returns:
         The path of ``eval.md``.
@@ -93,6 +97,7 @@ def evaluate(
         writable_folder,
     )
     from diffusion_apps.commands.sample import SampleFiles, disk_need, probe
+    from diffusion_apps.diffusion import Inversion
     from diffusion_apps.distributed import process_group
     from diffusion_apps.evaluation import FeatureStats
     from diffusion_apps.evaluation.autoencoding import probe_row, reconstruction_rows
@@ -239,7 +244,8 @@ def evaluate(
             for stem, grid in grids if rank == 0 else ():
                 save_grid(grid, out / "grids" / f"{slug(name)}_{slug(stem)}.png")
         if autoencoding is not None:
-            new += reconstruction_rows(module, data, name, step, rank, world, seed, metric)
+            asked = [Inversion(kind) for kind in inversions or ["ddim"]]
+            new += reconstruction_rows(module, data, name, step, rank, world, seed, metric, asked)
             new += [row for row in [probe_row(module, data, name, step)] if row is not None]
         groups[ref.key] += [dataclasses.replace(row, reference=ref.line()) for row in new]
     rows = [row for group in groups.values() for row in group]
