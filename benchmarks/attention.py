@@ -15,6 +15,10 @@ Kernels (q, k, v of shape (B, heads, L, d)):
   views of one projection, bf16 bmm gave no gain over ``bf16 -> flash fp32`` at the mnist32
   shape (1.97 s against 2.03 s a training step; 1.93 s with contiguous copies).
 Each cell is the median over interleaved repetitions in one process.
+
+``--unet``: instead, our UNet's sampling call (speed.py's shapes, bf16 autocast, no gradients)
+at batch 1, 16 and 64 with the attention ``nn.layers.attention`` picks on this CPU against
+``bf16 -> flash fp32`` (its choice everywhere before AMX CPUs got the bf16 kernel), interleaved.
 """
 
 from __future__ import annotations
@@ -132,11 +136,73 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def unet_sampling(reps: int) -> list[dict]:
+    """ms per sampling call of our UNet with :func:`nn.layers.attention` and with the fp32
+    kernel forced, both under bf16 autocast and ``torch.no_grad``, medians of interleaved reps."""
+    from speed import SHAPES as UNET_SHAPES
+    from speed import build_ours
+
+    from diffusion_apps.nn import layers
+
+    def in_fp32(q, k, v):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+
+    chosen = layers.attention
+    paths = {"nn.layers.attention": chosen, "bf16 -> flash fp32": in_fp32}
+    rows = []
+    for name in ("mnist32", "cifar32-half"):
+        shape = UNET_SHAPES[name]
+        net = build_ours(shape).eval()
+        for batch in (1, 16, 64):
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(batch, shape.channels, 32, 32, generator=gen)
+            t = torch.randint(0, 1000, (batch,), generator=gen)
+            calls, times = max(1, 64 // batch), {k: [] for k in paths}
+            try:
+                for rep in range(reps + 1):  # the first is a warm-up
+                    for label, fn in paths.items():
+                        layers.attention = fn
+                        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+                            start = time.perf_counter()
+                            for _ in range(calls):
+                                net(x, t)
+                        if rep:
+                            times[label].append((time.perf_counter() - start) / calls)
+            finally:
+                layers.attention = chosen
+            ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+            print(name, batch, ms, flush=True)
+            rows.append({"shape": name, "batch": batch, "ms": ms})
+    return rows
+
+
+def unet_markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"# Our UNet's sampling call by attention path, {m['cpu']}",
+        "",
+        f"{m['date']}; torch capability **{m['capability']}**, flags {' '.join(m['flags'])}; "
+        f"{m['threads']} threads. bf16 autocast, no gradients; median ms per call over "
+        f"{result['reps']} interleaved repetitions.",
+        "",
+        "| shape | batch | nn.layers.attention | bf16 -> flash fp32 | speed-up |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        new, old = row["ms"]["nn.layers.attention"], row["ms"]["bf16 -> flash fp32"]
+        lines.append(
+            f"| {row['shape']} | {row['batch']} | {new:.1f} | {old:.1f} | {old / new:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", help="file stem under --out (default: attention-<capability>)")
+    p.add_argument("--unet", action="store_true", help="the UNet's sampling call instead")
     args = p.parse_args(argv)
     capability = torch.backends.cpu.get_cpu_capability()
     result = {
@@ -151,10 +217,16 @@ def main(argv: list[str] | None = None) -> None:
         "reps": args.reps,
         "rows": [],
     }
+    stem = args.out / (args.name or f"attention-{capability.lower()}")
+    if args.unet:
+        result["rows"] = unet_sampling(args.reps)
+        stem = stem.with_name(stem.name + "-unet")
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        stem.with_suffix(".md").write_text(unet_markdown(result))
+        return print(unet_markdown(result))
     for use, shape in SHAPES:
         print(f"{shape}: {use}", flush=True)
         result["rows"].append({"use": use, "shape": shape, "ms": timings(shape, args.reps)})
-    stem = args.out / (args.name or f"attention-{capability.lower()}")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
