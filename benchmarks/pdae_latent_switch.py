@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.0])
     p.add_argument("--num_samples", type=int, default=500)
     p.add_argument("--samplers", default="ddim:50")
+    p.add_argument("--seed", type=int, default=0, help="eval's seed of the batches' draws")
     p.add_argument("--out_dir", type=Path, default=Path("benchmarks/results/pdae/latent_switch"))
     args = p.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -41,7 +42,7 @@ def main() -> None:
         names = ",".join(map(str, paths))
         n, out = str(args.num_samples), str(args.out_dir)
         cli(["eval", "--ckpt_paths", names, "--num_samples", n, "--samplers", args.samplers,
-             "--out_dir", out])  # fmt: skip
+             "--seed", str(args.seed), "--out_dir", out])  # fmt: skip
     finally:
         for path in paths:  # copies of the weights: the table is the result
             path.unlink()
