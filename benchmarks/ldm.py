@@ -1,8 +1,11 @@
 """Latent diffusion, measured: guidance scale against class accuracy and fd_digits, caption
-agreement, and the speed of latent against pixel diffusion with the same UNet config.
+agreement, the speed of latent against pixel diffusion with the same UNet config, and the first
+stages (KL and VQ) side by side.
 
     python benchmarks/ldm.py --ldm runs/ldm/version_0/checkpoints/last.ckpt \
         --caption runs/ldm_caption/version_0/checkpoints/last.ckpt
+    python benchmarks/ldm.py --ldm "" --first_stages runs/ldm_autoencoder/version_0/checkpoints/\
+last.ckpt,runs/ldm_autoencoder_vq/version_0/checkpoints/last.ckpt   # first stages only
 
 * Class model: for each w, ``per_class`` samples of every digit (the same x_T for every w),
   judged by the evaluation's digit classifier: accuracy on the asked class, fd_digits against the
@@ -14,8 +17,12 @@ agreement, and the speed of latent against pixel diffusion with the same UNet co
   attention at the same levels, so at f× the resolutions):
   training images/s (forward, backward, AdamW step; the LDM's includes encoding by the frozen
   first stage) and seconds per sample of DDIM-50 at w = 1 (the LDM's includes decoding).
-Writes ``<out>/ldm.{md,json}``, and to ``docs/ldm`` sample grids (rows: classes or captions) and
-the first stage's reconstructions of 16 val digits (rows: input, reconstruction).
+* First stages (``--first_stages``): each checkpoint's kind (KL or VQ), its reconstructions of
+  the 500 val digits in fp32 (MSE per pixel on [0, 1], PSNR from it), and for VQ the codebook's
+  perplexity and the share of its codes the val digits use (every position of every image).
+Writes ``<out>/ldm.{md,json}`` (``<out>/first_stages.{md,json}``), and to ``docs/ldm`` sample
+grids (rows: classes or captions) and the first stage's reconstructions of 16 val digits (rows:
+input, reconstruction).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -45,8 +53,8 @@ from diffusion_apps.evaluation import FeatureStats, digit_classifier, mean_cov, 
 from diffusion_apps.evaluation.digits import embedded_split
 from diffusion_apps.evaluation.metrics import space_input
 from diffusion_apps.images import save_grid
-from diffusion_apps.methods import LatentDiffusion
-from diffusion_apps.nn import UNet
+from diffusion_apps.methods import AutoencoderKL, LatentDiffusion
+from diffusion_apps.nn import UNet, codebook_usage
 from diffusion_apps.precision import autocast, sampling_precision
 
 
@@ -191,6 +199,54 @@ def speed_rows(model, ldm_path, args, device):
     ]  # fmt: skip
 
 
+@torch.no_grad()
+def first_stage_row(path: str, device: torch.device) -> dict:
+    """Kind, training batches, val reconstruction MSE/PSNR (fp32) and, for VQ, codebook usage."""
+    ckpt = read_checkpoint(path)
+    ae = load_module(path, AutoencoderKL).to(device).float()
+    x = digits_at("val", 10_000, ae.sample_shape[-1]).to(device)
+    tic = time.perf_counter()
+    z = torch.cat([ae.encode(b).mode() for b in x.split(100)])
+    recon = torch.cat([ae.decode(b).clamp(-1, 1) for b in z.split(100)])
+    seconds = time.perf_counter() - tic
+    mse = float((x - recon).square().mean() / 4)  # on [0, 1] images
+    q = ae.quantizer
+    row = {"checkpoint": path, "kind": "KL" if q is None else "VQ",
+           "latent": list(ae.latent_shape), "global_step": ckpt["global_step"], "n": len(x),
+           "mse": mse, "psnr": -10 * math.log10(mse), "seconds": seconds}  # fmt: skip
+    if q is not None:
+        perplexity, used = codebook_usage(q.nearest(z), q.num_embeddings)
+        row |= {"codes": q.num_embeddings, "perplexity": float(perplexity), "usage": float(used)}
+    print(row)
+    return row
+
+
+def write_first_stages(out: Path, rows: list[dict], name: str) -> None:
+    lines = [
+        "# LDM first stages: KL against VQ",
+        "",
+        f"Reconstructions of the {rows[0]['n']} val digits in fp32 on {name} (MSE per pixel on "
+        "[0, 1] images, PSNR from it); VQ codebook usage over every latent position of them. "
+        "`global_step` counts both optimisers' steps once the discriminator is on.",
+        "",
+        "| checkpoint | kind | latent | global_step | MSE | PSNR (dB) | codes | perplexity "
+        "| codes used | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        vq = ("–",) * 3
+        if r["kind"] == "VQ":
+            vq = (r["codes"], f"{r['perplexity']:.1f}", f"{r['usage']:.1%}")
+        lines.append(
+            f"| `{r['checkpoint']}` | {r['kind']} | {'×'.join(map(str, r['latent']))} | "
+            f"{r['global_step']} | {r['mse']:.2e} | {r['psnr']:.2f} | {vq[0]} | {vq[1]} | "
+            f"{vq[2]} | {r['seconds']:.1f} |"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "first_stages.md").write_text("\n".join(lines) + "\n")
+    (out / "first_stages.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def write(out: Path, header: str, classes, captions, speed) -> None:
     lines = ["# Latent diffusion", "", header, ""]
     if classes:
@@ -250,6 +306,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ldm", default="runs/ldm/version_0/checkpoints/last.ckpt")
     parser.add_argument("--caption", default="runs/ldm_caption/version_0/checkpoints/last.ckpt")
+    parser.add_argument("--first_stages", default="", help="comma-separated first-stage ckpts")
     parser.add_argument("--scales", default="1,2,4")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--per_class", type=int, default=50)
@@ -267,6 +324,11 @@ def main() -> None:
     device = resolve_device(args.device)
     args.precision = sampling_precision(args.precision, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
+    if args.first_stages:
+        rows = [first_stage_row(p, device) for p in args.first_stages.split(",")]
+        write_first_stages(Path(args.out), rows, name)
+    if not args.ldm:
+        return
     model = load_module(args.ldm, LatentDiffusion).to(device)
     real = reference_features("digits", "train", progress=False)
     real_labels = embedded_split("train")[1]
