@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs
 CKPT ?= $(RUN)/ddpm/version_0/checkpoints/last.ckpt
 
-.PHONY: venv demo test test-all lint format tensorboard eval bench bench-avx2 gpu-wheels bench-diffae bench-pdae bench-guided bench-guided-cfg bench-ldm bench-fast bench-reliability bench-precision clean
+.PHONY: venv demo test test-all lint format tensorboard eval bench bench-avx2 gpu-wheels bench-diffae bench-pdae bench-guided bench-guided-cfg bench-ldm bench-ldm-vq bench-fast bench-reliability bench-precision clean
 
 venv: $(STAMP)
 
@@ -156,6 +156,29 @@ bench-ldm: $(STAMP)
 	$(PY) -m diffusion_apps eval --ckpt_paths $(LDM_AE),$(LDM),$(LDM_CAPTION)$(if $(wildcard $(CKPT)),$(comma)$(CKPT)) \
 		--num_samples 500 --samplers ddim:50 --out_dir benchmarks/results/ldm
 	$(PY) benchmarks/ldm.py --ldm $(LDM) --caption $(LDM_CAPTION)
+
+## bench-ldm-vq: the two first-stage kinds at equal budgets: KL and VQ autoencoders trained
+##   1,108 batches each, a class-conditional LDM 2,000 steps on each, unless present (about
+##   40 min on 2 CPU cores) -> benchmarks/results/ldm/equal_budget/, docs/ldm/vq_*.png
+EQ := $(RUN)/ldm_equal
+EQ_FIT := --trainer.max_time null --trainer.logger.init_args.save_dir $(EQ) --trainer.logger.init_args.version 0
+EQ_OUT := benchmarks/results/ldm/equal_budget
+bench-ldm-vq: $(STAMP)
+	for kind in kl vq; do \
+		config=configs/ldm_autoencoder$$( [ $$kind = vq ] && echo _vq ).yaml; \
+		ae=$(EQ)/ae_$$kind/version_0/checkpoints/last.ckpt; \
+		ldm=$(EQ)/ldm_$$kind/version_0/checkpoints/last.ckpt; \
+		test -f $$ae || $(PY) -m diffusion_apps fit --config $$config --trainer.max_steps 1108 \
+			$(EQ_FIT) --trainer.logger.init_args.name ae_$$kind || exit 1; \
+		test -f $$ldm || $(PY) -m diffusion_apps fit --config configs/ldm.yaml --trainer.max_steps 2000 \
+			--model.init_args.first_stage $$ae $(EQ_FIT) --trainer.logger.init_args.name ldm_$$kind || exit 1; \
+		$(PY) benchmarks/ldm.py --ldm $$ldm --caption "" --per_class 20 --out $(EQ_OUT)/$$kind \
+			--docs $(EQ)/docs_$$kind || exit 1; \
+	done
+	$(PY) benchmarks/ldm.py --ldm "" --out $(EQ_OUT) \
+		--first_stages $(EQ)/ae_kl/version_0/checkpoints/last.ckpt,$(EQ)/ae_vq/version_0/checkpoints/last.ckpt
+	cp $(EQ)/docs_vq/classes_w2.png docs/ldm/vq_classes_w2.png
+	cp $(EQ)/docs_vq/reconstructions.png docs/ldm/vq_reconstructions.png
 
 ## bench-fast: quality against NFE for the DDPM $(CKPT): distils its consistency model unless present
 ##   (about 40 min on 2 CPU cores), trains one without a teacher (iCT) unless present (70 min at
