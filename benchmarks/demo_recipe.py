@@ -89,6 +89,8 @@ RECIPES: dict[str, list[str]] = {
     "gamma2": [MODEL + "min_snr_gamma", "2.0"],
     "gamma1.5": [],  # the pilots' name of "new"
     "gamma1": [MODEL + "min_snr_gamma", "1.0"],
+    "gamma1.5_linear": [MODEL + "lr_schedule", "linear"],  # decayed to 0 at the run's end
+    "gamma1.5_linear_lr2e-3": [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
     "p4": UNIFORM_T + [UNET + "patch_size", "4", UNET + "channel_mult", "[1,2]",
                 UNET + "attention_resolutions", "[8]"],
 }  # fmt: skip
@@ -100,7 +102,8 @@ SAME_STEP = {
     "cosine": "new", "linear_lr2e-3": "new", "importance": "new",
     "importance_linear_lr2e-3": "new", "noclip": "new", "beta2_0.99": "new",
     "beta2_0.95": "new", "lr1.5e-3": "new", "gamma3": "new", "gamma10": "new",
-    "gamma2": "new", "gamma1.5": "new", "gamma1": "new",
+    "gamma2": "new", "gamma1.5": "new", "gamma1": "new", "gamma1.5_linear": "new",
+    "gamma1.5_linear_lr2e-3": "new",
 }  # fmt: skip
 
 EMULATION = {
