@@ -156,6 +156,7 @@ def test_unet_under_bf16_autocast_stays_close_to_fp32():
     assert low.dtype == torch.bfloat16 and rel < 16 * BF16_EPS
 
 
+@pytest.mark.slow  # inductor's C++ build: 73 s on a 2-core Zen 1; compile is off by default
 def test_compiled_unet_matches_eager():
     torch._dynamo.reset()
     net = randomize_(UNet(**TINY_NN), 0.2, seed=1).eval()
