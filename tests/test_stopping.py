@@ -50,7 +50,16 @@ def test_a_signal_makes_the_next_check_raise_and_the_handlers_come_back():
     assert stop.requested() is None
 
 
-def test_a_second_ctrl_c_interrupts_at_once():
+@pytest.fixture
+def ctrl_c_on():
+    """Python's own SIGINT handler, as in a terminal: a process started in the background (nohup,
+    CI) inherits SIGINT ignored, and on_signals leaves an ignored signal ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_ctrl_c_interrupts_at_once(ctrl_c_on):
     with stop.on_signals():
         signal.raise_signal(signal.SIGINT)  # the first asks for a stop at the next check
         assert stop.requested() == signal.SIGINT
