@@ -119,7 +119,7 @@ def test_sampler_settings_parse():
             parse_samplers(bad)
 
 
-@pytest.mark.slow  # 29 s on a Zen 1; the gather under torchrun is also in test_commands_eval_distributed
+@pytest.mark.slow  # 29 s on a Zen 1; the torchrun gather is in test_commands_eval_distributed
 def test_torchrun_ranks_split_the_samples(run_dir, tmp_path):
     """Under torchrun each of 2 CPU processes draws its batches (2 + 2 of the 4 of 2 samples) and
     the metric gathers both: n_fake is 7, the floor is not counted twice, and the scores are
