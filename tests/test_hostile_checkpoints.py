@@ -11,8 +11,6 @@ from diffusion_apps.checkpoint import CheckpointError, load_module, read_checkpo
 from tests.conftest import CONFIGS, REPO, run_cli_in
 from tests.test_bad_input import fails
 
-SAMPLE = [sys.executable, "-m", "diffusion_apps", "sample", "--num_samples", "2"]
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
@@ -32,24 +30,17 @@ def crafted(ckpt, tmp_path, edit) -> str:
     return str(path)
 
 
-def in_process(path: str, tmp_path) -> list[str]:
-    """``SAMPLE``'s arguments for ``main``: where nothing could import, a fresh process (~10 s of
-    imports on a Zen 1) checks nothing more."""
-    return [
-        *SAMPLE[3:],
-        "--ckpt_path",
-        path,
-        "--out_dir",
-        str(tmp_path / "out"),
-        "--precision",
-        "32",
-    ]
+def sample_args(path: str, tmp_path) -> list[str]:
+    """``sample`` of the checkpoint at ``path`` into ``tmp_path/out``, for ``main`` or after
+    ``python -m diffusion_apps``."""
+    return ["sample", "--num_samples", "2", "--ckpt_path", path, "--out_dir", str(tmp_path / "out"),
+            "--precision", "32"]  # fmt: skip
 
 
 def sample_fails(path: str, tmp_path, named: str) -> str:
     """``sample`` in a fresh process exits 1 with one ``error:`` line matching ``named``."""
     run = subprocess.run(
-        [*SAMPLE, "--ckpt_path", path, "--out_dir", str(tmp_path / "out"), "--precision", "32"],
+        [sys.executable, "-m", "diffusion_apps", *sample_args(path, tmp_path)],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     lines = run.stderr.strip().splitlines()
@@ -129,11 +120,11 @@ def test_non_finite_weights_are_refused(ckpt, tmp_path, bad):
         first_weight = next(k for k in d["state_dict"] if k.endswith("weight"))
         d["state_dict"][first_weight].view(-1)[0] = bad
 
-    fails(in_process(crafted(ckpt, tmp_path, edit), tmp_path), "NaN/Inf values")
+    fails(sample_args(crafted(ckpt, tmp_path, edit), tmp_path), "NaN/Inf values")
     assert not (tmp_path / "out").exists()
 
 
 def test_an_empty_checkpoint_file_is_one_line(tmp_path):
     empty = tmp_path / "empty.ckpt"
     empty.write_bytes(b"")
-    fails(in_process(str(empty), tmp_path), "cannot read checkpoint")
+    fails(sample_args(str(empty), tmp_path), "cannot read checkpoint")
