@@ -99,6 +99,13 @@ class DiffusionCLI(KeepConfiguredModel, LightningCLI):
         command = shlex.join(["-m", "diffusion_apps", *kept, "--ckpt_path", "last"])
         return f"stopped by {name} {what}; resume with: {python} {command}"
 
+    def subcommands(self) -> dict[str, set[str]]:
+        """Lightning's subcommands, only the one being run where the command names it: each
+        subcommand's parser introspects the whole Trainer (~0.3 s), and a run parses one."""
+        every = LightningCLI.subcommands()
+        named = self._command[0] if self._command else None
+        return {named: every[named]} if named in every else every
+
     def add_arguments_to_parser(self, parser) -> None:
         from diffusion_apps.callbacks import FiniteLoss, RandomState
 

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from lightning.pytorch.cli import LightningCLI
 from PIL import Image
 
 from diffusion_apps.checkpoint import read_checkpoint
@@ -21,6 +22,28 @@ def test_every_config_parses(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_.value.code in (0, None)
     assert "class_path: diffusion_apps.methods" in capsys.readouterr().out
+
+
+class EverySubcommandCLI(DiffusionCLI):
+    """The plain path: Lightning's parser with all four subcommands."""
+
+    def subcommands(self):
+        return LightningCLI.subcommands()
+
+
+def test_a_run_builds_the_parser_of_its_subcommand_alone_and_parses_the_same(capsys):
+    args = ["fit", "--config", str(TINY), "--model.init_args.lr", "3e-4", "--print_config"]
+    printed = []
+    for cli in (DiffusionCLI, EverySubcommandCLI):
+        with pytest.raises(SystemExit) as exit_:
+            cli(args=args)
+        assert exit_.value.code in (0, None)
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and "lr: 0.0003" in printed[0]
+    cli = DiffusionCLI.__new__(DiffusionCLI)  # which parsers it builds, for a command
+    for command, built in ((args, {"fit"}), (["--print_config"], set(LightningCLI.subcommands()))):
+        cli._command = command
+        assert set(cli.subcommands()) == built
 
 
 @pytest.mark.parametrize(
