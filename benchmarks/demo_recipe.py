@@ -91,6 +91,8 @@ RECIPES: dict[str, list[str]] = {
     "gamma1": [MODEL + "min_snr_gamma", "1.0"],
     "gamma1.5_linear": [MODEL + "lr_schedule", "linear"],  # decayed to 0 at the run's end
     "gamma1.5_linear_lr2e-3": [MODEL + "lr_schedule", "linear", MODEL + "lr", "2.0e-3"],
+    "noise_cosine": [MODEL + "schedule.init_args.kind", "cosine"],  # Nichol & Dhariwal's ᾱ_t
+    "x0": [MODEL + "prediction", "x0"],  # the same min-SNR-γ loss in x0 space
     "p4": UNIFORM_T + [UNET + "patch_size", "4", UNET + "channel_mult", "[1,2]",
                 UNET + "attention_resolutions", "[8]"],
 }  # fmt: skip
@@ -103,7 +105,7 @@ SAME_STEP = {
     "importance_linear_lr2e-3": "new", "noclip": "new", "beta2_0.99": "new",
     "beta2_0.95": "new", "lr1.5e-3": "new", "gamma3": "new", "gamma10": "new",
     "gamma2": "new", "gamma1.5": "new", "gamma1": "new", "gamma1.5_linear": "new",
-    "gamma1.5_linear_lr2e-3": "new",
+    "gamma1.5_linear_lr2e-3": "new", "noise_cosine": "new", "x0": "new",
 }  # fmt: skip
 
 EMULATION = {
