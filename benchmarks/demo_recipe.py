@@ -8,7 +8,7 @@ their checkpoints with fd_digits (DDIM-50, N = 500) against wall-clock minutes.
         --emulate avx2 --name seconds_avx2  # seconds per step
     R=benchmarks/results/demo_recipe; python benchmarks/demo_recipe.py \
         --compose $R/pilots/pilots.json --seconds $R/seconds_avx2.json \
-        --final $R/final_avx2.json --to docs/ddpm_recipe   # all of it in one picture and table
+        --final $R/final_zen1.json $R/final_zen3.json --to docs/ddpm_recipe  # one picture
 
 Each recipe is ``configs/ddpm.yaml`` with command-line overrides (``RECIPES``). A run trains
 through the real CLI (``python -m diffusion_apps fit``) in a child process, checkpointing every
@@ -255,12 +255,13 @@ def plot(result: dict, path: Path) -> None:
     )  # fmt: skip
 
 
-def compose(pilots: list[Path], seconds: Path, final: Path, to: Path) -> None:
+def compose(pilots: list[Path], seconds: Path, finals: list[Path], to: Path) -> None:
     """One picture and table of every recipe: pilot runs (trained elsewhere, any CPU) at
-    steps x their measured seconds per step under ``seconds``' conditions, the ``final`` run
-    at its own wall clock."""
+    steps x their measured seconds per step under ``seconds``' conditions, the ``finals`` (runs
+    through the CLI on AVX2-only CPUs) each at its own wall clock, labelled with its CPU."""
     per_step = json.loads(seconds.read_text())
-    last = json.loads(final.read_text())
+    runs = [json.loads(path.read_text()) for path in finals]
+    last = runs[0]
     m = per_step["machine"]
     where = f"{m['cpu']} capped at {m['emulate']}" if m["emulate"] else m["cpu"]
     lines = [
@@ -269,8 +270,8 @@ def compose(pilots: list[Path], seconds: Path, final: Path, to: Path) -> None:
         f"Minutes on 2 cores of an AVX2-only CPU: {where} ({m['emulation'] or 'native'}), "
         f"fp32, {m['threads']} threads. Pilot rows: trained elsewhere, placed at step x the "
         "recipe's median seconds per step measured there (no validation); final rows: that "
-        f"run's own wall clock from launch, validations included. Samples drawn in "
-        f"{'fp32' if last['eval_precision'] == '32' else last['eval_precision']}.",
+        f"run's own wall clock from launch on its own CPU, validations included. Samples "
+        f"drawn in {'fp32' if last['eval_precision'] == '32' else last['eval_precision']}.",
         "",
         "| recipe | run | step | s/step | minutes | fd_digits |",
         "|---|---|---|---|---|---|",
@@ -289,13 +290,16 @@ def compose(pilots: list[Path], seconds: Path, final: Path, to: Path) -> None:
                 f"| {name} | pilot | {p['step']} | {s:.2f} | {t:.1f} | {p['fd_digits']:.1f} |"
                 for p, t in zip(points, minutes, strict=True)
             ]
-    for name, points in last["recipes"].items():
-        fd = [p["fd_digits"] for p in points]
-        curves.append((f"{name} (final, wall clock)", [p["minutes"] for p in points], fd, "s-"))
-        lines += [
-            f"| {name} | final | {p['step']} | – | {p['minutes']:.1f} | {p['fd_digits']:.1f} |"
-            for p in points
-        ]
+    for run in runs:
+        where = f"{run['machine']['cpu']}, {run['machine']['date'][:10]}"
+        for name, points in run["recipes"].items():
+            fd = [p["fd_digits"] for p in points]
+            curves.append((f"{name} (final: {where})", [p["minutes"] for p in points], fd, "s-"))
+            lines += [
+                f"| {name} | final: {where} | {p['step']} | – | {p['minutes']:.1f} | "
+                f"{p['fd_digits']:.1f} |"
+                for p in points
+            ]
     if unplaced:
         lines += ["", f"Not placed (no seconds per step measured there): {', '.join(unplaced)}."]
     draw(
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         help="only measure each recipe's seconds per step over this many steps",
     )  # fmt: skip
     p.add_argument("--compose", type=Path, nargs="+", help="pilot results to draw with --final")
-    p.add_argument("--final", type=Path, help="the final run's results (--compose)")
+    p.add_argument("--final", type=Path, nargs="+", help="final runs' results (--compose)")
     p.add_argument("--seconds", type=Path, help="a --step_time result (--compose)")
     p.add_argument("--to", type=Path, help="file stem of the composed picture and table")
     args, args.overrides = p.parse_known_args(argv)  # the rest: `fit` overrides for every recipe
