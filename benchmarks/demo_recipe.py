@@ -7,7 +7,7 @@ their checkpoints with fd_digits (DDIM-50, N = 500) against wall-clock minutes.
     python benchmarks/demo_recipe.py --recipes old new v_min_snr_rb1_b32 --step_time 30 \
         --emulate avx2 --name seconds_avx2  # seconds per step
     R=benchmarks/results/demo_recipe; python benchmarks/demo_recipe.py \
-        --compose $R/pilots/pilots.json --seconds $R/seconds_avx2.json \
+        --compose $R/pilots/pilots.json --seconds $R/seconds_zen1.json \
         --final $R/final_zen1.json $R/final_zen3.json --to docs/ddpm_recipe  # one picture
 
 Each recipe is ``configs/ddpm.yaml`` with command-line overrides (``RECIPES``). A run trains
@@ -225,7 +225,7 @@ def draw(curves: list[tuple], floor: float, xlabel: str, path: Path, title: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    fig, ax = plt.subplots(figsize=(10.5, max(4.5, 1.0 + 0.2 * len(curves))))  # room for the legend
     ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 recipes, each its own colour
     for label, minutes, fd, fmt in curves:
         ax.plot(minutes, fd, fmt, label=label)
