@@ -261,7 +261,7 @@ def compose(pilots: list[Path], seconds: Path, finals: list[Path], to: Path) -> 
     through the CLI on AVX2-only CPUs) each at its own wall clock, labelled with its CPU."""
     per_step = json.loads(seconds.read_text())
     runs = [json.loads(path.read_text()) for path in finals]
-    last = runs[0]
+    first = runs[0]  # its floor and sampling precision head the picture and table
     m = per_step["machine"]
     where = f"{m['cpu']} capped at {m['emulate']}" if m["emulate"] else m["cpu"]
     lines = [
@@ -271,7 +271,7 @@ def compose(pilots: list[Path], seconds: Path, finals: list[Path], to: Path) -> 
         f"fp32, {m['threads']} threads. Pilot rows: trained elsewhere, placed at step x the "
         "recipe's median seconds per step measured there (no validation); final rows: that "
         f"run's own wall clock from launch on its own CPU, validations included. Samples "
-        f"drawn in {'fp32' if last['eval_precision'] == '32' else last['eval_precision']}.",
+        f"drawn in {'fp32' if first['eval_precision'] == '32' else first['eval_precision']}.",
         "",
         "| recipe | run | step | s/step | minutes | fd_digits |",
         "|---|---|---|---|---|---|",
@@ -302,9 +302,8 @@ def compose(pilots: list[Path], seconds: Path, finals: list[Path], to: Path) -> 
             ]
     if unplaced:
         lines += ["", f"Not placed (no seconds per step measured there): {', '.join(unplaced)}."]
-    draw(
-        curves, last["floor"], "training minutes, 2 cores, AVX2-only (fp32)", to.with_suffix(".png")
-    )
+    xlabel = "training minutes, 2 cores, AVX2-only (fp32)"
+    draw(curves, first["floor"], xlabel, to.with_suffix(".png"))
     to.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
